@@ -1,0 +1,64 @@
+// AdamW step: norm, clip factor, one fused update per parameter, then the bf16 cast.
+#include "core/optimizer.h"
+
+#include <cmath>
+
+namespace difftron {
+
+AdamW::AdamW(const OptimizerConfig& config, Model& model) : cfg_(config), model_(model) {
+  cfg_.validate();
+  Ops& ops = model_.ops();
+  for (auto& p : model_.params()) {
+    State s;
+    if (p.value.dtype() == DType::F32 || p.value.dtype() == DType::F64) {
+      s.master = p.value;
+    } else {
+      s.master = ops.empty(p.value.shape(), DType::F32);
+      ops.copy(p.value, s.master);
+    }
+    s.m = ops.empty(p.value.shape(), DType::F32);
+    s.v = ops.empty(p.value.shape(), DType::F32);
+    ops.fill_zero(s.m);
+    ops.fill_zero(s.v);
+    state_.push_back(std::move(s));
+  }
+}
+
+bool AdamW::decays(const Param& p) const {
+  if (p.is_embedding) return cfg_.decay_embeddings;
+  if (p.is_matrix) return true;
+  return cfg_.decay_norms;
+}
+
+double AdamW::grad_norm() {
+  double ss = 0;
+  for (auto& p : model_.params()) ss += model_.ops().sum_squares(p.grad);
+  return std::sqrt(ss);
+}
+
+StepStats AdamW::step(int64_t step) {
+  StepStats st;
+  st.lr = cfg_.lr_at(step);
+  st.grad_norm = grad_norm();
+  if (!std::isfinite(st.grad_norm))
+    throw_error("gradient norm is ", st.grad_norm, " at step ", step,
+                " (the loss diverged: lower --lr or enable --grad_clip)");
+  if (cfg_.grad_clip > 0 && st.grad_norm > cfg_.grad_clip) st.clip_scale = cfg_.grad_clip / st.grad_norm;
+  Ops& ops = model_.ops();
+  auto& params = model_.params();
+  for (size_t i = 0; i < params.size(); ++i) {
+    AdamWParams hp;
+    hp.lr = float(st.lr);
+    hp.beta1 = float(cfg_.beta1);
+    hp.beta2 = float(cfg_.beta2);
+    hp.eps = float(cfg_.eps);
+    hp.weight_decay = decays(params[i]) ? float(cfg_.weight_decay) : 0.0f;
+    hp.step = step + 1;
+    hp.grad_scale = float(st.clip_scale);
+    ops.adamw_step(state_[i].master, params[i].grad, state_[i].m, state_[i].v, hp);
+    if (state_[i].master.raw() != params[i].value.raw()) ops.copy(state_[i].master, params[i].value);
+  }
+  return st;
+}
+
+}  // namespace difftron

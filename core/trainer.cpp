@@ -1,0 +1,101 @@
+// Trainer: see trainer.h. Losses are reported per step; progress lines carry an ETA.
+#include "core/trainer.h"
+
+#include <chrono>
+#include <cmath>
+#include <cstdio>
+
+#include <glog/logging.h>
+
+namespace difftron {
+
+static std::string format_duration(double s) {
+  char buf[32];
+  if (s < 0 || !std::isfinite(s)) return "?";
+  int h = int(s / 3600), m = int(std::fmod(s, 3600) / 60), sec = int(std::fmod(s, 60));
+  std::snprintf(buf, sizeof buf, "%d:%02d:%02d", h, m, sec);
+  return buf;
+}
+
+Trainer::Trainer(Model& model, AdamW& optimizer, BatchSource& train, BatchSource* validation,
+                 TrainOptions options)
+    : model_(model), opt_(optimizer), train_(train), val_(validation), o_(options) {
+  if (o_.batch <= 0) throw_error("--batch (", o_.batch, ") must be positive");
+  if (o_.seq <= 0) throw_error("--seq (", o_.seq, ") must be positive");
+  if (o_.grad_accum <= 0) throw_error("--grad_accum (", o_.grad_accum, ") must be positive");
+  if (o_.batch > model.max_batch() || o_.seq > model.max_seq())
+    throw_error("batch ", o_.batch, " x seq ", o_.seq, " exceeds the model instance's ",
+                model.max_batch(), " x ", model.max_seq());
+}
+
+double Trainer::evaluate() {
+  if (!val_) return -1;
+  std::vector<int32_t> tok(o_.batch * o_.seq), tgt(o_.batch * o_.seq);
+  double sum = 0;
+  for (int64_t i = 0; i < o_.eval_batches; ++i) {
+    val_->next_batch(o_.batch, o_.seq, tok.data(), tgt.data());
+    sum += model_.forward_loss(tok.data(), tgt.data(), o_.batch, o_.seq);
+  }
+  return sum / double(o_.eval_batches);
+}
+
+TrainResult Trainer::run(int64_t start_step) {
+  using clock = std::chrono::steady_clock;
+  TrainResult res;
+  const int64_t tokens_per_step = o_.batch * o_.seq * o_.grad_accum;
+  std::vector<int32_t> tok(o_.batch * o_.seq), tgt(o_.batch * o_.seq);
+  LOG(INFO) << "training " << model_.config().summary();
+  LOG(INFO) << "steps " << start_step << ".." << o_.steps << ", " << tokens_per_step
+            << " tokens/step (batch " << o_.batch << " x seq " << o_.seq << " x accum "
+            << o_.grad_accum << "), data: " << train_.describe();
+  const double flops_per_token = model_.config().flops_per_token(o_.seq);
+  auto t_start = clock::now();
+  auto t_window = t_start;
+  int64_t window_tokens = 0;
+  for (int64_t step = start_step; step < o_.steps; ++step) {
+    model_.zero_grads();
+    double loss = 0;
+    for (int64_t m = 0; m < o_.grad_accum; ++m) {
+      train_.next_batch(o_.batch, o_.seq, tok.data(), tgt.data());
+      loss += model_.forward_backward(tok.data(), tgt.data(), o_.batch, o_.seq,
+                                      1.0f / float(o_.grad_accum));
+    }
+    loss /= double(o_.grad_accum);
+    if (!std::isfinite(loss)) throw_error("training loss is ", loss, " at step ", step);
+    StepStats st = opt_.step(step);
+    res.losses.push_back(loss);
+    window_tokens += tokens_per_step;
+    if (on_step) on_step(step, loss);
+    const bool last = step + 1 == o_.steps;
+    if ((o_.log_every > 0 && (step + 1) % o_.log_every == 0) || last || step == start_step) {
+      model_.ops().synchronize();
+      auto now = clock::now();
+      double win = std::chrono::duration<double>(now - t_window).count();
+      double total = std::chrono::duration<double>(now - t_start).count();
+      double tps = win > 0 ? window_tokens / win : 0;
+      double eta = total / double(step + 1 - start_step) * double(o_.steps - step - 1);
+      char line[256];
+      std::snprintf(line, sizeof line,
+                    "step %6lld/%lld | loss %.4f | lr %.3e | grad norm %.3f%s | %.0f tok/s | "
+                    "%.2f GFLOP/s | elapsed %s | ETA %s",
+                    (long long)(step + 1), (long long)o_.steps, loss, st.lr, st.grad_norm,
+                    st.clip_scale < 1 ? " (clipped)" : "", tps, tps * flops_per_token / 1e9,
+                    format_duration(total).c_str(), format_duration(eta).c_str());
+      LOG(INFO) << line;
+      t_window = now;
+      window_tokens = 0;
+    }
+    if (val_ && o_.eval_every > 0 && (step + 1) % o_.eval_every == 0 && !last) {
+      LOG(INFO) << "step " << step + 1 << " validation loss " << evaluate();
+    }
+  }
+  double total = std::chrono::duration<double>(clock::now() - t_start).count();
+  res.tokens_per_second = total > 0 ? double(tokens_per_step * (o_.steps - start_step)) / total : 0;
+  if (val_) {
+    res.eval_loss = evaluate();
+    LOG(INFO) << "final validation loss " << res.eval_loss;
+  }
+  return res;
+}
+
+}  // namespace difftron

@@ -1,0 +1,48 @@
+// The step loop: micro-batches with gradient accumulation, the optimizer step, logging
+// (loss, lr, gradient norm, tokens/s, ETA) and periodic evaluation.
+#pragma once
+#include <cstdint>
+#include <functional>
+#include <vector>
+
+#include "core/batch_source.h"
+#include "core/model.h"
+#include "core/optimizer.h"
+
+namespace difftron {
+
+struct TrainOptions {
+  int64_t steps = 100;       // optimizer steps
+  int64_t batch = 8;         // sequences per micro-batch
+  int64_t seq = 64;          // tokens per sequence
+  int64_t grad_accum = 1;    // micro-batches per step
+  int64_t log_every = 10;
+  int64_t eval_every = 0;    // 0: only at the end (when a validation source is given)
+  int64_t eval_batches = 4;
+};
+
+struct TrainResult {
+  std::vector<double> losses;  // training loss per step (mean over micro-batches)
+  double eval_loss = -1;       // last evaluation, -1 if none
+  double tokens_per_second = 0;
+};
+
+class Trainer {
+ public:
+  Trainer(Model& model, AdamW& optimizer, BatchSource& train, BatchSource* validation,
+          TrainOptions options);
+  // Runs steps [start_step, options.steps).
+  TrainResult run(int64_t start_step = 0);
+  double evaluate();
+  // Called after every optimizer step (e.g. to write checkpoints).
+  std::function<void(int64_t step, double loss)> on_step;
+
+ private:
+  Model& model_;
+  AdamW& opt_;
+  BatchSource& train_;
+  BatchSource* val_;
+  TrainOptions o_;
+};
+
+}  // namespace difftron

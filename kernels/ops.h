@@ -1,0 +1,139 @@
+// The op interface: everything above kernels/ (the model, the optimizer, the trainer)
+// calls these and never knows which backend runs them. kernels/cpu/ holds the reference
+// semantics (f32 and f64); kernels/cuda/ the fast path (bf16 activations, f32 accumulate).
+//
+// Conventions, for every backend:
+// - Tensors are row-major and contiguous; shapes are checked against each other.
+// - "accumulates" means the op adds into its output (+=); otherwise it overwrites.
+// - Statistics saved for backward (rstd, lse) use the "stat dtype": f64 when the
+//   activations are f64, else f32. The differential lambda is a [1] tensor in stat dtype.
+// - Layouts of attention tensors (s = position, DESIGN.md section 1, "interleaved"):
+//     q   [B, S, h, 2, dh]     diff head i owns maps (i,0) and (i,1) (query head 2i + j)
+//     k   [B, S, h_kv, 2, dh]  group g owns maps (g,0), (g,1); head i uses g = i / (h / h_kv)
+//     v   [B, S, h_kv, 2*dh]
+//     out [B, S, h, 2*dh]
+//     lse [B, h, 2, S]         log-sum-exp of each map's scaled, masked scores
+//   The standard (baseline) attention uses q [B,S,H,dh], k/v [B,S,H_kv,dh], out [B,S,H,dh],
+//   lse [B,H,S].
+#pragma once
+#include <cstdint>
+#include <memory>
+#include <string>
+
+#include "core/tensor.h"
+
+namespace difftron {
+
+struct AdamWParams {
+  float lr = 1e-3f;
+  float beta1 = 0.9f, beta2 = 0.98f, eps = 1e-8f;
+  float weight_decay = 0.0f;  // decoupled: p -= lr * wd * p
+  int64_t step = 1;           // 1-based, for bias correction
+  float grad_scale = 1.0f;    // grads are multiplied by this first (clipping)
+};
+
+class Ops {
+ public:
+  virtual ~Ops() = default;
+  virtual Device device() const = 0;
+  virtual std::string name() const = 0;
+
+  // ---- memory ------------------------------------------------------------------
+  virtual Tensor empty(const Shape& shape, DType dtype) = 0;
+  virtual void fill_zero(Tensor& t) = 0;
+  // dst = src element-wise with dtype conversion (same numel).
+  virtual void copy(const Tensor& src, Tensor& dst) = 0;
+  // Host <-> tensor, converting to/from the tensor's dtype.
+  virtual void upload(Tensor& dst, const float* src) = 0;
+  virtual void upload(Tensor& dst, const double* src) = 0;
+  virtual void upload(Tensor& dst, const int32_t* src) = 0;
+  virtual void download(const Tensor& src, float* dst) = 0;
+  virtual void download(const Tensor& src, double* dst) = 0;
+  virtual void synchronize() {}
+
+  // ---- dense ---------------------------------------------------------------------
+  // y[M,N] = alpha * op(a) @ op(b) + beta * y, op(t) = t^T when trans_t. a, b, y are
+  // seen as 2-D [rows, cols].
+  virtual void matmul(const Tensor& a, bool trans_a, const Tensor& b, bool trans_b, Tensor& y,
+                      float alpha = 1.0f, float beta = 0.0f) = 0;
+  // y += alpha * x
+  virtual void axpy(float alpha, const Tensor& x, Tensor& y) = 0;
+  virtual void scale(Tensor& x, float alpha) = 0;
+  // sum of squares, returned to the host (synchronises)
+  virtual double sum_squares(const Tensor& x) = 0;
+
+  // ---- embedding -------------------------------------------------------------------
+  // out[n, :] = table[tokens[n], :]; tokens i32 [N], table [V, d], out [N, d]
+  virtual void embedding_forward(const Tensor& tokens, const Tensor& table, Tensor& out) = 0;
+  // dtable[tokens[n], :] += dout[n, :]  (accumulates; deterministic order)
+  virtual void embedding_backward(const Tensor& tokens, const Tensor& dout, Tensor& dtable) = 0;
+
+  // ---- RMSNorm ---------------------------------------------------------------------
+  // Over the last dim: y = x * rstd * w * scale, rstd = 1/sqrt(mean(x^2) + eps); rstd [rows].
+  virtual void rmsnorm_forward(const Tensor& x, const Tensor& w, double eps, float scale, Tensor& y,
+                               Tensor& rstd) = 0;
+  // dx += dL/dx (the residual add is fused: dx is the residual stream's gradient),
+  // dw += dL/dw.
+  virtual void rmsnorm_backward(const Tensor& x, const Tensor& w, const Tensor& rstd, float scale,
+                                const Tensor& dy, Tensor& dx, Tensor& dw) = 0;
+
+  // ---- RoPE (rotate-half / NeoX) ------------------------------------------------------
+  // In place on x [B, S, H, dh]: pairs (c, c + dh/2) of each head rotated by angle
+  // s * theta^(-2c/dh). inverse=true rotates by the negative angle (the backward).
+  virtual void rope(Tensor& x, double theta, bool inverse) = 0;
+
+  // ---- differential attention ---------------------------------------------------------
+  // lambda[0] = exp(<lq1,lk1>) - exp(<lq2,lk2>) + lambda_init; vectors [dh].
+  virtual void diff_lambda_forward(const Tensor& lq1, const Tensor& lk1, const Tensor& lq2,
+                                   const Tensor& lk2, double lambda_init, Tensor& lambda) = 0;
+  // Given dL/dlambda [1], accumulates into dlq1, dlk1, dlq2, dlk2.
+  virtual void diff_lambda_backward(const Tensor& lq1, const Tensor& lk1, const Tensor& lq2,
+                                    const Tensor& lk2, const Tensor& dlambda, Tensor& dlq1,
+                                    Tensor& dlk1, Tensor& dlq2, Tensor& dlk2) = 0;
+  // out = (A1 - lambda A2) V per diff head, A_j = causal softmax(Q_j K_j^T / sqrt(dh)).
+  virtual void diff_attention_forward(const Tensor& q, const Tensor& k, const Tensor& v,
+                                      const Tensor& lambda, Tensor& out, Tensor& lse) = 0;
+  // dq, dk, dv, dlambda [1] are overwritten.
+  virtual void diff_attention_backward(const Tensor& q, const Tensor& k, const Tensor& v,
+                                       const Tensor& lambda, const Tensor& out, const Tensor& lse,
+                                       const Tensor& dout, Tensor& dq, Tensor& dk, Tensor& dv,
+                                       Tensor& dlambda) = 0;
+
+  // ---- standard causal attention (the baseline Transformer), GQA ------------------------
+  virtual void attention_forward(const Tensor& q, const Tensor& k, const Tensor& v, Tensor& out,
+                                 Tensor& lse) = 0;
+  virtual void attention_backward(const Tensor& q, const Tensor& k, const Tensor& v,
+                                  const Tensor& out, const Tensor& lse, const Tensor& dout,
+                                  Tensor& dq, Tensor& dk, Tensor& dv) = 0;
+
+  // ---- SwiGLU -----------------------------------------------------------------------
+  // out = silu(gate) * up, all [N, F]
+  virtual void swiglu_forward(const Tensor& gate, const Tensor& up, Tensor& out) = 0;
+  // dgate, dup overwritten
+  virtual void swiglu_backward(const Tensor& gate, const Tensor& up, const Tensor& dout,
+                               Tensor& dgate, Tensor& dup) = 0;
+
+  // ---- softmax cross-entropy ----------------------------------------------------------
+  // logits [N, V], targets i32 [N] (< 0: ignored, loss 0). losses [N] = lse - logit[target];
+  // lse [N]. Both in stat dtype.
+  virtual void cross_entropy_forward(const Tensor& logits, const Tensor& targets, Tensor& losses,
+                                     Tensor& lse) = 0;
+  // dlogits = (softmax(logits) - onehot(target)) * dloss (0 rows for ignored targets).
+  // dlogits may alias logits.
+  virtual void cross_entropy_backward(const Tensor& logits, const Tensor& targets,
+                                      const Tensor& lse, float dloss, Tensor& dlogits) = 0;
+
+  // ---- optimizer ---------------------------------------------------------------------
+  // AdamW on an f32 master `param` with f32 moments m, v; grad in any float dtype.
+  virtual void adamw_step(Tensor& param, const Tensor& grad, Tensor& m, Tensor& v,
+                          const AdamWParams& hp) = 0;
+};
+
+// The CPU reference backend (always available).
+std::unique_ptr<Ops> make_cpu_ops();
+// The CUDA backend on `device_index`; throws difftron::Error when CUDA is not built in
+// or no GPU is present.
+std::unique_ptr<Ops> make_cuda_ops(int device_index);
+bool cuda_available();  // built with CUDA and at least one GPU visible
+
+}  // namespace difftron
