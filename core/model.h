@@ -21,6 +21,9 @@ struct ModelPrecision {
   DType grad = DType::F32;   // parameter gradients
   DType stat = DType::F32;   // rstd, lse, lambda, losses
   static ModelPrecision uniform(DType t) { return {t, t, t, t == DType::F64 ? DType::F64 : DType::F32}; }
+  // GPU mixed precision: bf16 weights and activations, f32 gradients and statistics
+  // (the optimizer keeps f32 master weights).
+  static ModelPrecision cuda_mixed() { return {DType::BF16, DType::BF16, DType::F32, DType::F32}; }
 };
 
 struct Param {

@@ -1,0 +1,26 @@
+// Opening a token dataset (a directory or glob of HDF5 shards, DESIGN.md section 4) as a
+// stream of training batches. Implemented by io/loader.cpp.
+#pragma once
+#include <cstdint>
+#include <memory>
+#include <string>
+
+#include "core/batch_source.h"
+
+namespace difftron {
+
+struct DatasetOptions {
+  std::string path;          // directory or glob of shards
+  int64_t vocab_size = 0;    // the model's vocabulary: shards with a larger vocab are rejected
+  uint64_t seed = 0;         // global shuffle seed (epoch order = f(seed, epoch))
+  bool shuffle = true;       // false for validation: sequential, repeatable
+  int dp_rank = 0, dp_size = 1;  // data-parallel ranks read disjoint samples of each global batch
+};
+
+std::unique_ptr<BatchSource> open_token_dataset(const DatasetOptions& options);
+// The tokenizer spec stored in the dataset's shards ("bytes" or tokenizer.json text).
+std::string dataset_tokenizer_spec(const std::string& path);
+// The vocabulary size stored in the dataset's shards.
+int64_t dataset_vocab_size(const std::string& path);
+
+}  // namespace difftron
