@@ -25,5 +25,7 @@ struct CommandRegistrar {
 
 }  // namespace difftron
 
+#define DIFFTRON_CONCAT_INNER(a, b) a##b
+#define DIFFTRON_CONCAT(a, b) DIFFTRON_CONCAT_INNER(a, b)
 #define DIFFTRON_COMMAND(name, summary, fn) \
-  static ::difftron::CommandRegistrar difftron_command_##fn(name, summary, fn)
+  static ::difftron::CommandRegistrar DIFFTRON_CONCAT(difftron_command_, __COUNTER__)(name, summary, fn)
