@@ -1,0 +1,166 @@
+// Hugging Face DiffLlama interop against logits written by transformers itself
+// (tests/data/hf_diffllama_gqa, copied from the shared fixtures): import must reproduce its
+// logits; export after import must give back the same tensors; a non-unit sub-layer norm
+// weight must survive export (folded into o_proj) with unchanged logits; bad files fail clearly.
+#include <cmath>
+#include <cstring>
+#include <filesystem>
+#include <fstream>
+#include <string>
+#include <vector>
+
+#include <gtest/gtest.h>
+#include <nlohmann/json.hpp>
+
+#include "core/model.h"
+#include "io/hf_diffllama.h"
+#include "io/safetensors.h"
+#include "tests/grad_check.h"
+
+namespace difftron {
+namespace {
+
+const std::string kFixture = std::string(DIFFTRON_SOURCE_DIR) + "/tests/data/hf_diffllama_gqa";
+
+// Minimal .npy reader for a little-endian float64 C-order array.
+std::vector<double> read_npy_f64(const std::string& path, std::vector<int64_t>* shape) {
+  std::ifstream f(path, std::ios::binary);
+  std::string all((std::istreambuf_iterator<char>(f)), std::istreambuf_iterator<char>());
+  EXPECT_EQ(all.substr(1, 5), "NUMPY");
+  uint16_t hlen;
+  std::memcpy(&hlen, all.data() + 8, 2);
+  std::string header = all.substr(10, hlen);
+  EXPECT_NE(header.find("'descr': '<f8'"), std::string::npos) << header;
+  EXPECT_NE(header.find("'fortran_order': False"), std::string::npos) << header;
+  auto lp = header.find("'shape': (");
+  std::string dims = header.substr(lp + 10, header.find(')', lp) - lp - 10);
+  shape->clear();
+  for (size_t pos = 0; pos < dims.size();) {
+    size_t comma = dims.find(',', pos);
+    std::string d = dims.substr(pos, comma == std::string::npos ? std::string::npos : comma - pos);
+    if (d.find_first_of("0123456789") != std::string::npos) shape->push_back(std::stoll(d));
+    if (comma == std::string::npos) break;
+    pos = comma + 1;
+  }
+  size_t n = (all.size() - 10 - hlen) / 8;
+  std::vector<double> v(n);
+  std::memcpy(v.data(), all.data() + 10 + hlen, n * 8);
+  return v;
+}
+
+std::vector<int32_t> fixture_tokens() {
+  std::ifstream f(kFixture + "/tokens.json");
+  return nlohmann::json::parse(f).get<std::vector<int32_t>>();
+}
+
+// Logits at every position, [S, V], from the causal model one prefix at a time.
+std::vector<double> all_logits(Model& m, const std::vector<int32_t>& tok) {
+  std::vector<double> out;
+  for (size_t t = 1; t <= tok.size(); ++t) {
+    auto l = m.last_logits(tok.data(), t);
+    out.insert(out.end(), l.begin(), l.end());
+  }
+  return out;
+}
+
+TEST(HfDiffLlama, ConfigMapsSingleMapHeadsToDifferentialHeads) {
+  ModelConfig c = read_hf_config(kFixture);
+  EXPECT_EQ(c.n_heads, 4);
+  EXPECT_EQ(c.n_kv_heads, 2);
+  EXPECT_EQ(c.head_dim, 16);
+  EXPECT_EQ(c.d_model, 128);
+  EXPECT_EQ(c.ffn_dim, 352);
+  EXPECT_EQ(c.vocab_size, 300);
+  EXPECT_FALSE(c.tie_embeddings);
+}
+
+TEST(HfDiffLlama, ImportReproducesTransformersLogits) {
+  ModelConfig c = read_hf_config(kFixture);
+  auto tok = fixture_tokens();
+  std::vector<int64_t> shape;
+  auto ref = read_npy_f64(kFixture + "/logits.npy", &shape);
+  ASSERT_EQ(shape, (std::vector<int64_t>{int64_t(tok.size()), c.vocab_size}));
+  auto ops = make_cpu_ops();
+  for (DType t : {DType::F64, DType::F32}) {
+    Model m(c, *ops, ModelPrecision::uniform(t), 1, tok.size());
+    import_hf_diffllama(kFixture, m);
+    auto got = all_logits(m, tok);
+    double err = testing::rel_l2(got, ref);
+    EXPECT_LT(err, t == DType::F64 ? 1e-5 : 2e-5) << dtype_name(t);
+    std::cout << dtype_name(t) << " logits vs transformers: rel L2 " << err << "\n";
+  }
+}
+
+TEST(HfDiffLlama, ExportAfterImportGivesTheSameTensors) {
+  ModelConfig c = read_hf_config(kFixture);
+  auto ops = make_cpu_ops();
+  Model m(c, *ops, ModelPrecision::uniform(DType::F32), 1, 8);
+  import_hf_diffllama(kFixture, m);
+  auto dir = std::filesystem::temp_directory_path() / ("difftron_hf_" + std::to_string(getpid()));
+  export_hf_diffllama(m, dir.string());
+  auto a = read_safetensors(kFixture + "/model.safetensors");
+  auto b = read_safetensors((dir / "model.safetensors").string());
+  ASSERT_EQ(a.size(), b.size());
+  for (auto& [name, t] : a) {
+    ASSERT_TRUE(b.count(name)) << name;
+    EXPECT_EQ(b[name].shape, t.shape) << name;
+    EXPECT_EQ(b[name].data, t.data) << name;  // bit-exact: only permutations and x1 folds
+  }
+  ModelConfig back = read_hf_config(dir.string());
+  EXPECT_EQ(back.n_heads, c.n_heads);
+  EXPECT_EQ(back.n_kv_heads, c.n_kv_heads);
+  std::filesystem::remove_all(dir);
+}
+
+TEST(HfDiffLlama, SublnWeightIsFoldedIntoOProjOnExport) {
+  ModelConfig c = read_hf_config(kFixture);
+  auto tok = fixture_tokens();
+  tok.resize(12);
+  auto ops = make_cpu_ops();
+  Model m(c, *ops, ModelPrecision::uniform(DType::F64), 1, tok.size());
+  import_hf_diffllama(kFixture, m);
+  for (int64_t l = 0; l < c.n_layers; ++l) {  // a trained model's w_sub is not all ones
+    auto& p = m.param("model.layers." + std::to_string(l) + ".self_attn.subln.weight");
+    auto w = testing::randn(p.value.numel(), 40 + l, 0.3);
+    for (auto& x : w) x += 1.0;
+    ops->upload(p.value, w.data());
+  }
+  auto before = all_logits(m, tok);
+  auto dir = std::filesystem::temp_directory_path() / ("difftron_hf2_" + std::to_string(getpid()));
+  export_hf_diffllama(m, dir.string());
+  Model m2(c, *ops, ModelPrecision::uniform(DType::F64), 1, tok.size());
+  import_hf_diffllama(dir.string(), m2);
+  EXPECT_LT(testing::rel_l2(all_logits(m2, tok), before), 1e-6);  // f32 file precision
+  std::filesystem::remove_all(dir);
+}
+
+TEST(HfDiffLlama, BadFilesFailNamingTheProblem) {
+  auto dir = std::filesystem::temp_directory_path() / ("difftron_hf3_" + std::to_string(getpid()));
+  std::filesystem::create_directories(dir);
+  {
+    std::ofstream f(dir / "config.json");
+    f << R"({"model_type": "llama", "vocab_size": 10})";
+  }
+  try {
+    read_hf_config(dir.string());
+    FAIL();
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find("model_type is 'llama', expected 'diffllama'"), std::string::npos) << e.what();
+  }
+  {
+    std::ofstream f(dir / "model.safetensors", std::ios::binary);
+    uint64_t len = 1000;
+    f.write(reinterpret_cast<const char*>(&len), 8);
+    f << "{}";
+  }
+  try {
+    read_safetensors((dir / "model.safetensors").string());
+    FAIL();
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find("exceeds the file size"), std::string::npos) << e.what();
+  }
+  std::filesystem::remove_all(dir);
+}
+
+}  // namespace
+}  // namespace difftron
