@@ -88,6 +88,10 @@ TrainResult Trainer::run(int64_t start_step) {
     if (val_ && o_.eval_every > 0 && (step + 1) % o_.eval_every == 0 && !last) {
       LOG(INFO) << "step " << step + 1 << " validation loss " << evaluate();
     }
+    if (!last && should_stop && should_stop()) {
+      LOG(WARNING) << "stopping early after step " << step + 1 << " as asked";
+      return res;
+    }
   }
   double total = std::chrono::duration<double>(clock::now() - t_start).count();
   res.tokens_per_second = total > 0 ? double(tokens_per_step * (o_.steps - start_step)) / total : 0;

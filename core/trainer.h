@@ -34,8 +34,10 @@ class Trainer {
   // Runs steps [start_step, options.steps).
   TrainResult run(int64_t start_step = 0);
   double evaluate();
-  // Called after every optimizer step (e.g. to write checkpoints).
+  // Called after every optimizer step with the 0-based step index (e.g. to write checkpoints).
   std::function<void(int64_t step, double loss)> on_step;
+  // Polled after every step; returning true ends the run early (e.g. on SIGTERM).
+  std::function<bool()> should_stop;
 
  private:
   Model& model_;
