@@ -1,5 +1,7 @@
 // `difftron train`: builds the model from flags, opens the data (a token dataset
 // directory or a synthetic task), trains with AdamW and samples from the result.
+#include <atomic>
+#include <csignal>
 #include <cstdio>
 #include <fstream>
 #include <iostream>
@@ -12,6 +14,7 @@
 #include "core/model.h"
 #include "core/optimizer.h"
 #include "core/trainer.h"
+#include "io/checkpoint.h"
 #include "io/dataset.h"
 #include "io/synthetic_data.h"
 #include "io/tokenizer.h"
@@ -48,10 +51,16 @@ DEFINE_int64(eval_batches, 4, "validation batches per evaluation");
 DEFINE_int64(sample_tokens, 0, "after training, sample this many tokens");
 DEFINE_string(sample_prompt, "", "prompt text for the sample (needs a text dataset's tokenizer)");
 DEFINE_double(temperature, 0.8, "sampling temperature (0: greedy)");
+DEFINE_string(ckpt_dir, "", "checkpoint root: saved every --ckpt_every steps, at the end, and on SIGTERM/SIGINT");
+DEFINE_int64(ckpt_every, 0, "save a checkpoint every N steps (0: only at the end / on a signal)");
+DEFINE_bool(resume, true, "continue from --ckpt_dir's latest checkpoint when there is one");
 DEFINE_int64(top_k, 40, "sample from the k most likely tokens (0: all)");
 
 namespace difftron {
 namespace {
+
+std::atomic<int> g_stop_signal{0};  // set by SIGTERM/SIGINT: finish the step, checkpoint, exit
+extern "C" void on_stop_signal(int sig) { g_stop_signal = sig; }
 
 bool flag_set(const char* name) { return !gflags::GetCommandLineFlagInfoOrDie(name).is_default; }
 
@@ -117,7 +126,9 @@ int train_main(int argc, char** argv) {
     data_vocab = dataset_vocab_size(FLAGS_data);
     tokenizer = load_tokenizer(dataset_tokenizer_spec(FLAGS_data));
   }
-  ModelConfig cfg = model_config_from_flags(data_vocab);
+  std::string resume_dir;
+  if (!FLAGS_ckpt_dir.empty() && FLAGS_resume) resume_dir = latest_checkpoint(FLAGS_ckpt_dir);
+  ModelConfig cfg = resume_dir.empty() ? model_config_from_flags(data_vocab) : read_checkpoint_config(resume_dir);
   if (!synthetic) {
     DatasetOptions d;
     d.path = FLAGS_data;
@@ -146,6 +157,15 @@ int train_main(int argc, char** argv) {
   oc.grad_clip = FLAGS_grad_clip;
   AdamW opt(oc, model);
 
+  int64_t start_step = 0;
+  if (!resume_dir.empty()) {
+    CheckpointMeta meta = load_checkpoint(resume_dir, model, &opt);
+    start_step = meta.step;
+    if (!meta.data_position.empty()) train->restore_position(meta.data_position);
+    LOG(INFO) << "resumed from " << resume_dir << " at step " << start_step;
+    if (start_step >= FLAGS_steps) LOG(WARNING) << "--steps=" << FLAGS_steps << " already reached";
+  }
+
   TrainOptions to;
   to.steps = FLAGS_steps;
   to.batch = FLAGS_batch;
@@ -155,9 +175,35 @@ int train_main(int argc, char** argv) {
   to.eval_every = FLAGS_eval_every;
   to.eval_batches = FLAGS_eval_batches;
   Trainer trainer(model, opt, *train, val.get(), to);
-  TrainResult res = trainer.run();
-  LOG(INFO) << "done: first loss " << res.losses.front() << ", last loss " << res.losses.back()
-            << ", " << static_cast<int64_t>(res.tokens_per_second) << " tokens/s";
+  auto save = [&](int64_t steps_done) {
+    if (FLAGS_ckpt_dir.empty()) return;
+    CheckpointMeta meta;
+    meta.step = steps_done;
+    meta.tokens_seen = steps_done * FLAGS_batch * FLAGS_seq * FLAGS_grad_accum;
+    meta.seed = FLAGS_seed;
+    meta.data_position = train->position();
+    meta.extra = {{"tokenizer", tokenizer ? tokenizer->spec() : std::string("")},
+                  {"data", FLAGS_data}};
+    LOG(INFO) << "checkpoint written: " << save_checkpoint(FLAGS_ckpt_dir, meta, model, &opt);
+  };
+  if (FLAGS_ckpt_every > 0)
+    trainer.on_step = [&](int64_t step, double) {
+      if ((step + 1) % FLAGS_ckpt_every == 0 && step + 1 < FLAGS_steps) save(step + 1);
+    };
+  std::signal(SIGTERM, on_stop_signal);
+  std::signal(SIGINT, on_stop_signal);
+  trainer.should_stop = [] { return g_stop_signal != 0; };
+  TrainResult res = trainer.run(start_step);
+  const int64_t steps_done = start_step + int64_t(res.losses.size());
+  save(steps_done);
+  if (g_stop_signal) {
+    LOG(WARNING) << "stopped by signal " << g_stop_signal << " after step " << steps_done
+                 << (FLAGS_ckpt_dir.empty() ? " (no --ckpt_dir: progress not saved)" : "; resume with the same command");
+    return 128 + g_stop_signal;
+  }
+  if (!res.losses.empty())
+    LOG(INFO) << "done: first loss " << res.losses.front() << ", last loss " << res.losses.back()
+              << ", " << static_cast<int64_t>(res.tokens_per_second) << " tokens/s";
 
   // ---- sample
   if (FLAGS_sample_tokens > 0) {
