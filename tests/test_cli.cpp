@@ -2,6 +2,7 @@
 // flag and value and exit 1; unknown commands exit 2; a short synthetic run trains and logs ETA.
 #include <array>
 #include <cstdio>
+#include <filesystem>
 #include <string>
 
 #include <gtest/gtest.h>
@@ -66,6 +67,28 @@ TEST(Cli, SyntheticRunTrainsAndReportsProgress) {
   EXPECT_TRUE(has(r, "step     30/30")) << r.output;
   EXPECT_TRUE(has(r, "ETA")) << r.output;
   EXPECT_TRUE(has(r, "continuation:")) << r.output;
+}
+
+}  // namespace
+
+namespace {
+
+TEST(Cli, ConvertRoundTripAndGenerate) {
+  const std::string src = std::string(DIFFTRON_SOURCE_DIR) + "/tests/data/hf_diffllama_gqa";
+  const std::string tmp = "/tmp/difftron_cli_" + std::to_string(getpid());
+  auto r = run("convert --from_hf=" + src + " --to_checkpoint=" + tmp + "/ckpt");
+  ASSERT_EQ(r.status, 0) << r.output;
+  r = run("generate --device=cpu --checkpoint=" + tmp + "/ckpt --prompt_ids=1,11,35 --max_new_tokens=4 --temperature=0");
+  ASSERT_EQ(r.status, 0) << r.output;
+  EXPECT_TRUE(has(r, "1 11 35 ")) << r.output;
+  r = run("convert --checkpoint=" + tmp + "/ckpt --to_hf=" + tmp + "/hf");
+  ASSERT_EQ(r.status, 0) << r.output;
+  EXPECT_TRUE(std::filesystem::exists(tmp + "/hf/config.json"));
+  EXPECT_TRUE(std::filesystem::exists(tmp + "/hf/model.safetensors"));
+  r = run("generate --device=cpu --checkpoint=" + tmp + "/nothing");
+  EXPECT_EQ(r.status, 1) << r.output;
+  EXPECT_TRUE(has(r, "is neither a checkpoint nor a root holding one")) << r.output;
+  std::filesystem::remove_all(tmp);
 }
 
 }  // namespace
