@@ -15,6 +15,10 @@ struct DatasetOptions {
   uint64_t seed = 0;         // global shuffle seed (epoch order = f(seed, epoch))
   bool shuffle = true;       // false for validation: sequential, repeatable
   int dp_rank = 0, dp_size = 1;  // data-parallel ranks read disjoint samples of each global batch
+  bool verify_checksums = true;  // crc32 + id range of every token at open (reads all data once)
+  int prefetch_batches = 4;      // ring size of the background reader
+  int64_t cycle_batches = 0;     // > 0: rewind to the first sample after this many batches
+                                 // (validation: = eval batches, so each evaluation sees the same data)
 };
 
 std::unique_ptr<BatchSource> open_token_dataset(const DatasetOptions& options);
