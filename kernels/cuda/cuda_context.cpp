@@ -1,0 +1,119 @@
+// CudaContext: the per-device stream, cuBLASLt handle and workspace, scratch, error slot,
+// RoPE table and GEMM plan caches; and the error reporting behind DT_CUDA / DT_CUBLAS.
+#include "kernels/cuda/cuda_context.h"
+
+#include <climits>
+
+#include "kernels/cuda/cuda_kernels.h"
+
+namespace difftron::cuda {
+
+static int current_device() {
+  int d = -1;
+  if (cudaGetDevice(&d) != cudaSuccess) return -1;
+  return d;
+}
+
+void throw_cuda_error(cudaError_t err, const char* call, const char* file, int line) {
+  throw_error(file, ":", line, ": CUDA error on device ", current_device(), ": ",
+              cudaGetErrorName(err), " (", cudaGetErrorString(err), ") in ", call);
+}
+
+void throw_cublas_error(cublasStatus_t st, const char* call, const char* file, int line) {
+  throw_error(file, ":", line, ": cuBLAS error on device ", current_device(), ": ",
+              cublasGetStatusName(st), " (", cublasGetStatusString(st), ") in ", call);
+}
+
+MatmulPlan::~MatmulPlan() {
+  // Destructors must not throw: statuses are ignored here.
+  if (a) cublasLtMatrixLayoutDestroy(a);
+  if (b) cublasLtMatrixLayoutDestroy(b);
+  if (y) cublasLtMatrixLayoutDestroy(y);
+  if (op) cublasLtMatmulDescDestroy(op);
+}
+
+CudaContext::CudaContext(int device) : device_(device) {
+  int count = 0;
+  DT_CUDA(cudaGetDeviceCount(&count));
+  if (device < 0 || device >= count)
+    throw_error("cuda: device index ", device, " is outside [0, ", count, ") (", count,
+                " GPU(s) visible)");
+  DT_CUDA(cudaSetDevice(device));
+  DT_CUDA(cudaGetDeviceProperties(&props_, device));
+  DT_CUDA(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking));
+  DT_CUBLAS(cublasLtCreate(&lt_));
+  workspace_bytes_ = size_t(32) << 20;  // what cuBLASLt recommends for Hopper
+  DT_CUDA(cudaMalloc(&workspace_, workspace_bytes_));
+  DT_CUDA(cudaMalloc(reinterpret_cast<void**>(&dev_flag_), sizeof(int)));
+  DT_CUDA(cudaMallocHost(reinterpret_cast<void**>(&host_flag_), sizeof(int)));
+}
+
+CudaContext::~CudaContext() {
+  cudaSetDevice(device_);
+  if (stream_) cudaStreamSynchronize(stream_);
+  plans_.clear();
+  if (lt_) cublasLtDestroy(lt_);
+  cudaFree(workspace_);
+  cudaFree(scratch_);
+  cudaFree(dev_flag_);
+  cudaFree(rope_);
+  if (host_flag_) cudaFreeHost(host_flag_);
+  if (stream_) cudaStreamDestroy(stream_);
+}
+
+void CudaContext::activate() const {
+  int cur = -1;
+  DT_CUDA(cudaGetDevice(&cur));
+  if (cur != device_) DT_CUDA(cudaSetDevice(device_));
+}
+
+void* CudaContext::scratch(size_t bytes) {
+  if (bytes > scratch_bytes_) {
+    DT_CUDA(cudaStreamSynchronize(stream_));  // earlier kernels may still read the old one
+    if (scratch_) DT_CUDA(cudaFree(scratch_));
+    scratch_ = nullptr;
+    size_t grow = std::max(bytes, scratch_bytes_ + scratch_bytes_ / 2);
+    DT_CUDA(cudaMalloc(&scratch_, grow));
+    scratch_bytes_ = grow;
+  }
+  return scratch_;
+}
+
+int* CudaContext::reset_flag() {
+  static const int kNoError = INT_MAX;
+  DT_CUDA(cudaMemcpyAsync(dev_flag_, &kNoError, sizeof(int), cudaMemcpyHostToDevice, stream_));
+  return dev_flag_;
+}
+
+int CudaContext::read_flag() {
+  DT_CUDA(cudaMemcpyAsync(host_flag_, dev_flag_, sizeof(int), cudaMemcpyDeviceToHost, stream_));
+  DT_CUDA(cudaStreamSynchronize(stream_));
+  return *host_flag_;
+}
+
+const void* CudaContext::rope_table(int64_t S, int64_t dh, double theta) {
+  if (rope_ && dh == rope_dh_ && theta == rope_theta_ && S <= rope_S_) return rope_;
+  const int64_t rows = std::max(S, rope_dh_ == dh && rope_theta_ == theta ? rope_S_ : int64_t(0));
+  DT_CUDA(cudaStreamSynchronize(stream_));
+  if (rope_) DT_CUDA(cudaFree(rope_));
+  rope_ = nullptr;
+  DT_CUDA(cudaMalloc(&rope_, size_t(rows) * size_t(dh / 2) * 2 * sizeof(float)));
+  build_rope_table(*this, rope_, rows, dh, theta);
+  rope_S_ = rows;
+  rope_dh_ = dh;
+  rope_theta_ = theta;
+  return rope_;
+}
+
+MatmulPlan* CudaContext::find_plan(const MatmulKey& key) {
+  auto it = plans_.find(key);
+  return it == plans_.end() ? nullptr : it->second.get();
+}
+
+MatmulPlan* CudaContext::add_plan(const MatmulKey& key, std::unique_ptr<MatmulPlan> plan) {
+  MatmulPlan* p = plan.get();
+  plans_[key] = std::move(plan);
+  return p;
+}
+
+}  // namespace difftron::cuda

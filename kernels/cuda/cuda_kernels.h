@@ -1,0 +1,81 @@
+// Launchers of the CUDA kernels, one group per file kernels/cuda/<op>.cu. They assume
+// CudaOps (cuda_ops.cpp) has already checked devices, dtypes and shapes, and enqueue work
+// on the context's stream. Semantics: kernels/ops.h and kernels/cpu/<op>.cpp.
+#pragma once
+#include <cstdint>
+
+#include "core/tensor.h"
+#include "kernels/cuda/cuda_context.h"
+#include "kernels/ops.h"
+
+namespace difftron::cuda {
+
+// copy.cu: dst = src converted (f32 <-> bf16); same dtype is a plain device copy.
+void copy(CudaContext& ctx, const Tensor& src, Tensor& dst);
+
+// reduce.cu
+double sum_squares(CudaContext& ctx, const Tensor& x);  // synchronises
+void axpy(CudaContext& ctx, float alpha, const Tensor& x, Tensor& y);
+void scale(CudaContext& ctx, Tensor& x, float alpha);
+
+// matmul.cu (cuBLASLt): y[M,N] = alpha op(a) op(b) + beta y
+void matmul(CudaContext& ctx, const Tensor& a, bool trans_a, const Tensor& b, bool trans_b,
+            Tensor& y, int64_t M, int64_t N, int64_t K, float alpha, float beta);
+
+// embedding.cu (both throw difftron::Error on token ids outside [0, V))
+void embedding_forward(CudaContext& ctx, const Tensor& tokens, const Tensor& table, Tensor& out);
+void embedding_backward(CudaContext& ctx, const Tensor& tokens, const Tensor& dout,
+                        Tensor& dtable);
+
+// rmsnorm.cu
+void rmsnorm_forward(CudaContext& ctx, const Tensor& x, const Tensor& w, double eps, float scale,
+                     Tensor& y, Tensor& rstd);
+void rmsnorm_backward(CudaContext& ctx, const Tensor& x, const Tensor& w, const Tensor& rstd,
+                      float scale, const Tensor& dy, Tensor& dx, Tensor& dw);
+
+// rope.cu
+void rope(CudaContext& ctx, Tensor& x, double theta, bool inverse);
+void build_rope_table(CudaContext& ctx, void* table, int64_t S, int64_t dh, double theta);
+
+// diff_lambda.cu
+void diff_lambda_forward(CudaContext& ctx, const Tensor& lq1, const Tensor& lk1, const Tensor& lq2,
+                         const Tensor& lk2, double lambda_init, Tensor& lambda);
+void diff_lambda_backward(CudaContext& ctx, const Tensor& lq1, const Tensor& lk1,
+                          const Tensor& lq2, const Tensor& lk2, const Tensor& dlambda,
+                          Tensor& dlq1, Tensor& dlk1, Tensor& dlq2, Tensor& dlk2);
+
+// diff_attention_simple.cu: the simple (SIMT, fp32 online softmax) differential attention.
+// q [B,S,h,2,dh], k [B,S,h_kv,2,dh], v [B,S,h_kv,2dh], out [B,S,h,2dh], lse [B,h,2,S] f32,
+// lambda [1] f32; dh <= 128.
+void diff_attention_simple_forward(CudaContext& ctx, const Tensor& q, const Tensor& k,
+                                   const Tensor& v, const Tensor& lambda, Tensor& out,
+                                   Tensor& lse);
+void diff_attention_simple_backward(CudaContext& ctx, const Tensor& q, const Tensor& k,
+                                    const Tensor& v, const Tensor& lambda, const Tensor& lse,
+                                    const Tensor& dout, Tensor& dq, Tensor& dk, Tensor& dv,
+                                    Tensor& dlambda);
+
+// attention_simple.cu: standard causal attention with GQA, q [B,S,H,dh], k/v [B,S,H_kv,dh],
+// lse [B,H,S] f32; dh <= 256.
+void attention_simple_forward(CudaContext& ctx, const Tensor& q, const Tensor& k, const Tensor& v,
+                              Tensor& out, Tensor& lse);
+void attention_simple_backward(CudaContext& ctx, const Tensor& q, const Tensor& k,
+                               const Tensor& v, const Tensor& lse, const Tensor& dout, Tensor& dq,
+                               Tensor& dk, Tensor& dv);
+
+// swiglu.cu
+void swiglu_forward(CudaContext& ctx, const Tensor& gate, const Tensor& up, Tensor& out);
+void swiglu_backward(CudaContext& ctx, const Tensor& gate, const Tensor& up, const Tensor& dout,
+                     Tensor& dgate, Tensor& dup);
+
+// cross_entropy.cu (forward throws difftron::Error on targets >= V)
+void cross_entropy_forward(CudaContext& ctx, const Tensor& logits, const Tensor& targets,
+                           Tensor& losses, Tensor& lse);
+void cross_entropy_backward(CudaContext& ctx, const Tensor& logits, const Tensor& targets,
+                            const Tensor& lse, float dloss, Tensor& dlogits);
+
+// adamw.cu: f32 param and moments, grad f32 or bf16.
+void adamw_step(CudaContext& ctx, Tensor& param, const Tensor& grad, Tensor& m, Tensor& v,
+                const AdamWParams& hp);
+
+}  // namespace difftron::cuda

@@ -1,0 +1,109 @@
+// Reductions and BLAS-1 updates: sum_squares (deterministic: a fixed grid of per-block fp64
+// partials summed on the host in a fixed order), axpy (y += alpha x) and scale (x *= alpha).
+#include <vector>
+
+#include "kernels/cuda/cuda_common.cuh"
+#include "kernels/cuda/cuda_kernels.h"
+
+namespace difftron::cuda {
+namespace {
+
+// The grid does not depend on the device, so the summation order (and the result bits)
+// depend only on n.
+constexpr int kSumBlocks = 512;
+constexpr int kSumThreads = 256;
+
+template <int V, typename T>
+__global__ void sum_squares_kernel(const T* x, int64_t n, double* partials) {
+  __shared__ double red[33];
+  const int64_t nchunks = n / V;
+  const int64_t tid = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
+  const int64_t stride = int64_t(gridDim.x) * blockDim.x;
+  double acc = 0;
+  for (int64_t c = tid; c < nchunks; c += stride) {
+    float f[V];
+    load_floats<V>(x + c * V, f);
+#pragma unroll
+    for (int j = 0; j < V; ++j) acc += double(f[j]) * double(f[j]);
+  }
+  if (tid < n - nchunks * V) {
+    double f = to_float(x[nchunks * V + tid]);
+    acc += f * f;
+  }
+  acc = block_sum(acc, red);
+  if (threadIdx.x == 0) partials[blockIdx.x] = acc;
+}
+
+template <typename X, typename Y>
+struct AxpyOp {
+  float alpha;
+  const X* x;
+  Y* y;
+  template <int V>
+  __device__ void apply(int64_t i) const {
+    float a[V], b[V];
+    load_floats<V>(x + i, a);
+    load_floats<V>(y + i, b);
+#pragma unroll
+    for (int j = 0; j < V; ++j) b[j] += alpha * a[j];
+    store_floats<V>(y + i, b);
+  }
+};
+
+template <typename T>
+struct ScaleOp {
+  float alpha;
+  T* x;
+  template <int V>
+  __device__ void apply(int64_t i) const {
+    float a[V];
+    load_floats<V>(x + i, a);
+#pragma unroll
+    for (int j = 0; j < V; ++j) a[j] *= alpha;
+    store_floats<V>(x + i, a);
+  }
+};
+
+}  // namespace
+
+double sum_squares(CudaContext& ctx, const Tensor& x) {
+  if (x.numel() == 0) return 0.0;
+  double* partials = static_cast<double*>(ctx.scratch(kSumBlocks * sizeof(double)));
+  dispatch_float(x.dtype(), [&](auto t) {
+    using T = typename decltype(t)::type;
+    if (aligned16(x.raw()))
+      sum_squares_kernel<8, T><<<kSumBlocks, kSumThreads, 0, ctx.stream()>>>(x.data<T>(), x.numel(),
+                                                                            partials);
+    else
+      sum_squares_kernel<1, T><<<kSumBlocks, kSumThreads, 0, ctx.stream()>>>(x.data<T>(), x.numel(),
+                                                                            partials);
+    DT_CUDA_LAUNCHED();
+  });
+  std::vector<double> host(kSumBlocks);
+  DT_CUDA(cudaMemcpyAsync(host.data(), partials, kSumBlocks * sizeof(double),
+                          cudaMemcpyDeviceToHost, ctx.stream()));
+  DT_CUDA(cudaStreamSynchronize(ctx.stream()));
+  double s = 0;
+  for (double p : host) s += p;
+  return s;
+}
+
+void axpy(CudaContext& ctx, float alpha, const Tensor& x, Tensor& y) {
+  const bool vec = aligned16(x.raw()) && aligned16(y.raw());
+  dispatch_float(x.dtype(), [&](auto xt) {
+    using X = typename decltype(xt)::type;
+    dispatch_float(y.dtype(), [&](auto yt) {
+      using Y = typename decltype(yt)::type;
+      launch_elementwise(ctx, x.numel(), vec, AxpyOp<X, Y>{alpha, x.data<X>(), y.data<Y>()});
+    });
+  });
+}
+
+void scale(CudaContext& ctx, Tensor& x, float alpha) {
+  dispatch_float(x.dtype(), [&](auto xt) {
+    using X = typename decltype(xt)::type;
+    launch_elementwise(ctx, x.numel(), aligned16(x.raw()), ScaleOp<X>{alpha, x.data<X>()});
+  });
+}
+
+}  // namespace difftron::cuda
