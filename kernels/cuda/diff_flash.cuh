@@ -1,0 +1,239 @@
+// Shared device code of the fused differential flash-attention kernels (diff_flash_fwd.cu,
+// diff_flash_bwd.cu): tile configurations, PTX wrappers (mma.sync m16n8k16 bf16, ldmatrix,
+// cp.async, named barriers) and the swizzled shared-memory tile layout.
+//
+// ---- The math (one differential head i, its K/V group g; s = scale = 1/sqrt(dh)) ----------
+// Forward:  S_j = s Q_j K_j^T (+ causal mask), P_j = softmax(S_j), lse_j = logsumexp(S_j),
+//           O = P_1 V - lambda P_2 V = O1n - lambda O2n          (V is 2dh wide, shared)
+// Backward, with dP = dO V^T (ONE product, shared by both maps):
+//           dP_1 = dP,  dP_2 = -lambda dP
+//           D1  = rowsum(P_1 o dP)   = dO . O1n
+//           D2' = rowsum(P_2 o dP)   = dO . O2n
+//           delta = dO . O = D1 - lambda D2'        =>  D1 = delta + lambda D2'
+//           dS_1 = P_1 o (dP - D1),   dS_2 = -lambda P_2 o (dP - D2')
+//           dQ_j = s dS_j K_j,  dK_j = s dS_j^T Q_j,  dV = (P_1 - lambda P_2)^T dO   (one product)
+//           dlambda = -sum over rows (b, i, t) of D2'
+// The forward saves only O and the two lse (kernels/ops.h), so D2' (which needs O2n alone) is
+// recomputed in the backward: the dQ kernel runs a first pass over the key tiles computing
+// S_2 and dP (6 dh FLOP per query-key pair), then D1 from delta. Executed MMA work per
+// (query, key) pair: forward 12 dh FLOP (2 QK maps of dh, 2 PV over 2dh), backward 34 dh
+// (dQ kernel: 6 for D2' + 12 for dQ; dK/dV kernel 16), the minimum being 20 dh if O2n were saved.
+//
+// ---- Kernel design ------------------------------------------------------------------------
+// Every kernel uses "map-split warp pairs": warp w < WM and warp w + WM own the same 16 rows
+// (query rows in forward and dQ, key rows in dK/dV); the first computes map 1's scores, the
+// second map 2's, so each QK^T product is computed once. Whatever the partner needs (the
+// other map's probabilities and rescale factors, or the other half of dP's 2dh contraction)
+// goes through a per-warp shared-memory slot in the MMA accumulator layout: both warps hold
+// the same (row, col) in the same lane, so the exchange is lane-to-lane (16-byte, conflict
+// free) behind a 64-thread named barrier. The 2dh-wide outputs (O, dV) are split by column
+// halves between the two warps, so accumulators per thread stay at 2 x dh/2 x 16 rows.
+// Single-buffered exchange slots are safe because each tile iteration starts with a
+// __syncthreads (cp.async double buffer) that the partner passes only after its reads.
+#pragma once
+#include <cstdint>
+
+#include <cuda_bf16.h>
+#include <cuda_runtime.h>
+
+#include "kernels/cuda/diff_flash.h"
+
+namespace difftron::cuda::flash {
+
+using bf16 = __nv_bfloat16;
+constexpr float kLog2e = 1.4426950408889634f;
+constexpr float kLn2 = 0.6931471805599453f;
+
+// ---- configurations --------------------------------------------------------------------
+template <int DH>
+struct FwdCfg {
+  static constexpr int WM = 4, WARPS = 2 * WM, THREADS = 32 * WARPS;
+  static constexpr int BM = 16 * WM;  // query rows per CTA
+  static constexpr int BN = 64;       // keys per tile
+  static constexpr int ROW = 2 * DH;  // bf16 per shared-memory row (both maps, or V)
+  static constexpr int TILE_Q = BM * ROW * 2, TILE_KV = BN * ROW * 2;  // bytes
+  static constexpr int XP_U4 = BN / 16;  // uint4 per lane: P of one warp, bf16 pairs
+  static constexpr int OFF_Q = 0, OFF_K = OFF_Q + TILE_Q, OFF_V = OFF_K + 2 * TILE_KV;
+  static constexpr int OFF_XP = OFF_V + 2 * TILE_KV;
+  static constexpr int OFF_XA = OFF_XP + WARPS * XP_U4 * 32 * 16;  // float2 alpha per lane
+  static constexpr int OFF_XL = OFF_XA + WARPS * 32 * 8;           // float2 l per lane
+  static constexpr int SMEM = OFF_XL + WARPS * 32 * 8;
+  static constexpr int MIN_BLOCKS = 1;
+  static constexpr bool Q_REGS = DH == 64;  // Q fragments kept in registers across tiles
+};
+
+// dQ kernel (+ D1, D2' and the dlambda partial sums): query-major.
+template <int DH>
+struct DqCfg {
+  static constexpr int WM = 4, WARPS = 2 * WM, THREADS = 32 * WARPS;
+  static constexpr int BM = 16 * WM;
+  static constexpr int BN = DH == 64 ? 64 : 32;
+  static constexpr int ROW = 2 * DH;
+  static constexpr int TILE_Q = BM * ROW * 2, TILE_KV = BN * ROW * 2;
+  static constexpr int XD_F4 = BN / 8;  // float4 per lane: partial dP of one warp
+  static constexpr int OFF_Q = 0, OFF_DO = TILE_Q, OFF_K = OFF_DO + TILE_Q;
+  static constexpr int OFF_V = OFF_K + 2 * TILE_KV, OFF_XD = OFF_V + 2 * TILE_KV;
+  static constexpr int OFF_XR = OFF_XD + WARPS * XD_F4 * 32 * 16;  // float2 per lane
+  static constexpr int OFF_RED = OFF_XR + WARPS * 32 * 8;          // float per warp
+  static constexpr int SMEM = OFF_RED + WARPS * 4;
+  static constexpr int MIN_BLOCKS = 1;
+};
+
+// dK/dV kernel: key-major, loops over the heads of the K/V group and their query tiles.
+template <int DH>
+struct DkvCfg {
+  static constexpr int WM = 4, WARPS = 2 * WM, THREADS = 32 * WARPS;
+  static constexpr int BN = 16 * WM;               // key rows per CTA
+  static constexpr int BM = DH == 64 ? 64 : 32;    // query rows per tile
+  static constexpr bool KV_REGS = DH == 64;        // K_j, V half fragments kept in registers
+  static constexpr int ROW = 2 * DH;
+  static constexpr int TILE_KV = BN * ROW * 2, TILE_Q = BM * ROW * 2;
+  static constexpr int STAT = 4 * BM * 4;          // lse_1, lse_2, D1, D2' of one query tile
+  static constexpr int XP_U4 = BM / 16, XD_F4 = BM / 8;
+  static constexpr int OFF_K = 0, OFF_V = TILE_KV, OFF_Q = 2 * TILE_KV;
+  static constexpr int OFF_DO = OFF_Q + 2 * TILE_Q, OFF_ST = OFF_DO + 2 * TILE_Q;
+  static constexpr int OFF_XP = OFF_ST + 2 * STAT;
+  static constexpr int OFF_XD = OFF_XP + WARPS * XP_U4 * 32 * 16;
+  static constexpr int SMEM = OFF_XD + WARPS * XD_F4 * 32 * 16;
+  static constexpr int MIN_BLOCKS = 1;
+};
+
+// ---- PTX wrappers ----------------------------------------------------------------------
+__device__ __forceinline__ uint32_t smem_addr(const void* p) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+
+// 16 bytes global -> shared, bypassing L1; src_bytes 0 zero-fills (rows past S).
+__device__ __forceinline__ void cp_async_16(uint32_t dst, const void* src, int src_bytes) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src),
+               "r"(src_bytes));
+}
+__device__ __forceinline__ void cp_async_4(uint32_t dst, const void* src, int src_bytes) {
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(dst), "l"(src),
+               "r"(src_bytes));
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+template <int N>
+__device__ __forceinline__ void cp_async_wait() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
+}
+
+// Barrier for the two warps of a map-split pair (ids 1..WM; 0 is __syncthreads).
+__device__ __forceinline__ void pair_barrier(int pair) {
+  asm volatile("bar.sync %0, 64;\n" ::"r"(pair + 1) : "memory");
+}
+
+__device__ __forceinline__ void ldsm_x4(uint32_t (&r)[4], uint32_t addr) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(addr));
+}
+__device__ __forceinline__ void ldsm_x4_t(uint32_t (&r)[4], uint32_t addr) {
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(addr));
+}
+
+// c[16x8] += a[16x16] b[16x8], bf16 operands, f32 accumulators.
+__device__ __forceinline__ void mma16816(float (&c)[4], const uint32_t (&a)[4], uint32_t b0,
+                                         uint32_t b1) {
+  asm volatile(
+      "mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, "
+      "{%8,%9}, {%0,%1,%2,%3};\n"
+      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
+      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+__device__ __forceinline__ float fast_exp2(float x) {
+  float y;
+  asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
+  return y;
+}
+
+__device__ __forceinline__ uint32_t pack_bf16(float lo, float hi) {
+  __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
+  return *reinterpret_cast<uint32_t*>(&v);
+}
+__device__ __forceinline__ float2 unpack_bf16(uint32_t w) {
+  __nv_bfloat162 v = *reinterpret_cast<__nv_bfloat162*>(&w);
+  return __bfloat1622float2(v);
+}
+
+// ---- shared-memory tiles ---------------------------------------------------------------
+// A tile of rows x COLS bf16, row-major, 16-byte chunks XOR-swizzled by (row & 7) so that
+// ldmatrix over 8 consecutive rows of one chunk column hits 8 distinct bank groups.
+template <int COLS>
+struct Tile {
+  static_assert(COLS % 64 == 0, "tile rows must be whole 128-byte lines");
+  static constexpr int CHUNKS = COLS / 8;
+  __device__ __forceinline__ static uint32_t off(int r, int c) {
+    return static_cast<uint32_t>(r * COLS * 2 + ((c ^ (r & 7)) << 4));
+  }
+};
+
+// Rows [row0, row0 + R) of a [*, COLS]-wide slice of a global matrix (row stride in
+// elements) into a swizzled tile; rows >= n_rows are zero-filled.
+template <int R, int COLS, int THREADS>
+__device__ __forceinline__ void load_tile(uint32_t dst, const bf16* src, int64_t row_stride,
+                                          int row0, int n_rows, int tid) {
+  constexpr int CH = COLS / 8, TOTAL = R * CH;
+  static_assert(TOTAL % THREADS == 0, "tile chunks must divide evenly among threads");
+#pragma unroll
+  for (int x = 0; x < TOTAL / THREADS; ++x) {
+    const int idx = x * THREADS + tid, r = idx / CH, c = idx % CH;
+    const int row = row0 + r;
+    const bool ok = row < n_rows;
+    const bf16* p = src + static_cast<int64_t>(ok ? row : 0) * row_stride + c * 8;
+    cp_async_16(dst + Tile<COLS>::off(r, c), p, ok ? 16 : 0);
+  }
+}
+
+// Per-lane ldmatrix.x4 addressing on a swizzled Tile<COLS>, with the swizzle folded into 4
+// precomputed offsets so that unrolled loops only add immediates:
+// - kA: A operand (16 rows x 16 cols, row-major) -> a[0..3]; also the B operand from a
+//       [k][n] row-major tile (V rows as k) with ldsm_x4_t -> b0,b1 of n-tile 0, then n-tile 1
+// - kN: B operand from a [n][k] row-major tile (K rows as n) -> b0,b1 of n-tile 0, n-tile 1
+enum LdsmKind { kA, kN };
+template <int COLS>
+struct Ldsm {
+  uint32_t row_off;  // bytes: this lane's row within a 16-row block
+  uint32_t xo[4];    // bytes: swizzled chunk (2i + this lane's chunk bit) within 8 chunks
+  __device__ __forceinline__ Ldsm(int lane, LdsmKind kind) {
+    const int sw = lane & 7;
+    const int rb = kind == kN ? (lane >> 4) : ((lane >> 3) & 1);
+    const int cb = kind == kN ? ((lane >> 3) & 1) : (lane >> 4);
+    row_off = static_cast<uint32_t>((sw + rb * 8) * COLS * 2);
+#pragma unroll
+    for (int i = 0; i < 4; ++i) xo[i] = static_cast<uint32_t>(((2 * i + cb) ^ sw) << 4);
+  }
+  // tile: tile base; r0: first row (multiple of 8); c0: first 16-byte chunk (even)
+  __device__ __forceinline__ uint32_t at(uint32_t tile, int r0, int c0) const {
+    return tile + row_off + static_cast<uint32_t>(r0 * COLS * 2 + ((c0 & ~7) << 4)) +
+           xo[(c0 & 7) >> 1];
+  }
+};
+
+// ---- kernel parameters -----------------------------------------------------------------
+struct FwdParams {
+  const bf16 *q, *k, *v;
+  const float* lambda;
+  bf16* out;
+  float* lse;
+  int S, h, h_kv, group;
+  float scale_log2;
+};
+
+struct BwdParams {
+  const bf16 *q, *k, *v, *out, *dout;
+  const float *lambda, *lse;
+  bf16 *dq, *dk, *dv;
+  float* D;         // [B, h, 2, S]: D1, D2'
+  float* dlam_part; // one partial sum of D2' per dQ CTA
+  float* dlambda;
+  int S, h, h_kv, group;
+  float scale, scale_log2;
+};
+
+void check_launch(const char* what);
+
+}  // namespace difftron::cuda::flash

@@ -1,0 +1,40 @@
+// Fused differential flash attention (issue 4): forward and backward CUDA kernels over raw
+// device pointers, bf16 in / fp32 accumulate, causal, GQA, dh 64 or 128. Layouts are those of
+// kernels/ops.h (q [B,S,h,2,dh], k [B,S,h_kv,2,dh], v [B,S,h_kv,2dh], out [B,S,h,2dh],
+// lse [B,h,2,S] f32, lambda [1] f32 on the device). Math and kernel design: diff_flash.cuh.
+#pragma once
+#include <cstddef>
+#include <cstdint>
+#include <string>
+
+#include <cuda_bf16.h>
+#include <cuda_runtime.h>
+
+namespace difftron::cuda {
+
+struct DiffFlashDims {
+  int64_t B = 0, S = 0, h = 0, h_kv = 0, dh = 0;
+};
+
+// True when the fused kernels handle these dims (dh 64 or 128, h_kv divides h, all > 0,
+// sizes that fit 32-bit row indices). Otherwise false, with the reason in *why if given.
+bool diff_flash_supported(const DiffFlashDims& d, std::string* why = nullptr);
+
+// out = (A1 - lambda A2) V per differential head and lse of both maps (natural log).
+// Throws difftron::Error for unsupported dims, misaligned pointers or a failed launch.
+void diff_flash_forward(const DiffFlashDims& d, const __nv_bfloat16* q, const __nv_bfloat16* k,
+                        const __nv_bfloat16* v, const float* lambda, __nv_bfloat16* out,
+                        float* lse, cudaStream_t stream);
+
+// Bytes of device scratch diff_flash_backward needs for these dims (16-byte aligned start).
+size_t diff_flash_backward_workspace_bytes(const DiffFlashDims& d);
+
+// dq, dk, dv (bf16, overwritten) and dlambda[0] (f32, overwritten) = -sum_rows dO . O2/l2.
+// Deterministic: every reduction runs in a fixed order, no atomics.
+void diff_flash_backward(const DiffFlashDims& d, const __nv_bfloat16* q, const __nv_bfloat16* k,
+                         const __nv_bfloat16* v, const float* lambda, const __nv_bfloat16* out,
+                         const float* lse, const __nv_bfloat16* dout, __nv_bfloat16* dq,
+                         __nv_bfloat16* dk, __nv_bfloat16* dv, float* dlambda, void* workspace,
+                         size_t workspace_bytes, cudaStream_t stream);
+
+}  // namespace difftron::cuda

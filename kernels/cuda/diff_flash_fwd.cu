@@ -1,0 +1,276 @@
+// Fused differential flash-attention forward (issue 4): one pass over the K/V tiles computes
+// both online softmaxes of a differential head, each V tile is read once from shared memory
+// for both maps, and the epilogue writes O = O1/l1 - lambda O2/l2 (bf16) and both lse (f32).
+// Design and math: diff_flash.cuh. Also the host API's argument checks (diff_flash.h).
+#include <cmath>
+#include <string>
+
+#include "core/error.h"
+#include "kernels/cuda/diff_flash.cuh"
+
+namespace difftron::cuda {
+namespace flash {
+
+void check_launch(const char* what) {
+  cudaError_t e = cudaGetLastError();
+  if (e != cudaSuccess) throw_error("diff_flash: ", what, " launch failed: ", cudaGetErrorString(e));
+}
+
+// Grid: x = b * h + head (heads of one K/V group adjacent, for L2 reuse of K/V),
+//       y = query tile, longest (last) tiles first.
+template <int DH>
+__global__ void __launch_bounds__(FwdCfg<DH>::THREADS, FwdCfg<DH>::MIN_BLOCKS)
+    diff_flash_fwd_kernel(const FwdParams p) {
+  using C = FwdCfg<DH>;
+  constexpr int NT = C::BN / 8;   // score n-tiles per warp
+  constexpr int OT = DH / 8;      // output n-tiles per warp and map (half of 2dh)
+  extern __shared__ __align__(128) uint8_t smem[];
+  const uint32_t sb = smem_addr(smem);
+  uint4* xp = reinterpret_cast<uint4*>(smem + C::OFF_XP);
+  float2* xa = reinterpret_cast<float2*>(smem + C::OFF_XA);
+  float2* xl = reinterpret_cast<float2*>(smem + C::OFF_XL);
+
+  const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+  const int pair = warp % C::WM, map = warp / C::WM;
+  const int g = lane >> 2, t4 = lane & 3;
+  const int b = blockIdx.x / p.h, hd = blockIdx.x % p.h, kvg = hd / p.group;
+  const int q0 = (gridDim.y - 1 - blockIdx.y) * C::BM;
+  const int S = p.S;
+  const int64_t q_rs = int64_t(p.h) * 2 * DH, kv_rs = int64_t(p.h_kv) * 2 * DH;
+  const bf16* qg = p.q + (int64_t(b) * S * p.h + hd) * 2 * DH;
+  const bf16* kg = p.k + (int64_t(b) * S * p.h_kv + kvg) * 2 * DH;
+  const bf16* vg = p.v + (int64_t(b) * S * p.h_kv + kvg) * 2 * DH;
+  const int kv_end = min(q0 + C::BM, S);
+  const int n_kt = (kv_end + C::BN - 1) / C::BN;
+
+  load_tile<C::BM, C::ROW, C::THREADS>(sb + C::OFF_Q, qg, q_rs, q0, S, tid);
+  load_tile<C::BN, C::ROW, C::THREADS>(sb + C::OFF_K, kg, kv_rs, (n_kt - 1) * C::BN, S, tid);
+  load_tile<C::BN, C::ROW, C::THREADS>(sb + C::OFF_V, vg, kv_rs, (n_kt - 1) * C::BN, S, tid);
+  cp_async_commit();
+
+  float o1[OT][4], o2[OT][4];
+#pragma unroll
+  for (int n = 0; n < OT; ++n)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) o1[n][e] = o2[n][e] = 0.f;
+  float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.f, 0.f};
+  uint32_t qf[C::Q_REGS ? DH / 16 : 1][4];
+  const int row0 = q0 + pair * 16;  // first query row of this warp
+  const int cq = map * (DH / 8);     // chunk column of this warp's map in Q and K
+  const int cv = map * (DH / 8);     // chunk column of this warp's half of V / O
+  const Ldsm<C::ROW> la(lane, kA), ln(lane, kN);
+  const uint32_t sQ = sb + C::OFF_Q + (pair * 16 * C::ROW + cq * 8) * 2;  // this warp's Q block
+
+  for (int it = 0; it < n_kt; ++it) {
+    const int kt = n_kt - 1 - it, st = it & 1;
+    cp_async_wait<0>();
+    __syncthreads();
+    if constexpr (C::Q_REGS) {
+      if (it == 0) {
+#pragma unroll
+        for (int kk = 0; kk < DH / 16; ++kk)
+          ldsm_x4(qf[kk], la.at(sQ, 0, 2 * kk));
+      }
+    }
+    if (it + 1 < n_kt) {
+      const int nst = st ^ 1;
+      load_tile<C::BN, C::ROW, C::THREADS>(sb + C::OFF_K + nst * C::TILE_KV, kg, kv_rs,
+                                           (kt - 1) * C::BN, S, tid);
+      load_tile<C::BN, C::ROW, C::THREADS>(sb + C::OFF_V + nst * C::TILE_KV, vg, kv_rs,
+                                           (kt - 1) * C::BN, S, tid);
+    }
+    cp_async_commit();
+    // this stage's K (map columns) and V (this warp's column half)
+    const uint32_t sK = sb + C::OFF_K + st * C::TILE_KV + cq * 16;
+    const uint32_t sV = sb + C::OFF_V + st * C::TILE_KV + cv * 16;
+
+    // S_map = Q_map K_map^T, 16 x BN per warp
+    float s[NT][4];
+#pragma unroll
+    for (int n = 0; n < NT; ++n)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) s[n][e] = 0.f;
+#pragma unroll
+    for (int kk = 0; kk < DH / 16; ++kk) {
+      uint32_t af[4];
+      if constexpr (C::Q_REGS) {
+#pragma unroll
+        for (int e = 0; e < 4; ++e) af[e] = qf[kk][e];
+      } else {
+        ldsm_x4(af, la.at(sQ, 0, 2 * kk));
+      }
+#pragma unroll
+      for (int nn = 0; nn < C::BN / 16; ++nn) {
+        uint32_t bf[4];
+        ldsm_x4(bf, ln.at(sK, nn * 16, 2 * kk));
+        mma16816(s[2 * nn], af, bf[0], bf[1]);
+        mma16816(s[2 * nn + 1], af, bf[2], bf[3]);
+      }
+    }
+
+    // causal mask (only tiles reaching past this warp's first row)
+    const int k0 = kt * C::BN;
+    if (k0 + C::BN - 1 > row0) {
+#pragma unroll
+      for (int n = 0; n < NT; ++n)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const int col = k0 + n * 8 + 2 * t4 + (e & 1), row = row0 + g + 8 * (e >> 1);
+          if (col > row) s[n][e] = -INFINITY;
+        }
+    }
+
+    // online softmax of this warp's map, in log2 units
+    float mx[2] = {-INFINITY, -INFINITY};
+#pragma unroll
+    for (int n = 0; n < NT; ++n) {
+      mx[0] = fmaxf(mx[0], fmaxf(s[n][0], s[n][1]));
+      mx[1] = fmaxf(mx[1], fmaxf(s[n][2], s[n][3]));
+    }
+    float alpha[2], mu[2];
+#pragma unroll
+    for (int hh = 0; hh < 2; ++hh) {
+      mx[hh] = fmaxf(mx[hh], __shfl_xor_sync(0xffffffffu, mx[hh], 1));
+      mx[hh] = fmaxf(mx[hh], __shfl_xor_sync(0xffffffffu, mx[hh], 2));
+      const float mn = fmaxf(m[hh], mx[hh] * p.scale_log2);
+      mu[hh] = mn == -INFINITY ? 0.f : mn;
+      alpha[hh] = fast_exp2(m[hh] - mu[hh]);
+      m[hh] = mn;
+    }
+    // P as bf16 pairs straight into this warp's exchange slot: uint4 kk holds n-tiles
+    // 2kk, 2kk+1 as (row g, row g+8, row g, row g+8), the A-fragment order
+    float rs[2] = {0.f, 0.f};
+#pragma unroll
+    for (int kk = 0; kk < C::XP_U4; ++kk) {
+      uint32_t w[4];
+#pragma unroll
+      for (int h2 = 0; h2 < 2; ++h2) {
+        const int n = 2 * kk + h2;
+        const float p0 = fast_exp2(fmaf(s[n][0], p.scale_log2, -mu[0]));
+        const float p1 = fast_exp2(fmaf(s[n][1], p.scale_log2, -mu[0]));
+        const float p2 = fast_exp2(fmaf(s[n][2], p.scale_log2, -mu[1]));
+        const float p3 = fast_exp2(fmaf(s[n][3], p.scale_log2, -mu[1]));
+        rs[0] += p0 + p1;
+        rs[1] += p2 + p3;
+        w[2 * h2] = pack_bf16(p0, p1);
+        w[2 * h2 + 1] = pack_bf16(p2, p3);
+      }
+      xp[(warp * C::XP_U4 + kk) * 32 + lane] = make_uint4(w[0], w[1], w[2], w[3]);
+    }
+    l[0] = l[0] * alpha[0] + rs[0];
+    l[1] = l[1] * alpha[1] + rs[1];
+
+    // exchange P and alpha with the partner warp (same rows, other map)
+    xa[warp * 32 + lane] = make_float2(alpha[0], alpha[1]);
+    pair_barrier(pair);
+    const float2 a1 = xa[pair * 32 + lane], a2 = xa[(pair + C::WM) * 32 + lane];
+#pragma unroll
+    for (int n = 0; n < OT; ++n) {
+      o1[n][0] *= a1.x; o1[n][1] *= a1.x; o1[n][2] *= a1.y; o1[n][3] *= a1.y;
+      o2[n][0] *= a2.x; o2[n][1] *= a2.x; o2[n][2] *= a2.y; o2[n][3] *= a2.y;
+    }
+
+    // O_j[:, half] += P_j V[:, half]: each V fragment serves both maps
+#pragma unroll
+    for (int kk = 0; kk < C::BN / 16; ++kk) {
+      const uint4 ua = xp[(pair * C::XP_U4 + kk) * 32 + lane];
+      const uint4 ub = xp[((pair + C::WM) * C::XP_U4 + kk) * 32 + lane];
+      const uint32_t fa[4] = {ua.x, ua.y, ua.z, ua.w}, fb[4] = {ub.x, ub.y, ub.z, ub.w};
+#pragma unroll
+      for (int nn = 0; nn < DH / 16; ++nn) {
+        uint32_t bf[4];
+        ldsm_x4_t(bf, la.at(sV, kk * 16, 2 * nn));
+        mma16816(o1[2 * nn], fa, bf[0], bf[1]);
+        mma16816(o1[2 * nn + 1], fa, bf[2], bf[3]);
+        mma16816(o2[2 * nn], fb, bf[0], bf[1]);
+        mma16816(o2[2 * nn + 1], fb, bf[2], bf[3]);
+      }
+    }
+  }
+
+  // epilogue: full row sums, exchange l, write O and this warp's lse
+#pragma unroll
+  for (int hh = 0; hh < 2; ++hh) {
+    l[hh] += __shfl_xor_sync(0xffffffffu, l[hh], 1);
+    l[hh] += __shfl_xor_sync(0xffffffffu, l[hh], 2);
+  }
+  xl[warp * 32 + lane] = make_float2(l[0], l[1]);
+  pair_barrier(pair);
+  const float2 l1 = xl[pair * 32 + lane], l2 = xl[(pair + C::WM) * 32 + lane];
+  const float lam = *p.lambda;
+  const float i1[2] = {l1.x > 0.f ? 1.f / l1.x : 0.f, l1.y > 0.f ? 1.f / l1.y : 0.f};
+  const float i2[2] = {l2.x > 0.f ? lam / l2.x : 0.f, l2.y > 0.f ? lam / l2.y : 0.f};
+#pragma unroll
+  for (int hh = 0; hh < 2; ++hh) {
+    const int row = row0 + g + 8 * hh;
+    if (row >= S) continue;
+    bf16* orow = p.out + ((int64_t(b) * S + row) * p.h + hd) * 2 * DH + map * DH + 2 * t4;
+#pragma unroll
+    for (int n = 0; n < OT; ++n) {
+      const float x0 = o1[n][2 * hh] * i1[hh] - o2[n][2 * hh] * i2[hh];
+      const float x1 = o1[n][2 * hh + 1] * i1[hh] - o2[n][2 * hh + 1] * i2[hh];
+      *reinterpret_cast<uint32_t*>(orow + n * 8) = pack_bf16(x0, x1);
+    }
+    if (t4 == 0)
+      p.lse[(int64_t(b * p.h + hd) * 2 + map) * S + row] = (m[hh] + __log2f(l[hh])) * kLn2;
+  }
+}
+
+}  // namespace flash
+
+bool diff_flash_supported(const DiffFlashDims& d, std::string* why) {
+  auto no = [&](const std::string& w) {
+    if (why) *why = w;
+    return false;
+  };
+  if (d.B <= 0 || d.S <= 0 || d.h <= 0 || d.h_kv <= 0) return no("all dims must be positive");
+  if (d.dh != 64 && d.dh != 128)
+    return no("head dim " + std::to_string(d.dh) + " (the fused kernels support 64 and 128)");
+  if (d.h % d.h_kv != 0)
+    return no("h (" + std::to_string(d.h) + ") must be a multiple of h_kv (" +
+              std::to_string(d.h_kv) + ")");
+  if (d.B * d.h > 2147483647LL || d.S > (1LL << 30)) return no("B*h or S too large");
+  return true;
+}
+
+namespace {
+template <typename T>
+void check_aligned(const T* p, const char* name) {
+  if (reinterpret_cast<uintptr_t>(p) % 16 != 0)
+    throw_error("diff_flash: tensor ", name, " is not 16-byte aligned");
+}
+
+template <int DH>
+void launch_fwd(const DiffFlashDims& d, const flash::FwdParams& p, cudaStream_t stream) {
+  using C = flash::FwdCfg<DH>;
+  auto kernel = flash::diff_flash_fwd_kernel<DH>;
+  cudaError_t e =
+      cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, C::SMEM);
+  if (e != cudaSuccess)
+    throw_error("diff_flash: cannot give the forward kernel ", C::SMEM,
+                " bytes of shared memory: ", cudaGetErrorString(e));
+  dim3 grid(unsigned(d.B * d.h), unsigned((d.S + C::BM - 1) / C::BM));
+  kernel<<<grid, C::THREADS, C::SMEM, stream>>>(p);
+  flash::check_launch("forward");
+}
+}  // namespace
+
+void diff_flash_forward(const DiffFlashDims& d, const __nv_bfloat16* q, const __nv_bfloat16* k,
+                        const __nv_bfloat16* v, const float* lambda, __nv_bfloat16* out,
+                        float* lse, cudaStream_t stream) {
+  std::string why;
+  if (!diff_flash_supported(d, &why)) throw_error("diff_flash_forward: unsupported: ", why);
+  check_aligned(q, "q");
+  check_aligned(k, "k");
+  check_aligned(v, "v");
+  check_aligned(out, "out");
+  if (d.S > 65535LL * flash::FwdCfg<64>::BM) throw_error("diff_flash_forward: S too large");
+  flash::FwdParams p{q, k, v, lambda, out, lse, int(d.S), int(d.h), int(d.h_kv),
+                     int(d.h / d.h_kv), float(flash::kLog2e / std::sqrt(double(d.dh)))};
+  if (d.dh == 64)
+    launch_fwd<64>(d, p, stream);
+  else
+    launch_fwd<128>(d, p, stream);
+}
+
+}  // namespace difftron::cuda

@@ -1,0 +1,210 @@
+// The fused differential flash-attention kernels (kernels/cuda/diff_flash.h) against the CPU
+// reference (kernels/cpu/diff_attention.cpp, in double on the same bf16-rounded inputs), on
+// fresh random inputs: ragged S, GQA and not, dh 64 and 128; outputs poisoned before each run.
+// Exits 77 (ctest SKIP) when no GPU is present.
+#include <cmath>
+#include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <string>
+#include <vector>
+
+#include <gtest/gtest.h>
+
+#include "core/error.h"
+#include "core/rng.h"
+#include "kernels/cpu/reference.h"
+
+#if DIFFTRON_HAVE_CUDA
+#include <cuda_bf16.h>
+#include <cuda_runtime.h>
+
+#include "kernels/cuda/diff_flash.h"
+#endif
+
+namespace difftron {
+namespace {
+
+#if DIFFTRON_HAVE_CUDA
+void require_gpu() {
+  int n = 0;
+  if (cudaGetDeviceCount(&n) != cudaSuccess || n == 0) {
+    std::fprintf(stderr, "test_cuda_diff_flash: no GPU, skipping\n");
+    std::exit(77);
+  }
+}
+
+#define CUDA_OK(x)                                                                   \
+  do {                                                                               \
+    cudaError_t e_ = (x);                                                            \
+    ASSERT_EQ(e_, cudaSuccess) << #x << ": " << cudaGetErrorString(e_);              \
+  } while (0)
+
+using cuda::DiffFlashDims;
+
+// Host data rounded to bf16, kept both as bf16 (for the GPU) and double (for the reference).
+struct Bf16Data {
+  std::vector<__nv_bfloat16> bf;
+  std::vector<double> d;
+};
+Bf16Data random_bf16(size_t n, uint64_t seed, double sigma) {
+  Rng rng(seed);
+  Bf16Data r;
+  r.bf.resize(n);
+  r.d.resize(n);
+  for (size_t i = 0; i < n; ++i) {
+    r.bf[i] = __float2bfloat16(float(sigma * rng.normal()));
+    r.d[i] = double(__bfloat162float(r.bf[i]));
+  }
+  return r;
+}
+
+template <typename T>
+struct DevBuf {
+  T* p = nullptr;
+  size_t n = 0;
+  explicit DevBuf(size_t count) : n(count) {
+    if (cudaMalloc(&p, count * sizeof(T) + 16) != cudaSuccess) throw_error("cudaMalloc failed");
+    cudaMemset(p, 0xFF, count * sizeof(T));  // poison: NaN in both bf16 and f32
+  }
+  DevBuf(const std::vector<T>& h) : DevBuf(h.size()) {
+    cudaMemcpy(p, h.data(), h.size() * sizeof(T), cudaMemcpyHostToDevice);
+  }
+  ~DevBuf() { cudaFree(p); }
+  std::vector<T> get() const {
+    std::vector<T> h(n);
+    cudaMemcpy(h.data(), p, n * sizeof(T), cudaMemcpyDeviceToHost);
+    return h;
+  }
+};
+
+std::vector<double> to_double(const std::vector<__nv_bfloat16>& v) {
+  std::vector<double> r(v.size());
+  for (size_t i = 0; i < v.size(); ++i) r[i] = double(__bfloat162float(v[i]));
+  return r;
+}
+std::vector<double> to_double(const std::vector<float>& v) { return {v.begin(), v.end()}; }
+
+// ||a - ref|| / ||ref||; NaN (unwritten or poisoned) makes it NaN, which fails any bound.
+double rel_l2(const std::vector<double>& a, const std::vector<double>& ref) {
+  double num = 0, den = 0;
+  for (size_t i = 0; i < ref.size(); ++i) {
+    num += (a[i] - ref[i]) * (a[i] - ref[i]);
+    den += ref[i] * ref[i];
+  }
+  return std::sqrt(num / den);
+}
+bool all_finite(const std::vector<double>& a) {
+  for (double x : a)
+    if (!std::isfinite(x)) return false;
+  return true;
+}
+
+struct Case {
+  int64_t B, S, h, h_kv, dh;
+  double lambda, q_sigma;
+};
+std::string case_name(const ::testing::TestParamInfo<Case>& info) {
+  const Case& c = info.param;
+  return "B" + std::to_string(c.B) + "_S" + std::to_string(c.S) + "_h" + std::to_string(c.h) +
+         "_hkv" + std::to_string(c.h_kv) + "_dh" + std::to_string(c.dh) + "_" +
+         std::to_string(info.index);
+}
+
+class DiffFlash : public ::testing::TestWithParam<Case> {};
+
+TEST_P(DiffFlash, ForwardAndBackwardMatchCpuReference) {
+  require_gpu();
+  const Case c = GetParam();
+  const DiffFlashDims d{c.B, c.S, c.h, c.h_kv, c.dh};
+  ASSERT_TRUE(cuda::diff_flash_supported(d));
+  const size_t nq = c.B * c.S * c.h * 2 * c.dh, nk = c.B * c.S * c.h_kv * 2 * c.dh;
+  const size_t nl = c.B * c.h * 2 * c.S;
+  const uint64_t seed = 1000 + uint64_t(c.S) * 7 + uint64_t(c.dh) + uint64_t(c.h_kv) * 13;
+  Bf16Data q = random_bf16(nq, seed, c.q_sigma), k = random_bf16(nk, seed + 1, 1.0);
+  Bf16Data v = random_bf16(nk, seed + 2, 1.0), dout = random_bf16(nq, seed + 3, 1.0);
+  const float lam = float(c.lambda);
+
+  DevBuf<__nv_bfloat16> dq_(q.bf), dk_(k.bf), dv_(v.bf), ddo(dout.bf);
+  DevBuf<__nv_bfloat16> dout_o(nq), dgq(nq), dgk(nk), dgv(nk);
+  DevBuf<float> dlse(nl), dlam(std::vector<float>{lam}), dglam(1);
+  const size_t ws = cuda::diff_flash_backward_workspace_bytes(d);
+  DevBuf<uint8_t> dws(ws);
+
+  cuda::diff_flash_forward(d, dq_.p, dk_.p, dv_.p, dlam.p, dout_o.p, dlse.p, nullptr);
+  cuda::diff_flash_backward(d, dq_.p, dk_.p, dv_.p, dlam.p, dout_o.p, dlse.p, ddo.p, dgq.p, dgk.p,
+                            dgv.p, dglam.p, dws.p, ws, nullptr);
+  CUDA_OK(cudaDeviceSynchronize());
+
+  // reference in double on the same rounded inputs (lambda rounded to f32 like the device's)
+  std::vector<double> ro(nq), rl(nl), rdq(nq), rdk(nk), rdv(nk);
+  double rdlam = 0;
+  cpu::diff_attention_forward(q.d.data(), k.d.data(), v.d.data(), double(lam), ro.data(),
+                              rl.data(), c.B, c.S, c.h, c.h_kv, c.dh);
+  cpu::diff_attention_backward(q.d.data(), k.d.data(), v.d.data(), double(lam), rl.data(),
+                               dout.d.data(), rdq.data(), rdk.data(), rdv.data(), &rdlam, c.B, c.S,
+                               c.h, c.h_kv, c.dh);
+
+  const std::vector<double> go = to_double(dout_o.get()), gl = to_double(dlse.get());
+  const std::vector<double> gq = to_double(dgq.get()), gk = to_double(dgk.get());
+  const std::vector<double> gv = to_double(dgv.get());
+  const double glam = double(dglam.get()[0]);
+  for (auto* t : {&go, &gl, &gq, &gk, &gv}) ASSERT_TRUE(all_finite(*t)) << "unwritten or NaN output";
+
+  const double e_out = rel_l2(go, ro), e_lse = rel_l2(gl, rl);
+  const double e_dq = rel_l2(gq, rdq), e_dk = rel_l2(gk, rdk), e_dv = rel_l2(gv, rdv);
+  const double e_lam = std::fabs(glam - rdlam) / std::max(std::fabs(rdlam), 1e-3);
+  std::printf("  out %.2e  lse %.2e  dq %.2e  dk %.2e  dv %.2e  dlambda %.2e (%.5g vs %.5g)\n",
+              e_out, e_lse, e_dq, e_dk, e_dv, e_lam, glam, rdlam);
+  EXPECT_LT(e_out, 1e-2);
+  EXPECT_LT(e_lse, 1e-4);
+  EXPECT_LT(e_dq, 1e-2);
+  EXPECT_LT(e_dk, 1e-2);
+  EXPECT_LT(e_dv, 1e-2);
+  EXPECT_LT(e_lam, 1e-2);
+
+  // deterministic: a second backward gives the same bits
+  cuda::diff_flash_backward(d, dq_.p, dk_.p, dv_.p, dlam.p, dout_o.p, dlse.p, ddo.p, dgq.p, dgk.p,
+                            dgv.p, dglam.p, dws.p, ws, nullptr);
+  CUDA_OK(cudaDeviceSynchronize());
+  EXPECT_EQ(to_double(dgq.get()), gq);
+  EXPECT_EQ(to_double(dgk.get()), gk);
+  EXPECT_EQ(to_double(dgv.get()), gv);
+  EXPECT_EQ(double(dglam.get()[0]), glam);
+}
+
+INSTANTIATE_TEST_SUITE_P(
+    Shapes, DiffFlash,
+    ::testing::Values(Case{1, 64, 2, 2, 64, 0.55, 1.0},    // one tile, aligned
+                      Case{2, 100, 4, 2, 64, 0.31, 1.0},   // ragged, GQA 2
+                      Case{1, 1, 2, 1, 64, 0.8, 1.0},      // a single position
+                      Case{1, 257, 4, 1, 64, -0.2, 2.5},   // ragged past 4 tiles, GQA 4, peaky
+                      Case{2, 70, 2, 2, 128, 0.62, 1.0},   // dh 128, ragged
+                      Case{1, 200, 4, 2, 128, 0.45, 2.0},  // dh 128, GQA, several tiles
+                      Case{1, 33, 3, 3, 128, 0.2, 1.0},    // odd head count, S just past a tile
+                      Case{1, 515, 2, 1, 64, 0.7, 1.5},    // longer, many tiles, GQA
+                      Case{1, 389, 2, 2, 128, 0.5, 1.5}),  // longer, dh 128
+    case_name);
+
+TEST(DiffFlashApi, RejectsUnsupportedShapes) {
+  std::string why;
+  EXPECT_FALSE(cuda::diff_flash_supported({1, 16, 2, 2, 96}, &why));
+  EXPECT_NE(why.find("96"), std::string::npos) << why;
+  EXPECT_FALSE(cuda::diff_flash_supported({1, 16, 3, 2, 64}, &why));
+  EXPECT_NE(why.find("h_kv"), std::string::npos) << why;
+  EXPECT_FALSE(cuda::diff_flash_supported({0, 16, 2, 2, 64}, &why));
+  EXPECT_THROW(cuda::diff_flash_forward({1, 16, 2, 2, 96}, nullptr, nullptr, nullptr, nullptr,
+                                        nullptr, nullptr, nullptr),
+               Error);
+}
+
+#else
+TEST(DiffFlash, NeedsCuda) {
+  std::fprintf(stderr, "test_cuda_diff_flash: built without CUDA, skipping\n");
+  std::exit(77);
+}
+#endif
+
+}  // namespace
+}  // namespace difftron

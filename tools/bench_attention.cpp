@@ -1,0 +1,182 @@
+// `difftron bench-attention`: times the fused differential flash-attention kernels
+// (kernels/cuda/diff_flash.h), forward and backward, on random bf16 inputs at the issue-4
+// shapes and an S sweep, and prints ms, TFLOP/s and the ratio to the issue's goal.
+// FLOPs (causal, halved): fwd = 6 B h S^2 dh (two QK^T maps of dh + two PV over 2dh = 12 dh per
+// query-key pair, S^2/2 pairs); bwd counted as 2.5 x fwd (the FlashAttention convention).
+#include <algorithm>
+#include <cstdio>
+#include <sstream>
+#include <string>
+#include <vector>
+
+#include <gflags/gflags.h>
+
+#include "core/error.h"
+#include "core/rng.h"
+#include "launch/command.h"
+
+#if DIFFTRON_HAVE_CUDA
+#include <cuda_bf16.h>
+#include <cuda_runtime.h>
+
+#include "kernels/cuda/diff_flash.h"
+#endif
+
+DEFINE_string(attn_shapes, "",
+              "bench-attention: shapes 'B,S,h,h_kv,dh;...' (default: the issue-4 shapes and an S "
+              "sweep from 1k to 16k at 16k tokens per batch, dh 64 and 128)");
+DEFINE_int32(attn_reps, 20, "bench-attention: timed repetitions per kernel (median reported)");
+
+namespace difftron {
+namespace {
+
+struct Shape5 {
+  int64_t B, S, h, h_kv, dh;
+};
+
+std::vector<Shape5> parse_shapes(const std::string& s) {
+  std::vector<Shape5> out;
+  std::stringstream all(s);
+  std::string item;
+  while (std::getline(all, item, ';')) {
+    if (item.empty()) continue;
+    Shape5 x{};
+    if (std::sscanf(item.c_str(), "%ld,%ld,%ld,%ld,%ld", &x.B, &x.S, &x.h, &x.h_kv, &x.dh) != 5)
+      throw_error("--attn_shapes: cannot parse '", item, "' (want B,S,h,h_kv,dh)");
+    out.push_back(x);
+  }
+  return out;
+}
+
+// The issue's reference (PyTorch cuDNN / FlashAttention composition, fwd + bwd ms).
+double reference_ms(const Shape5& s) {
+  if (s.B == 4 && s.S == 4096 && s.h == 16 && s.h_kv == 16 && s.dh == 64) return 4.55;
+  if (s.B == 2 && s.S == 8192 && s.h == 16 && s.h_kv == 16 && s.dh == 64) return 7.77;
+  if (s.B == 4 && s.S == 4096 && s.h == 8 && s.h_kv == 8 && s.dh == 128) return 5.27;
+  return 0;
+}
+
+#if DIFFTRON_HAVE_CUDA
+void ck(cudaError_t e, const char* what) {
+  if (e != cudaSuccess) throw_error("bench-attention: ", what, ": ", cudaGetErrorString(e));
+}
+
+// Fills n bf16 values with N(0, sigma^2) from a 1M-value random block (repeated).
+void fill_random(__nv_bfloat16* dst, size_t n, uint64_t seed, float sigma) {
+  const size_t block = size_t(1) << 20;
+  std::vector<__nv_bfloat16> h(block);
+  Rng rng(seed);
+  for (auto& x : h) x = __float2bfloat16(float(sigma * rng.normal()));
+  for (size_t off = 0; off < n; off += block)
+    ck(cudaMemcpy(dst + off, h.data(), std::min(block, n - off) * 2, cudaMemcpyHostToDevice),
+       "upload");
+}
+
+template <typename F>
+double median_ms(F&& f, int reps) {
+  cudaEvent_t a, b;
+  ck(cudaEventCreate(&a), "event");
+  ck(cudaEventCreate(&b), "event");
+  for (int i = 0; i < 3; ++i) f();  // warm-up
+  std::vector<float> t;
+  for (int i = 0; i < reps; ++i) {
+    ck(cudaEventRecord(a), "record");
+    f();
+    ck(cudaEventRecord(b), "record");
+    ck(cudaEventSynchronize(b), "sync");
+    float ms = 0;
+    ck(cudaEventElapsedTime(&ms, a, b), "elapsed");
+    t.push_back(ms);
+  }
+  cudaEventDestroy(a);
+  cudaEventDestroy(b);
+  std::sort(t.begin(), t.end());
+  return t[t.size() / 2];
+}
+
+int run(int argc, char** argv) {
+  gflags::ParseCommandLineFlags(&argc, &argv, true);
+  int ndev = 0;
+  if (cudaGetDeviceCount(&ndev) != cudaSuccess || ndev == 0) {
+    std::fprintf(stderr, "bench-attention: no GPU visible\n");
+    return 1;
+  }
+  std::vector<Shape5> shapes = parse_shapes(FLAGS_attn_shapes);
+  if (shapes.empty()) {
+    shapes = {{4, 4096, 16, 16, 64}, {2, 8192, 16, 16, 64}, {4, 4096, 8, 8, 128}};
+    for (int64_t dh : {64, 128})
+      for (int64_t S : {1024, 2048, 4096, 8192, 16384}) {
+        const Shape5 x{16384 / S, S, dh == 64 ? 16 : 8, dh == 64 ? 16 : 8, dh};
+        if (reference_ms(x) == 0) shapes.push_back(x);
+      }
+    shapes.push_back({4, 4096, 16, 4, 64});  // GQA 4
+  }
+  cudaDeviceProp prop{};
+  ck(cudaGetDeviceProperties(&prop, 0), "properties");
+  std::printf("bench-attention on %s; FLOPs: fwd = 6 B h S^2 dh (causal), bwd = 2.5 x fwd; "
+              "median of %d\n",
+              prop.name, FLAGS_attn_reps);
+  std::printf("%-26s %9s %9s %9s %8s %8s %8s %8s %8s\n", "shape B,S,h,h_kv,dh", "fwd ms",
+              "bwd ms", "total ms", "fwd TF/s", "bwd TF/s", "all TF/s", "goal ms", "/goal");
+  for (const Shape5& s : shapes) {
+    cuda::DiffFlashDims d{s.B, s.S, s.h, s.h_kv, s.dh};
+    std::string why;
+    if (!cuda::diff_flash_supported(d, &why)) throw_error("bench-attention: shape: ", why);
+    const size_t nq = s.B * s.S * s.h * 2 * s.dh, nk = s.B * s.S * s.h_kv * 2 * s.dh;
+    const size_t nl = s.B * s.h * 2 * s.S, ws = cuda::diff_flash_backward_workspace_bytes(d);
+    __nv_bfloat16 *q, *k, *v, *o, *dout, *dq, *dk, *dv;
+    float *lse, *lam, *dlam;
+    void* w;
+    for (auto* p : {&q, &o, &dout, &dq}) ck(cudaMalloc(p, nq * 2), "cudaMalloc");
+    for (auto* p : {&k, &v, &dk, &dv}) ck(cudaMalloc(p, nk * 2), "cudaMalloc");
+    ck(cudaMalloc(&lse, nl * 4), "cudaMalloc");
+    ck(cudaMalloc(&lam, 4), "cudaMalloc");
+    ck(cudaMalloc(&dlam, 4), "cudaMalloc");
+    ck(cudaMalloc(&w, ws), "cudaMalloc");
+    fill_random(q, nq, 1, 1.0f);
+    fill_random(k, nk, 2, 1.0f);
+    fill_random(v, nk, 3, 1.0f);
+    fill_random(dout, nq, 4, 1.0f);
+    const float lam_h = 0.6f;
+    ck(cudaMemcpy(lam, &lam_h, 4, cudaMemcpyHostToDevice), "upload");
+
+    const int reps = FLAGS_attn_reps;
+    const double fwd = median_ms(
+        [&] { cuda::diff_flash_forward(d, q, k, v, lam, o, lse, nullptr); }, reps);
+    const double bwd = median_ms(
+        [&] {
+          cuda::diff_flash_backward(d, q, k, v, lam, o, lse, dout, dq, dk, dv, dlam, w, ws,
+                                    nullptr);
+        },
+        reps);
+    ck(cudaDeviceSynchronize(), "sync");
+    const double f = 6.0 * s.B * s.h * double(s.S) * s.S * s.dh;
+    const double ref = reference_ms(s);
+    char name[64], goal[16] = "-", ratio[16] = "-";
+    std::snprintf(name, sizeof name, "%ld,%ld,%ld,%ld,%ld", s.B, s.S, s.h, s.h_kv, s.dh);
+    if (ref > 0) {
+      std::snprintf(goal, sizeof goal, "%.2f", 0.6 * ref);
+      std::snprintf(ratio, sizeof ratio, "%.2f", (fwd + bwd) / (0.6 * ref));
+    }
+    std::printf("%-26s %9.3f %9.3f %9.3f %8.1f %8.1f %8.1f %8s %8s\n", name, fwd, bwd, fwd + bwd,
+                f / fwd * 1e-9, 2.5 * f / bwd * 1e-9, 3.5 * f / (fwd + bwd) * 1e-9, goal, ratio);
+    std::fflush(stdout);
+    for (void* p : {(void*)q, (void*)k, (void*)v, (void*)o, (void*)dout, (void*)dq, (void*)dk,
+                    (void*)dv, (void*)lse, (void*)lam, (void*)dlam, w})
+      cudaFree(p);
+  }
+  return 0;
+}
+#else
+int run(int, char**) {
+  std::fprintf(stderr, "bench-attention: difftron was built without CUDA\n");
+  return 1;
+}
+#endif
+
+}  // namespace
+}  // namespace difftron
+
+DIFFTRON_COMMAND("bench-attention",
+                 "time the fused differential flash-attention kernels (fwd, bwd; ms, TFLOP/s)",
+                 difftron::run);
