@@ -96,18 +96,19 @@ void write_attr_u32(hid_t obj, const char* name, uint32_t v, const std::string& 
   check_h5(H5Awrite(a.get(), H5T_NATIVE_UINT32, &v), path, "writing an attribute");
 }
 
-// Variable-length UTF-8 string (h5py reads it as str).
+// Fixed-length UTF-8 string: no global heap, so with the 1.8+ file format every byte of
+// metadata that describes it is covered by HDF5's own checksums.
 void write_attr_str(hid_t obj, const char* name, const std::string& v, const std::string& path) {
   if (H5Aexists(obj, name) > 0) check_h5(H5Adelete(obj, name), path, "deleting an attribute");
   Hid type(check_id(H5Tcopy(H5T_C_S1), path, "H5Tcopy"), H5Tclose);
-  check_h5(H5Tset_size(type.get(), H5T_VARIABLE), path, "H5Tset_size");
+  check_h5(H5Tset_size(type.get(), v.size() + 1), path, "H5Tset_size");
+  check_h5(H5Tset_strpad(type.get(), H5T_STR_NULLTERM), path, "H5Tset_strpad");
   check_h5(H5Tset_cset(type.get(), H5T_CSET_UTF8), path, "H5Tset_cset");
   Hid space(check_id(H5Screate(H5S_SCALAR), path, "H5Screate"), H5Sclose);
   Hid a(check_id(H5Acreate2(obj, name, type.get(), space.get(), H5P_DEFAULT, H5P_DEFAULT), path,
                  "creating an attribute"),
         H5Aclose);
-  const char* p = v.c_str();
-  check_h5(H5Awrite(a.get(), type.get(), &p), path, "writing an attribute");
+  check_h5(H5Awrite(a.get(), type.get(), v.c_str()), path, "writing an attribute");
 }
 
 bool has_attr(hid_t obj, const char* name) { return H5Aexists(obj, name) > 0; }
@@ -150,10 +151,7 @@ std::string read_attr_str(hid_t obj, const char* name, const std::string& path) 
   }
   size_t n = H5Tget_size(ftype.get());
   std::string s(n, '\0');
-  Hid mtype(H5Tcopy(H5T_C_S1), H5Tclose);
-  H5Tset_size(mtype.get(), n);
-  H5Tset_strpad(mtype.get(), H5T_STR_NULLPAD);
-  if (n > 0 && H5Aread(a.get(), mtype.get(), s.data()) < 0)
+  if (n > 0 && H5Aread(a.get(), ftype.get(), s.data()) < 0)
     throw_error(path, ": cannot read attribute '", name, "' (", hdf5_detail(), ")");
   while (!s.empty() && s.back() == '\0') s.pop_back();
   return s;
@@ -188,8 +186,9 @@ TokenShardWriter::TokenShardWriter(const std::string& path, const ShardMeta& met
   if (chunk_tokens_ <= 0) throw_error(path, ": chunk size ", chunk_tokens_, " must be positive");
   token_bytes_ = token_bytes_for_vocab(meta_.vocab_size);
   Hid fapl(H5Pcreate(H5P_FILE_ACCESS), H5Pclose);
-  // 1.8 file format or later: attributes of any size (the tokenizer JSON) in dense storage.
-  check_h5(H5Pset_libver_bounds(fapl.get(), H5F_LIBVER_V18, H5F_LIBVER_LATEST), path,
+  // The 1.10 file format: attributes of any size (the tokenizer JSON) in dense storage, and
+  // checksums on all metadata, the chunk index included (readable by HDF5 1.10 and later).
+  check_h5(H5Pset_libver_bounds(fapl.get(), H5F_LIBVER_V110, H5F_LIBVER_LATEST), path,
            "H5Pset_libver_bounds");
   Hid fcpl(H5Pcreate(H5P_FILE_CREATE), H5Pclose);
   check_h5(H5Pset_attr_phase_change(fcpl.get(), 0, 0), path, "H5Pset_attr_phase_change");
@@ -267,8 +266,10 @@ ShardMeta TokenShardWriter::finish() {
   // A shard smaller than one chunk gets a chunk of exactly its size (no padding on disk).
   if (dset_ < 0) create_dataset(std::max<int64_t>(1, count_));
   flush_buffer();
+  // doc_offsets = document starts + [total]; an empty trailing document is dropped.
+  if (!offsets_.empty() && offsets_.back() == uint64_t(count_)) offsets_.pop_back();
   if (offsets_.empty()) offsets_.push_back(0);
-  offsets_.push_back(uint64_t(count_));
+  if (count_ > 0) offsets_.push_back(uint64_t(count_));
   {
     hsize_t dims[1] = {offsets_.size()};
     Hid space(check_id(H5Screate_simple(1, dims, nullptr), path_, "H5Screate_simple"), H5Sclose);
@@ -438,7 +439,7 @@ TokenShardReader::TokenShardReader(const std::string& path) : path_(path) {
     hsize_t cdim = 0;
     H5Pget_chunk(dcpl.get(), 1, &cdim);
     hsize_t nchunks = 0;
-    check_h5(H5Dget_num_chunks(dset.get(), H5S_ALL, &nchunks), path, "H5Dget_num_chunks");
+    check_h5(H5Dget_num_chunks(dset.get(), space.get(), &nchunks), path, "H5Dget_num_chunks");
     const int64_t expect = (n + int64_t(cdim) - 1) / int64_t(cdim);
     if (cdim == 0 || int64_t(nchunks) != expect) {
       mappable = false;  // unallocated chunks (fill values): let HDF5 supply them
@@ -449,11 +450,11 @@ TokenShardReader::TokenShardReader(const std::string& path) : path_(path) {
         unsigned fmask = 0;
         haddr_t addr = 0;
         hsize_t size = 0;
-        check_h5(H5Dget_chunk_info(dset.get(), H5S_ALL, i, off, &fmask, &addr, &size), path,
+        check_h5(H5Dget_chunk_info(dset.get(), space.get(), i, off, &fmask, &addr, &size), path,
                  "H5Dget_chunk_info");
         if (size != cdim * width || addr == HADDR_UNDEF || off[0] % cdim != 0)
           throw_error(path, ": /tokens chunk ", i, " has an unexpected size or position");
-        if (int64_t(addr + size) > file_size)
+        if (addr > hsize_t(file_size) || size > hsize_t(file_size) - addr)
           throw_error(path, ": truncated: /tokens chunk at bytes [", addr, ", ", addr + size,
                       ") lies beyond the end of the file (", file_size, " bytes)");
         pieces.push_back({int64_t(off[0]), addr});
@@ -469,7 +470,7 @@ TokenShardReader::TokenShardReader(const std::string& path) : path_(path) {
     if (addr == HADDR_UNDEF) {
       mappable = false;
     } else {
-      if (int64_t(addr) + n * int64_t(width) > file_size)
+      if (addr > hsize_t(file_size) || hsize_t(n) * width > hsize_t(file_size) - addr)
         throw_error(path, ": truncated: /tokens needs bytes up to ", int64_t(addr) + n * int64_t(width),
                     " but the file has ", file_size);
       chunk_len_ = n;
