@@ -1,0 +1,58 @@
+#!/usr/bin/env bash
+# The GPU check, for any machine with an NVIDIA GPU: configures and builds difftron with
+# CUDA (build dir ${BUILD_DIR:-build-gpu}), runs the CUDA tests (ctest -L cuda) and
+# `difftron bench`, writes full logs to $OUT (or ./gpu-logs) and prints a short table last.
+#   GPU_CHECK_TESTS=regex      only the CUDA tests matching it (ctest -R)
+#   GPU_CHECK_BENCH_ARGS=...   extra flags for `difftron bench` (e.g. --bench_steps=false)
+#   GPU_CHECK_SKIP_BENCH=1     tests only
+#   GPU_CHECK_TARGETS="a b"    build only these targets (default: everything)
+# Exit status: 0 when the build, the tests and the bench all succeeded.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+LOG_DIR=${OUT:-$PWD/gpu-logs}
+BUILD_DIR=${BUILD_DIR:-build-gpu}
+mkdir -p "$LOG_DIR"
+# Machines without gflags/glog/OpenBLAS get them from the packed .devdeps (see ../shared/device).
+if [ -f .devdeps/env.sh ]; then source .devdeps/env.sh; fi
+
+now() { date +%s; }
+nvidia-smi > "$LOG_DIR/nvidia-smi.txt" 2>&1 || echo "nvidia-smi failed" >> "$LOG_DIR/nvidia-smi.txt"
+gpu_name=$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1)
+
+t0=$(now)
+build=ok
+{ cmake -S . -B "$BUILD_DIR" -G Ninja -DCMAKE_BUILD_TYPE=Release &&
+  cmake --build "$BUILD_DIR" -j "$(nproc)" ${GPU_CHECK_TARGETS:+--target $GPU_CHECK_TARGETS}; } \
+  > "$LOG_DIR/build.log" 2>&1 || build=FAILED
+t1=$(now)
+if [ "$build" != ok ]; then
+  grep -E "error|Error" "$LOG_DIR/build.log" | head -40
+  echo "==== gpu_check: build FAILED after $((t1 - t0)) s (full log: $LOG_DIR/build.log)"
+  exit 1
+fi
+
+tests=ok
+(cd "$BUILD_DIR" && ctest -L cuda --verbose --timeout 600 ${GPU_CHECK_TESTS:+-R "$GPU_CHECK_TESTS"}) \
+  > "$LOG_DIR/ctest.log" 2>&1 || tests=FAILED
+cp "$BUILD_DIR/Testing/Temporary/LastTest.log" "$LOG_DIR/ctest-LastTest.log" 2>/dev/null || true
+t2=$(now)
+
+bench=skipped
+if [ -z "${GPU_CHECK_SKIP_BENCH:-}" ]; then
+  bench=ok
+  "$BUILD_DIR/difftron" bench ${GPU_CHECK_BENCH_ARGS:-} > "$LOG_DIR/bench.log" 2>&1 || bench=FAILED
+fi
+t3=$(now)
+
+echo
+echo "==== gpu_check $(date -u +%Y-%m-%dT%H:%MZ) on ${gpu_name:-unknown GPU}: logs in $LOG_DIR"
+echo "build ${build} ($((t1 - t0)) s) | CUDA tests ${tests} ($((t2 - t1)) s) | bench ${bench} ($((t3 - t2)) s)"
+grep -E "tests passed|Passed|Failed|\*\*\*|Skipped" "$LOG_DIR/ctest.log" | grep -E "^ *[0-9]+/[0-9]+ Test|tests passed" || true
+grep -E "FAIL|threw" "$LOG_DIR/ctest.log" | head -20 || true
+if [ "$bench" != skipped ]; then
+  # the bench table: header, ceilings, ops, steps
+  grep -E "^(op |ceiling|matmul|rmsnorm|rope|swiglu|embedding|cross_entropy|adamw|copy|sum_squares|axpy|scale|diff_attention|attention|step )" \
+    "$LOG_DIR/bench.log" || true
+  if [ "$bench" = FAILED ]; then tail -5 "$LOG_DIR/bench.log"; fi
+fi
+[ "$build" = ok ] && [ "$tests" = ok ] && [ "$bench" != FAILED ]
