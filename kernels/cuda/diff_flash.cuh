@@ -45,6 +45,18 @@ constexpr float kLog2e = 1.4426950408889634f;
 constexpr float kLn2 = 0.6931471805599453f;
 
 // ---- configurations --------------------------------------------------------------------
+// Tuning switches (the defaults are the measured best, docs/PERFORMANCE.md):
+#ifndef DIFF_FLASH_FWD64_DUAL
+#define DIFF_FLASH_FWD64_DUAL 1  // dh 64 forward: dual warps (no pair exchange)
+#endif
+#ifndef DIFF_FLASH_FWD64_BN
+#define DIFF_FLASH_FWD64_BN 32
+#endif
+#ifndef DIFF_FLASH_DKV64_QSPLIT
+#define DIFF_FLASH_DKV64_QSPLIT 1  // dh 64 dK/dV: query-split pairs (no per-tile exchange)
+#endif
+
+// Forward, map-split pairs (dh 128; dh 64 when DIFF_FLASH_FWD64_DUAL is 0).
 template <int DH>
 struct FwdCfg {
   static constexpr int WM = 4, WARPS = 2 * WM, THREADS = 32 * WARPS;
@@ -62,7 +74,21 @@ struct FwdCfg {
   static constexpr bool Q_REGS = DH == 64;  // Q fragments kept in registers across tiles
 };
 
-// dQ kernel (+ D1, D2' and the dlambda partial sums): query-major.
+// Forward, dual warps: each warp owns 16 query rows, both maps and all 2dh output columns.
+template <int DH>
+struct FwdDualCfg {
+  static constexpr int WARPS = 4, THREADS = 32 * WARPS;
+  static constexpr int BM = 16 * WARPS;
+  static constexpr int BN = DIFF_FLASH_FWD64_BN;
+  static constexpr int ROW = 2 * DH;
+  static constexpr int TILE_Q = BM * ROW * 2, TILE_KV = BN * ROW * 2;
+  static constexpr int OFF_Q = 0, OFF_K = TILE_Q, OFF_V = OFF_K + 2 * TILE_KV;
+  static constexpr int SMEM = OFF_V + 2 * TILE_KV;
+  static constexpr int MIN_BLOCKS = 2;
+};
+
+// dQ kernel (+ D1, D2' and the dlambda partial sums): query-major, key-split pairs (each
+// warp of a pair takes half of every key tile for both maps; the dQ partials meet once).
 template <int DH>
 struct DqCfg {
   static constexpr int WM = 4, WARPS = 2 * WM, THREADS = 32 * WARPS;
@@ -70,16 +96,18 @@ struct DqCfg {
   static constexpr int BN = DH == 64 ? 64 : 32;
   static constexpr int ROW = 2 * DH;
   static constexpr int TILE_Q = BM * ROW * 2, TILE_KV = BN * ROW * 2;
-  static constexpr int XD_F4 = BN / 8;  // float4 per lane: partial dP of one warp
   static constexpr int OFF_Q = 0, OFF_DO = TILE_Q, OFF_K = OFF_DO + TILE_Q;
-  static constexpr int OFF_V = OFF_K + 2 * TILE_KV, OFF_XD = OFF_V + 2 * TILE_KV;
-  static constexpr int OFF_XR = OFF_XD + WARPS * XD_F4 * 32 * 16;  // float2 per lane
-  static constexpr int OFF_RED = OFF_XR + WARPS * 32 * 8;          // float per warp
+  static constexpr int OFF_V = OFF_K + 2 * TILE_KV;
+  static constexpr int OFF_XR = OFF_V + 2 * TILE_KV;      // float2 per lane and warp
+  static constexpr int OFF_RED = OFF_XR + WARPS * 32 * 8;  // float per warp
   static constexpr int SMEM = OFF_RED + WARPS * 4;
   static constexpr int MIN_BLOCKS = 1;
+  // the final dQ exchange (one map's partial per warp) reuses the K/V buffers
+  static_assert(WARPS * DH * 16 * 4 <= 4 * TILE_KV, "dQ exchange must fit in the K/V buffers");
 };
 
-// dK/dV kernel: key-major, loops over the heads of the K/V group and their query tiles.
+// dK/dV kernel, map-split pairs (dh 128): key-major, loops over the heads of the K/V group
+// and their query tiles.
 template <int DH>
 struct DkvCfg {
   static constexpr int WM = 4, WARPS = 2 * WM, THREADS = 32 * WARPS;
@@ -96,6 +124,24 @@ struct DkvCfg {
   static constexpr int OFF_XD = OFF_XP + WARPS * XP_U4 * 32 * 16;
   static constexpr int SMEM = OFF_XD + WARPS * XD_F4 * 32 * 16;
   static constexpr int MIN_BLOCKS = 1;
+};
+
+// dK/dV kernel, query-split pairs (dh 64): both warps of a pair own the same 16 keys and
+// take half of every query tile each, for both maps; their partials meet once at the end.
+template <int DH>
+struct DkvQCfg {
+  static constexpr int WM = 4, WARPS = 2 * WM, THREADS = 32 * WARPS;
+  static constexpr int BN = 16 * WM;  // key rows per CTA
+  static constexpr int BM = 64;       // query rows per tile (32 per warp)
+  static constexpr int ROW = 2 * DH;
+  static constexpr int TILE_KV = BN * ROW * 2, TILE_Q = BM * ROW * 2;
+  static constexpr int STAT = 4 * BM * 4;
+  static constexpr int OFF_K = 0, OFF_V = TILE_KV, OFF_Q = 2 * TILE_KV;
+  static constexpr int OFF_DO = OFF_Q + 2 * TILE_Q, OFF_ST = OFF_DO + 2 * TILE_Q;
+  static constexpr int SMEM = OFF_ST + 2 * STAT;
+  static constexpr int MIN_BLOCKS = 1;
+  // the final exchange (dK of one map + half of dV per warp) reuses the Q/dO buffers
+  static_assert(WARPS * 2 * DH * 16 * 4 <= 4 * TILE_Q, "dK/dV exchange must fit");
 };
 
 // ---- PTX wrappers ----------------------------------------------------------------------
@@ -212,6 +258,57 @@ struct Ldsm {
            xo[(c0 & 7) >> 1];
   }
 };
+
+// ---- score-tile helpers (16 rows x 8 NT columns per warp, accumulator layout) ----------
+// -inf where the key column is past the query row (causal); col0/row0: first key / query.
+template <int NT>
+__device__ __forceinline__ void causal_mask(float (&s)[NT][4], int col0, int row0, int lane) {
+  const int g = lane >> 2, t4 = lane & 3;
+#pragma unroll
+  for (int n = 0; n < NT; ++n)
+#pragma unroll
+    for (int e = 0; e < 4; ++e)
+      if (col0 + n * 8 + 2 * t4 + (e & 1) > row0 + g + 8 * (e >> 1)) s[n][e] = -INFINITY;
+}
+
+// One online-softmax step in log2 units (sl2 = scale * log2 e): updates the running max m and
+// this thread's partial row sums l of rows g, g + 8, returns the factor alpha that rescales the
+// old state, and the probabilities as bf16 pairs pf[n] = {row g, row g + 8} (A-fragment order).
+template <int NT>
+__device__ __forceinline__ void softmax_step(const float (&s)[NT][4], float sl2, float (&m)[2],
+                                             float (&l)[2], float (&alpha)[2],
+                                             uint32_t (&pf)[NT][2]) {
+  float mx[2] = {-INFINITY, -INFINITY};
+#pragma unroll
+  for (int n = 0; n < NT; ++n) {
+    mx[0] = fmaxf(mx[0], fmaxf(s[n][0], s[n][1]));
+    mx[1] = fmaxf(mx[1], fmaxf(s[n][2], s[n][3]));
+  }
+  float mu[2];
+#pragma unroll
+  for (int hh = 0; hh < 2; ++hh) {
+    mx[hh] = fmaxf(mx[hh], __shfl_xor_sync(0xffffffffu, mx[hh], 1));
+    mx[hh] = fmaxf(mx[hh], __shfl_xor_sync(0xffffffffu, mx[hh], 2));
+    const float mn = fmaxf(m[hh], mx[hh] * sl2);
+    mu[hh] = mn == -INFINITY ? 0.f : mn;  // a row with no key yet: keep exp2 finite
+    alpha[hh] = fast_exp2(m[hh] - mu[hh]);
+    m[hh] = mn;
+  }
+  float rs[2] = {0.f, 0.f};
+#pragma unroll
+  for (int n = 0; n < NT; ++n) {
+    const float p0 = fast_exp2(fmaf(s[n][0], sl2, -mu[0]));
+    const float p1 = fast_exp2(fmaf(s[n][1], sl2, -mu[0]));
+    const float p2 = fast_exp2(fmaf(s[n][2], sl2, -mu[1]));
+    const float p3 = fast_exp2(fmaf(s[n][3], sl2, -mu[1]));
+    rs[0] += p0 + p1;
+    rs[1] += p2 + p3;
+    pf[n][0] = pack_bf16(p0, p1);
+    pf[n][1] = pack_bf16(p2, p3);
+  }
+  l[0] = l[0] * alpha[0] + rs[0];
+  l[1] = l[1] * alpha[1] + rs[1];
+}
 
 // ---- kernel parameters -----------------------------------------------------------------
 struct FwdParams {

@@ -14,22 +14,23 @@ namespace difftron::cuda {
 namespace flash {
 
 // ---- dQ, D1, D2' ------------------------------------------------------------------------
-// Grid: x = b * h + head, y = query tile (longest first).
+// Grid: x = b * h + head, y = query tile (longest first). Key-split pairs: warp (pair, half)
+// owns the pair's 16 query rows and keys [half * BN/2, (half + 1) * BN/2) of every key tile,
+// for both maps, so no per-tile exchange is needed: only D2' (after pass A) and the dQ
+// partials (at the end) meet, each once, in fixed order.
 template <int DH>
 __global__ void __launch_bounds__(DqCfg<DH>::THREADS, DqCfg<DH>::MIN_BLOCKS)
     diff_flash_dq_kernel(const BwdParams p) {
   using C = DqCfg<DH>;
-  constexpr int NT = C::BN / 8;   // key n-tiles of a tile (pass B)
-  constexpr int NH = C::BN / 16;  // key n-tiles of half a tile (pass A)
+  constexpr int NH = C::BN / 16;  // key n-tiles of half a tile
   constexpr int QT = DH / 8;      // dQ_j n-tiles
   extern __shared__ __align__(128) uint8_t smem[];
   const uint32_t sb = smem_addr(smem);
-  float4* xd = reinterpret_cast<float4*>(smem + C::OFF_XD);
   float2* xr = reinterpret_cast<float2*>(smem + C::OFF_XR);
   float* red = reinterpret_cast<float*>(smem + C::OFF_RED);
 
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
-  const int pair = warp % C::WM, map = warp / C::WM;
+  const int pair = warp % C::WM, half = warp / C::WM, partner = half ? pair : pair + C::WM;
   const int g = lane >> 2, t4 = lane & 3;
   const int b = blockIdx.x / p.h, hd = blockIdx.x % p.h, kvg = hd / p.group;
   const int q0 = (gridDim.y - 1 - blockIdx.y) * C::BM;
@@ -57,10 +58,10 @@ __global__ void __launch_bounds__(DqCfg<DH>::THREADS, DqCfg<DH>::MIN_BLOCKS)
     const int r = row0 + (lane >> 1);
     float acc = 0.f;
     if (r < S) {
-      const uint4* o4 = reinterpret_cast<const uint4*>(p.out + qoff + int64_t(r) * q_rs +
-                                                        (lane & 1) * DH);
-      const uint4* d4 = reinterpret_cast<const uint4*>(p.dout + qoff + int64_t(r) * q_rs +
-                                                        (lane & 1) * DH);
+      const uint4* o4 =
+          reinterpret_cast<const uint4*>(p.out + qoff + int64_t(r) * q_rs + (lane & 1) * DH);
+      const uint4* d4 =
+          reinterpret_cast<const uint4*>(p.dout + qoff + int64_t(r) * q_rs + (lane & 1) * DH);
 #pragma unroll 4
       for (int c = 0; c < DH / 8; ++c) {
         const uint4 ov = o4[c], dv = d4[c];
@@ -76,26 +77,25 @@ __global__ void __launch_bounds__(DqCfg<DH>::THREADS, DqCfg<DH>::MIN_BLOCKS)
     delta[0] = __shfl_sync(0xffffffffu, acc, 2 * g);
     delta[1] = __shfl_sync(0xffffffffu, acc, 2 * g + 16);
   }
-  float lse_a[2], lse_b[2];  // log2 units: map 2's (pass A) and this warp's map's (pass B)
+  float lse1[2], lse2[2];  // log2 units; +inf past S makes P = 0
 #pragma unroll
   for (int hh = 0; hh < 2; ++hh) {
     const int row = row0 + g + 8 * hh;
-    lse_a[hh] = row < S ? p.lse[(bh * 2 + 1) * S + row] * kLog2e : INFINITY;
-    lse_b[hh] = row < S ? p.lse[(bh * 2 + map) * S + row] * kLog2e : INFINITY;
+    lse1[hh] = row < S ? p.lse[(bh * 2 + 0) * S + row] * kLog2e : INFINITY;
+    lse2[hh] = row < S ? p.lse[(bh * 2 + 1) * S + row] * kLog2e : INFINITY;
   }
 
   const Ldsm<C::ROW> la(lane, kA), ln(lane, kN);
-  const int cq = map * (DH / 8);
   const uint32_t sQ = sb + C::OFF_Q + pair * 16 * C::ROW * 2;    // this warp's rows
   const uint32_t sDO = sb + C::OFF_DO + pair * 16 * C::ROW * 2;
-  float acc[2] = {0.f, 0.f};      // pass A: partial rowsum(P_2 o dP) over this warp's keys
-  float dj[2] = {0.f, 0.f};       // D_j of this warp's map (D1 or D2')
-  const float coef = map == 0 ? 1.f : -lam;
-  float dq[QT][4];
+  const int kb = half * (C::BN / 2);                              // this warp's keys in a tile
+  float acc[2] = {0.f, 0.f};  // pass A: partial rowsum(P_2 o dP) over this warp's keys
+  float D1[2] = {0.f, 0.f}, D2[2] = {0.f, 0.f};
+  float dq1[QT][4], dq2[QT][4];
 #pragma unroll
   for (int n = 0; n < QT; ++n)
 #pragma unroll
-    for (int e = 0; e < 4; ++e) dq[n][e] = 0.f;
+    for (int e = 0; e < 4; ++e) dq1[n][e] = dq2[n][e] = 0.f;
 
   for (int it = 0; it < n_it; ++it) {
     const bool pass_b = it >= n_kt;
@@ -110,53 +110,60 @@ __global__ void __launch_bounds__(DqCfg<DH>::THREADS, DqCfg<DH>::MIN_BLOCKS)
                                            nkt * C::BN, S, tid);
     }
     cp_async_commit();
-    const uint32_t sK = sb + C::OFF_K + st * C::TILE_KV, sV = sb + C::OFF_V + st * C::TILE_KV;
-    const int k0 = kt * C::BN;
+    // this warp's half of the stage's K and V rows
+    const uint32_t sK = sb + C::OFF_K + st * C::TILE_KV + kb * C::ROW * 2;
+    const uint32_t sV = sb + C::OFF_V + st * C::TILE_KV + kb * C::ROW * 2;
+    const int c0 = kt * C::BN + kb;  // first key of this warp
+    const bool masked = c0 + C::BN / 2 - 1 > row0;
+
+    // S_2 (and S_1 in pass B) over this warp's keys, and dP = dO V^T over the full 2dh
+    float s1[NH][4], s2[NH][4], dp[NH][4];
+#pragma unroll
+    for (int n = 0; n < NH; ++n)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) s1[n][e] = s2[n][e] = dp[n][e] = 0.f;
+#pragma unroll
+    for (int kk = 0; kk < DH / 16; ++kk) {
+      uint32_t a1[4], a2[4];
+      if (pass_b) ldsm_x4(a1, la.at(sQ, 0, 2 * kk));
+      ldsm_x4(a2, la.at(sQ, 0, DH / 8 + 2 * kk));
+#pragma unroll
+      for (int nn = 0; nn < NH / 2; ++nn) {
+        uint32_t b1[4], b2[4];
+        if (pass_b) {
+          ldsm_x4(b1, ln.at(sK, nn * 16, 2 * kk));
+          mma16816(s1[2 * nn], a1, b1[0], b1[1]);
+          mma16816(s1[2 * nn + 1], a1, b1[2], b1[3]);
+        }
+        ldsm_x4(b2, ln.at(sK, nn * 16, DH / 8 + 2 * kk));
+        mma16816(s2[2 * nn], a2, b2[0], b2[1]);
+        mma16816(s2[2 * nn + 1], a2, b2[2], b2[3]);
+      }
+    }
+#pragma unroll
+    for (int kk = 0; kk < 2 * DH / 16; ++kk) {
+      uint32_t af[4];
+      ldsm_x4(af, la.at(sDO, 0, 2 * kk));
+#pragma unroll
+      for (int nn = 0; nn < NH / 2; ++nn) {
+        uint32_t bf[4];
+        ldsm_x4(bf, ln.at(sV, nn * 16, 2 * kk));
+        mma16816(dp[2 * nn], af, bf[0], bf[1]);
+        mma16816(dp[2 * nn + 1], af, bf[2], bf[3]);
+      }
+    }
 
     if (!pass_b) {
-      // pass A: S_2 and dP over keys [map * BN/2, (map + 1) * BN/2) of the tile
-      float s[NH][4], dp[NH][4];
-#pragma unroll
-      for (int n = 0; n < NH; ++n)
-#pragma unroll
-        for (int e = 0; e < 4; ++e) s[n][e] = dp[n][e] = 0.f;
-      const int kb = map * (C::BN / 2);
-#pragma unroll
-      for (int kk = 0; kk < DH / 16; ++kk) {
-        uint32_t af[4];
-        ldsm_x4(af, la.at(sQ + DH * 2, 0, 2 * kk));
-#pragma unroll
-        for (int nn = 0; nn < NH / 2; ++nn) {
-          uint32_t bf[4];
-          ldsm_x4(bf, ln.at(sK + DH * 2 + kb * C::ROW * 2, nn * 16, 2 * kk));
-          mma16816(s[2 * nn], af, bf[0], bf[1]);
-          mma16816(s[2 * nn + 1], af, bf[2], bf[3]);
-        }
-      }
-#pragma unroll
-      for (int kk = 0; kk < 2 * DH / 16; ++kk) {
-        uint32_t af[4];
-        ldsm_x4(af, la.at(sDO, 0, 2 * kk));
-#pragma unroll
-        for (int nn = 0; nn < NH / 2; ++nn) {
-          uint32_t bf[4];
-          ldsm_x4(bf, ln.at(sV + kb * C::ROW * 2, nn * 16, 2 * kk));
-          mma16816(dp[2 * nn], af, bf[0], bf[1]);
-          mma16816(dp[2 * nn + 1], af, bf[2], bf[3]);
-        }
-      }
-      const bool masked = k0 + kb + C::BN / 2 - 1 > row0;
 #pragma unroll
       for (int n = 0; n < NH; ++n)
 #pragma unroll
         for (int e = 0; e < 4; ++e) {
-          const int col = k0 + kb + n * 8 + 2 * t4 + (e & 1), row = row0 + g + 8 * (e >> 1);
-          float pr = fast_exp2(fmaf(s[n][e], p.scale_log2, -lse_a[e >> 1]));
-          if (masked && col > row) pr = 0.f;
+          float pr = fast_exp2(fmaf(s2[n][e], p.scale_log2, -lse2[e >> 1]));
+          if (masked && c0 + n * 8 + 2 * t4 + (e & 1) > row0 + g + 8 * (e >> 1)) pr = 0.f;
           acc[e >> 1] = fmaf(pr, dp[n][e], acc[e >> 1]);
         }
       if (it == n_kt - 1) {
-        // end of pass A: D2' = both key halves, fixed order; D1 = delta + lambda D2'
+        // end of pass A: D2' = half 0 + half 1 (fixed order); D1 = delta + lambda D2'
 #pragma unroll
         for (int hh = 0; hh < 2; ++hh) {
           acc[hh] += __shfl_xor_sync(0xffffffffu, acc[hh], 1);
@@ -165,18 +172,19 @@ __global__ void __launch_bounds__(DqCfg<DH>::THREADS, DqCfg<DH>::MIN_BLOCKS)
         xr[warp * 32 + lane] = make_float2(acc[0], acc[1]);
         pair_barrier(pair);
         const float2 x0 = xr[pair * 32 + lane], x1 = xr[(pair + C::WM) * 32 + lane];
-        const float d2[2] = {x0.x + x1.x, x0.y + x1.y};
+        D2[0] = x0.x + x1.x;
+        D2[1] = x0.y + x1.y;
         float part = 0.f;
 #pragma unroll
         for (int hh = 0; hh < 2; ++hh) {
-          dj[hh] = map == 0 ? fmaf(lam, d2[hh], delta[hh]) : d2[hh];
+          D1[hh] = fmaf(lam, D2[hh], delta[hh]);
           const int row = row0 + g + 8 * hh;
           if (row < S) {
-            if (t4 == 0) p.D[(bh * 2 + map) * S + row] = dj[hh];
-            part += d2[hh];
+            if (t4 == 0) p.D[(bh * 2 + half) * S + row] = half ? D2[hh] : D1[hh];
+            part += D2[hh];
           }
         }
-        if (map == 1) {
+        if (half == 1) {
           part = t4 == 0 ? part : 0.f;
 #pragma unroll
           for (int o = 16; o > 0; o >>= 1) part += __shfl_xor_sync(0xffffffffu, part, o);
@@ -184,75 +192,68 @@ __global__ void __launch_bounds__(DqCfg<DH>::THREADS, DqCfg<DH>::MIN_BLOCKS)
         }
       }
     } else {
-      // pass B: S_map over the whole tile, dP's half-contraction over this warp's half of 2dh
-      float s[NT][4], dp[NT][4];
+      // pass B: dS_1 = P_1 o (dP - D1), dS_2 = -lambda P_2 o (dP - D2'), as bf16 A fragments
+      uint32_t f1[NH][2], f2[NH][2];
 #pragma unroll
-      for (int n = 0; n < NT; ++n)
-#pragma unroll
-        for (int e = 0; e < 4; ++e) s[n][e] = dp[n][e] = 0.f;
-#pragma unroll
-      for (int kk = 0; kk < DH / 16; ++kk) {
-        uint32_t af[4], df[4];
-        ldsm_x4(af, la.at(sQ + cq * 16, 0, 2 * kk));
-        ldsm_x4(df, la.at(sDO + cq * 16, 0, 2 * kk));
-#pragma unroll
-        for (int nn = 0; nn < NT / 2; ++nn) {
-          uint32_t bf[4], vf[4];
-          ldsm_x4(bf, ln.at(sK + cq * 16, nn * 16, 2 * kk));
-          ldsm_x4(vf, ln.at(sV + cq * 16, nn * 16, 2 * kk));
-          mma16816(s[2 * nn], af, bf[0], bf[1]);
-          mma16816(s[2 * nn + 1], af, bf[2], bf[3]);
-          mma16816(dp[2 * nn], df, vf[0], vf[1]);
-          mma16816(dp[2 * nn + 1], df, vf[2], vf[3]);
-        }
-      }
-#pragma unroll
-      for (int n = 0; n < NT; ++n)
-        xd[(warp * NT + n) * 32 + lane] = make_float4(dp[n][0], dp[n][1], dp[n][2], dp[n][3]);
-      pair_barrier(pair);
-      const bool masked = k0 + C::BN - 1 > row0;
-      uint32_t dsw[NT][2];  // dS_map as bf16 pairs (row g, row g + 8) per n-tile
-#pragma unroll
-      for (int n = 0; n < NT; ++n) {
-        const float4 u = xd[(pair * NT + n) * 32 + lane];
-        const float4 w = xd[((pair + C::WM) * NT + n) * 32 + lane];
-        const float dpf[4] = {u.x + w.x, u.y + w.y, u.z + w.z, u.w + w.w};
-        float ds[4];
+      for (int n = 0; n < NH; ++n) {
+        float d1[4], d2[4];
 #pragma unroll
         for (int e = 0; e < 4; ++e) {
-          const int col = k0 + n * 8 + 2 * t4 + (e & 1), row = row0 + g + 8 * (e >> 1);
-          float pr = fast_exp2(fmaf(s[n][e], p.scale_log2, -lse_b[e >> 1]));
-          if (masked && col > row) pr = 0.f;
-          ds[e] = coef * pr * (dpf[e] - dj[e >> 1]);
+          float pr1 = fast_exp2(fmaf(s1[n][e], p.scale_log2, -lse1[e >> 1]));
+          float pr2 = fast_exp2(fmaf(s2[n][e], p.scale_log2, -lse2[e >> 1]));
+          if (masked && c0 + n * 8 + 2 * t4 + (e & 1) > row0 + g + 8 * (e >> 1)) pr1 = pr2 = 0.f;
+          d1[e] = pr1 * (dp[n][e] - D1[e >> 1]);
+          d2[e] = -lam * pr2 * (dp[n][e] - D2[e >> 1]);
         }
-        dsw[n][0] = pack_bf16(ds[0], ds[1]);
-        dsw[n][1] = pack_bf16(ds[2], ds[3]);
+        f1[n][0] = pack_bf16(d1[0], d1[1]);
+        f1[n][1] = pack_bf16(d1[2], d1[3]);
+        f2[n][0] = pack_bf16(d2[0], d2[1]);
+        f2[n][1] = pack_bf16(d2[2], d2[3]);
       }
-      // dQ_map += dS_map K_map
+      // dQ_j += dS_j K_j over this warp's keys
 #pragma unroll
-      for (int kk = 0; kk < C::BN / 16; ++kk) {
-        const uint32_t af[4] = {dsw[2 * kk][0], dsw[2 * kk][1], dsw[2 * kk + 1][0],
-                                dsw[2 * kk + 1][1]};
+      for (int kk = 0; kk < NH / 2; ++kk) {
+        const uint32_t a1[4] = {f1[2 * kk][0], f1[2 * kk][1], f1[2 * kk + 1][0], f1[2 * kk + 1][1]};
+        const uint32_t a2[4] = {f2[2 * kk][0], f2[2 * kk][1], f2[2 * kk + 1][0], f2[2 * kk + 1][1]};
 #pragma unroll
         for (int nn = 0; nn < DH / 16; ++nn) {
-          uint32_t bf[4];
-          ldsm_x4_t(bf, la.at(sK + cq * 16, kk * 16, 2 * nn));
-          mma16816(dq[2 * nn], af, bf[0], bf[1]);
-          mma16816(dq[2 * nn + 1], af, bf[2], bf[3]);
+          uint32_t b1[4], b2[4];
+          ldsm_x4_t(b1, la.at(sK, kk * 16, 2 * nn));
+          ldsm_x4_t(b2, la.at(sK, kk * 16, DH / 8 + 2 * nn));
+          mma16816(dq1[2 * nn], a1, b1[0], b1[1]);
+          mma16816(dq1[2 * nn + 1], a1, b1[2], b1[3]);
+          mma16816(dq2[2 * nn], a2, b2[0], b2[1]);
+          mma16816(dq2[2 * nn + 1], a2, b2[2], b2[3]);
         }
       }
     }
   }
 
+  // the two key halves' dQ partials meet: half 0 finishes dQ_1, half 1 dQ_2; each hands the
+  // other map's partial over through the (now idle) K/V buffers
+  __syncthreads();
+  float4* xq = reinterpret_cast<float4*>(smem + C::OFF_K);
+#pragma unroll
+  for (int n = 0; n < QT; ++n) {
+    // (selects per element: a run-time choice between whole arrays would put them in memory)
+    xq[(warp * QT + n) * 32 + lane] =
+        half ? make_float4(dq1[n][0], dq1[n][1], dq1[n][2], dq1[n][3])
+             : make_float4(dq2[n][0], dq2[n][1], dq2[n][2], dq2[n][3]);
+  }
+  pair_barrier(pair);
 #pragma unroll
   for (int hh = 0; hh < 2; ++hh) {
     const int row = row0 + g + 8 * hh;
     if (row >= S) continue;
-    bf16* drow = p.dq + qoff + int64_t(row) * q_rs + map * DH + 2 * t4;
+    bf16* drow = p.dq + qoff + int64_t(row) * q_rs + half * DH + 2 * t4;
 #pragma unroll
-    for (int n = 0; n < QT; ++n)
-      *reinterpret_cast<uint32_t*>(drow + n * 8) =
-          pack_bf16(dq[n][2 * hh] * p.scale, dq[n][2 * hh + 1] * p.scale);
+    for (int n = 0; n < QT; ++n) {
+      const float4 o = xq[(partner * QT + n) * 32 + lane];
+      const float k0 = half ? dq2[n][2 * hh] : dq1[n][2 * hh];
+      const float k1 = half ? dq2[n][2 * hh + 1] : dq1[n][2 * hh + 1];
+      const float x0 = (hh ? o.z : o.x) + k0, x1 = (hh ? o.w : o.y) + k1;
+      *reinterpret_cast<uint32_t*>(drow + n * 8) = pack_bf16(x0 * p.scale, x1 * p.scale);
+    }
   }
   __syncthreads();
   if (tid == 0) {
@@ -276,7 +277,7 @@ __global__ void __launch_bounds__(DkvCfg<DH>::THREADS, DkvCfg<DH>::MIN_BLOCKS)
   float4* xd = reinterpret_cast<float4*>(smem + C::OFF_XD);
 
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
-  const int pair = warp % C::WM, map = warp / C::WM;
+  const int pair = warp % C::WM, map = warp / C::WM, partner = map ? pair : pair + C::WM;
   const int g = lane >> 2, t4 = lane & 3;
   const int b = blockIdx.x / p.h_kv, kvg = blockIdx.x % p.h_kv;
   const int k0 = blockIdx.y * C::BN;
@@ -385,42 +386,49 @@ __global__ void __launch_bounds__(DkvCfg<DH>::THREADS, DkvCfg<DH>::MIN_BLOCKS)
         s[n][e] = pr;
       }
     }
+    // hand P_map (bf16) and this half of dP to the partner; keep both in registers
+    uint32_t pw[NT][2];
+#pragma unroll
+    for (int n = 0; n < NT; ++n) {
+      pw[n][0] = pack_bf16(s[n][0], s[n][1]);
+      pw[n][1] = pack_bf16(s[n][2], s[n][3]);
+    }
 #pragma unroll
     for (int kk = 0; kk < NT / 2; ++kk)
       xp[(warp * (NT / 2) + kk) * 32 + lane] =
-          make_uint4(pack_bf16(s[2 * kk][0], s[2 * kk][1]), pack_bf16(s[2 * kk][2], s[2 * kk][3]),
-                     pack_bf16(s[2 * kk + 1][0], s[2 * kk + 1][1]),
-                     pack_bf16(s[2 * kk + 1][2], s[2 * kk + 1][3]));
+          make_uint4(pw[2 * kk][0], pw[2 * kk][1], pw[2 * kk + 1][0], pw[2 * kk + 1][1]);
 #pragma unroll
     for (int n = 0; n < NT; ++n)
       xd[(warp * NT + n) * 32 + lane] = make_float4(dp[n][0], dp[n][1], dp[n][2], dp[n][3]);
     pair_barrier(pair);
 
-    // dS^T_map = coef P_map o (dP - D_map[t]) as bf16 A fragments
+    // dS^T_map = coef P_map o (dP - D_map[t]) as bf16 A fragments; dP = own + partner's half
+    // (the same sum in both warps: float addition commutes)
     uint32_t dsw[NT][2];
 #pragma unroll
     for (int n = 0; n < NT; ++n) {
-      const float4 u = xd[(pair * NT + n) * 32 + lane];
-      const float4 w = xd[((pair + C::WM) * NT + n) * 32 + lane];
+      const float4 w = xd[(partner * NT + n) * 32 + lane];
       const float2 dd = *reinterpret_cast<const float2*>(d_row + n * 8 + 2 * t4);
-      const float d0 = coef * s[n][0] * (u.x + w.x - dd.x);
-      const float d1 = coef * s[n][1] * (u.y + w.y - dd.y);
-      const float d2 = coef * s[n][2] * (u.z + w.z - dd.x);
-      const float d3 = coef * s[n][3] * (u.w + w.w - dd.y);
+      const float d0 = coef * s[n][0] * (dp[n][0] + w.x - dd.x);
+      const float d1 = coef * s[n][1] * (dp[n][1] + w.y - dd.y);
+      const float d2 = coef * s[n][2] * (dp[n][2] + w.z - dd.x);
+      const float d3 = coef * s[n][3] * (dp[n][3] + w.w - dd.y);
       dsw[n][0] = pack_bf16(d0, d1);
       dsw[n][1] = pack_bf16(d2, d3);
     }
-    // dV[:, half] += (P_1 - lambda P_2)^T dO[:, half], with both P rounded to bf16 first
+    // dV[:, half] += (P_1 - lambda P_2)^T dO[:, half], both P rounded to bf16 first:
+    // own map's P times ca plus the partner's times cb
+    const float ca = map ? -lam : 1.f, cb = map ? 1.f : -lam;
 #pragma unroll
     for (int kk = 0; kk < NT / 2; ++kk) {
-      const uint4 ua = xp[(pair * (NT / 2) + kk) * 32 + lane];
-      const uint4 ub = xp[((pair + C::WM) * (NT / 2) + kk) * 32 + lane];
-      const uint32_t wa[4] = {ua.x, ua.y, ua.z, ua.w}, wb[4] = {ub.x, ub.y, ub.z, ub.w};
+      const uint4 ub = xp[(partner * (NT / 2) + kk) * 32 + lane];
+      const uint32_t wa[4] = {pw[2 * kk][0], pw[2 * kk][1], pw[2 * kk + 1][0], pw[2 * kk + 1][1]};
+      const uint32_t wb[4] = {ub.x, ub.y, ub.z, ub.w};
       uint32_t pc[4];
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
         const float2 x = unpack_bf16(wa[e]), y = unpack_bf16(wb[e]);
-        pc[e] = pack_bf16(fmaf(-lam, y.x, x.x), fmaf(-lam, y.y, x.y));
+        pc[e] = pack_bf16(fmaf(cb, y.x, ca * x.x), fmaf(cb, y.y, ca * x.y));
       }
       const uint32_t af[4] = {dsw[2 * kk][0], dsw[2 * kk][1], dsw[2 * kk + 1][0],
                               dsw[2 * kk + 1][1]};
@@ -448,6 +456,211 @@ __global__ void __launch_bounds__(DkvCfg<DH>::THREADS, DkvCfg<DH>::MIN_BLOCKS)
       *reinterpret_cast<uint32_t*>(krow + n * 8) =
           pack_bf16(dk[n][2 * hh] * p.scale, dk[n][2 * hh + 1] * p.scale);
       *reinterpret_cast<uint32_t*>(vrow + n * 8) = pack_bf16(dv[n][2 * hh], dv[n][2 * hh + 1]);
+    }
+  }
+}
+
+// ---- dK, dV: query-split pairs (dh 64) -----------------------------------------------------
+// Grid as above. Warp (pair, half) owns the pair's 16 keys and queries [half * BM/2,
+// (half + 1) * BM/2) of every query tile, for both maps (S_1^T, S_2^T, dP^T over the full 2dh):
+// no per-tile exchange; the two halves' dK_1, dK_2, dV partials meet once at the end.
+template <int DH>
+__global__ void __launch_bounds__(DkvQCfg<DH>::THREADS, DkvQCfg<DH>::MIN_BLOCKS)
+    diff_flash_dkdv_qsplit_kernel(const BwdParams p) {
+  using C = DkvQCfg<DH>;
+  constexpr int NQ = C::BM / 16;  // query n-tiles of half a tile
+  constexpr int KT = DH / 8;      // dK_j n-tiles
+  constexpr int VT = 2 * DH / 8;  // dV n-tiles
+  extern __shared__ __align__(128) uint8_t smem[];
+  const uint32_t sb = smem_addr(smem);
+
+  const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+  const int pair = warp % C::WM, half = warp / C::WM, partner = half ? pair : pair + C::WM;
+  const int g = lane >> 2, t4 = lane & 3;
+  const int b = blockIdx.x / p.h_kv, kvg = blockIdx.x % p.h_kv;
+  const int k0 = blockIdx.y * C::BN;
+  const int S = p.S;
+  const int64_t q_rs = int64_t(p.h) * 2 * DH, kv_rs = int64_t(p.h_kv) * 2 * DH;
+  const int64_t kvoff = (int64_t(b) * S * p.h_kv + kvg) * 2 * DH;
+  const int n_qt = (S + C::BM - 1) / C::BM, qt_first = k0 / C::BM;
+  const int nq = n_qt - qt_first, n_it = p.group * nq;
+
+  auto load_q = [&](int it, int st) {
+    const int hd = kvg * p.group + it / nq, q0 = (qt_first + it % nq) * C::BM;
+    const int64_t qoff = (int64_t(b) * S * p.h + hd) * 2 * DH;
+    load_tile<C::BM, C::ROW, C::THREADS>(sb + C::OFF_Q + st * C::TILE_Q, p.q + qoff, q_rs, q0, S,
+                                         tid);
+    load_tile<C::BM, C::ROW, C::THREADS>(sb + C::OFF_DO + st * C::TILE_Q, p.dout + qoff, q_rs,
+                                         q0, S, tid);
+    if (tid < 4 * C::BM) {
+      const int which = tid / C::BM, x = tid % C::BM;
+      const float* base =
+          (which < 2 ? p.lse : p.D) + ((int64_t(b) * p.h + hd) * 2 + (which & 1)) * S;
+      const bool ok = q0 + x < S;
+      cp_async_4(sb + C::OFF_ST + st * C::STAT + tid * 4, base + (ok ? q0 + x : 0), ok ? 4 : 0);
+    }
+  };
+  load_tile<C::BN, C::ROW, C::THREADS>(sb + C::OFF_K, p.k + kvoff, kv_rs, k0, S, tid);
+  load_tile<C::BN, C::ROW, C::THREADS>(sb + C::OFF_V, p.v + kvoff, kv_rs, k0, S, tid);
+  load_q(0, 0);
+  cp_async_commit();
+
+  const float lam = *p.lambda;
+  const int krow0 = k0 + pair * 16;   // first key row of this warp
+  const int qh = half * (C::BM / 2);  // this warp's first query within a tile
+  const Ldsm<C::ROW> la(lane, kA), ln(lane, kN);
+  const uint32_t sK = sb + C::OFF_K + pair * 16 * C::ROW * 2;
+  const uint32_t sV = sb + C::OFF_V + pair * 16 * C::ROW * 2;
+  float dk1[KT][4], dk2[KT][4], dv[VT][4];
+#pragma unroll
+  for (int n = 0; n < KT; ++n)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) dk1[n][e] = dk2[n][e] = 0.f;
+#pragma unroll
+  for (int n = 0; n < VT; ++n)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) dv[n][e] = 0.f;
+
+  for (int it = 0; it < n_it; ++it) {
+    const int st = it & 1;
+    const int q0 = (qt_first + it % nq) * C::BM;
+    cp_async_wait<0>();
+    __syncthreads();
+    if (it + 1 < n_it) load_q(it + 1, st ^ 1);
+    cp_async_commit();
+    const uint32_t sQ = sb + C::OFF_Q + st * C::TILE_Q + qh * C::ROW * 2;
+    const uint32_t sDO = sb + C::OFF_DO + st * C::TILE_Q + qh * C::ROW * 2;
+    const float* stat = reinterpret_cast<const float*>(smem + C::OFF_ST + st * C::STAT) + qh;
+
+    // S_1^T, S_2^T = K_j Q_j^T and dP^T = V dO^T (keys x this warp's queries)
+    float s1[NQ][4], s2[NQ][4], dp[NQ][4];
+#pragma unroll
+    for (int n = 0; n < NQ; ++n)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) s1[n][e] = s2[n][e] = dp[n][e] = 0.f;
+#pragma unroll
+    for (int kk = 0; kk < DH / 16; ++kk) {
+      uint32_t a1[4], a2[4];
+      ldsm_x4(a1, la.at(sK, 0, 2 * kk));
+      ldsm_x4(a2, la.at(sK, 0, DH / 8 + 2 * kk));
+#pragma unroll
+      for (int nn = 0; nn < NQ / 2; ++nn) {
+        uint32_t b1[4], b2[4];
+        ldsm_x4(b1, ln.at(sQ, nn * 16, 2 * kk));
+        ldsm_x4(b2, ln.at(sQ, nn * 16, DH / 8 + 2 * kk));
+        mma16816(s1[2 * nn], a1, b1[0], b1[1]);
+        mma16816(s1[2 * nn + 1], a1, b1[2], b1[3]);
+        mma16816(s2[2 * nn], a2, b2[0], b2[1]);
+        mma16816(s2[2 * nn + 1], a2, b2[2], b2[3]);
+      }
+    }
+#pragma unroll
+    for (int kk = 0; kk < 2 * DH / 16; ++kk) {
+      uint32_t af[4];
+      ldsm_x4(af, la.at(sV, 0, 2 * kk));
+#pragma unroll
+      for (int nn = 0; nn < NQ / 2; ++nn) {
+        uint32_t bf[4];
+        ldsm_x4(bf, ln.at(sDO, nn * 16, 2 * kk));
+        mma16816(dp[2 * nn], af, bf[0], bf[1]);
+        mma16816(dp[2 * nn + 1], af, bf[2], bf[3]);
+      }
+    }
+
+    // P_j^T (masked where query t < key u or t >= S), dS_1^T, dS_2^T and (P_1 - lambda P_2)^T
+    const int t0 = q0 + qh;
+    const bool masked = t0 < krow0 + 15 || t0 + C::BM / 2 > S;
+    uint32_t f1[NQ][2], f2[NQ][2], fc[NQ][2];
+#pragma unroll
+    for (int n = 0; n < NQ; ++n) {
+      const int c = n * 8 + 2 * t4;
+      const float2 l1 = *reinterpret_cast<const float2*>(stat + c);
+      const float2 l2 = *reinterpret_cast<const float2*>(stat + C::BM + c);
+      const float2 e1 = *reinterpret_cast<const float2*>(stat + 2 * C::BM + c);
+      const float2 e2 = *reinterpret_cast<const float2*>(stat + 3 * C::BM + c);
+      float d1[4], d2[4], pc[4];
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const bool odd = e & 1;
+        float p1 = fast_exp2(fmaf(s1[n][e], p.scale_log2, -(odd ? l1.y : l1.x) * kLog2e));
+        float p2 = fast_exp2(fmaf(s2[n][e], p.scale_log2, -(odd ? l2.y : l2.x) * kLog2e));
+        const int col = t0 + c + (e & 1), row = krow0 + g + 8 * (e >> 1);
+        if (masked && (col < row || col >= S)) p1 = p2 = 0.f;
+        d1[e] = p1 * (dp[n][e] - (odd ? e1.y : e1.x));
+        d2[e] = -lam * p2 * (dp[n][e] - (odd ? e2.y : e2.x));
+        pc[e] = fmaf(-lam, p2, p1);
+      }
+      f1[n][0] = pack_bf16(d1[0], d1[1]);
+      f1[n][1] = pack_bf16(d1[2], d1[3]);
+      f2[n][0] = pack_bf16(d2[0], d2[1]);
+      f2[n][1] = pack_bf16(d2[2], d2[3]);
+      fc[n][0] = pack_bf16(pc[0], pc[1]);
+      fc[n][1] = pack_bf16(pc[2], pc[3]);
+    }
+    // dK_j += dS_j^T Q_j and dV += (P_1 - lambda P_2)^T dO over this warp's queries
+#pragma unroll
+    for (int kk = 0; kk < NQ / 2; ++kk) {
+      const uint32_t a1[4] = {f1[2 * kk][0], f1[2 * kk][1], f1[2 * kk + 1][0], f1[2 * kk + 1][1]};
+      const uint32_t a2[4] = {f2[2 * kk][0], f2[2 * kk][1], f2[2 * kk + 1][0], f2[2 * kk + 1][1]};
+      const uint32_t ac[4] = {fc[2 * kk][0], fc[2 * kk][1], fc[2 * kk + 1][0], fc[2 * kk + 1][1]};
+#pragma unroll
+      for (int nn = 0; nn < DH / 16; ++nn) {
+        uint32_t b1[4], b2[4];
+        ldsm_x4_t(b1, la.at(sQ, kk * 16, 2 * nn));
+        ldsm_x4_t(b2, la.at(sQ, kk * 16, DH / 8 + 2 * nn));
+        mma16816(dk1[2 * nn], a1, b1[0], b1[1]);
+        mma16816(dk1[2 * nn + 1], a1, b1[2], b1[3]);
+        mma16816(dk2[2 * nn], a2, b2[0], b2[1]);
+        mma16816(dk2[2 * nn + 1], a2, b2[2], b2[3]);
+      }
+#pragma unroll
+      for (int nn = 0; nn < 2 * DH / 16; ++nn) {
+        uint32_t bf[4];
+        ldsm_x4_t(bf, la.at(sDO, kk * 16, 2 * nn));
+        mma16816(dv[2 * nn], ac, bf[0], bf[1]);
+        mma16816(dv[2 * nn + 1], ac, bf[2], bf[3]);
+      }
+    }
+  }
+
+  // the halves' partials meet through the (now idle) Q/dO buffers: half 0 finishes dK_1 and
+  // dV[:, :dh], half 1 dK_2 and dV[:, dh:]; each hands over the other's share
+  __syncthreads();
+  constexpr int SLOT = KT + VT / 2;
+  float4* xo = reinterpret_cast<float4*>(smem + C::OFF_Q);
+#pragma unroll
+  for (int n = 0; n < KT; ++n)
+    xo[(warp * SLOT + n) * 32 + lane] =
+        half ? make_float4(dk1[n][0], dk1[n][1], dk1[n][2], dk1[n][3])
+             : make_float4(dk2[n][0], dk2[n][1], dk2[n][2], dk2[n][3]);
+#pragma unroll
+  for (int n = 0; n < VT / 2; ++n)
+    xo[(warp * SLOT + KT + n) * 32 + lane] =
+        half ? make_float4(dv[n][0], dv[n][1], dv[n][2], dv[n][3])
+             : make_float4(dv[VT / 2 + n][0], dv[VT / 2 + n][1], dv[VT / 2 + n][2],
+                           dv[VT / 2 + n][3]);
+  pair_barrier(pair);
+#pragma unroll
+  for (int hh = 0; hh < 2; ++hh) {
+    const int row = krow0 + g + 8 * hh;
+    if (row >= S) continue;
+    bf16* krow = p.dk + kvoff + int64_t(row) * kv_rs + half * DH + 2 * t4;
+    bf16* vrow = p.dv + kvoff + int64_t(row) * kv_rs + half * DH + 2 * t4;
+#pragma unroll
+    for (int n = 0; n < KT; ++n) {
+      const float4 o = xo[(partner * SLOT + n) * 32 + lane];
+      const float m0 = half ? dk2[n][2 * hh] : dk1[n][2 * hh];
+      const float m1 = half ? dk2[n][2 * hh + 1] : dk1[n][2 * hh + 1];
+      *reinterpret_cast<uint32_t*>(krow + n * 8) =
+          pack_bf16((m0 + (hh ? o.z : o.x)) * p.scale, (m1 + (hh ? o.w : o.y)) * p.scale);
+    }
+#pragma unroll
+    for (int n = 0; n < VT / 2; ++n) {
+      const float4 o = xo[(partner * SLOT + KT + n) * 32 + lane];
+      const float m0 = half ? dv[VT / 2 + n][2 * hh] : dv[n][2 * hh];
+      const float m1 = half ? dv[VT / 2 + n][2 * hh + 1] : dv[n][2 * hh + 1];
+      *reinterpret_cast<uint32_t*>(vrow + n * 8) =
+          pack_bf16(m0 + (hh ? o.z : o.x), m1 + (hh ? o.w : o.y));
     }
   }
 }
@@ -489,15 +702,21 @@ void set_smem(K kernel, int bytes, const char* what) {
 template <int DH>
 void launch_bwd(const DiffFlashDims& d, const flash::BwdParams& p, cudaStream_t stream) {
   using Q = flash::DqCfg<DH>;
-  using KV = flash::DkvCfg<DH>;
   set_smem(flash::diff_flash_dq_kernel<DH>, Q::SMEM, "dQ");
-  set_smem(flash::diff_flash_dkdv_kernel<DH>, KV::SMEM, "dK/dV");
   dim3 gq(unsigned(d.B * d.h), unsigned((d.S + Q::BM - 1) / Q::BM));
   flash::diff_flash_dq_kernel<DH><<<gq, Q::THREADS, Q::SMEM, stream>>>(p);
   flash::check_launch("backward dQ");
-  dim3 gkv(unsigned(d.B * d.h_kv), unsigned((d.S + KV::BN - 1) / KV::BN));
-  flash::diff_flash_dkdv_kernel<DH><<<gkv, KV::THREADS, KV::SMEM, stream>>>(p);
-  flash::check_launch("backward dK/dV");
+  auto launch_dkdv = [&](auto kernel, auto cfg) {
+    using KV = decltype(cfg);
+    set_smem(kernel, KV::SMEM, "dK/dV");
+    dim3 gkv(unsigned(d.B * d.h_kv), unsigned((d.S + KV::BN - 1) / KV::BN));
+    kernel<<<gkv, KV::THREADS, KV::SMEM, stream>>>(p);
+    flash::check_launch("backward dK/dV");
+  };
+  if constexpr (DH == 64 && DIFF_FLASH_DKV64_QSPLIT)
+    launch_dkdv(flash::diff_flash_dkdv_qsplit_kernel<DH>, flash::DkvQCfg<DH>{});
+  else
+    launch_dkdv(flash::diff_flash_dkdv_kernel<DH>, flash::DkvCfg<DH>{});
   flash::diff_flash_dlambda_kernel<<<1, 256, 0, stream>>>(p.dlam_part, int(dq_ctas(d)), p.dlambda);
   flash::check_launch("backward dlambda");
 }

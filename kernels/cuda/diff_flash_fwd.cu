@@ -16,8 +16,34 @@ void check_launch(const char* what) {
   if (e != cudaSuccess) throw_error("diff_flash: ", what, " launch failed: ", cudaGetErrorString(e));
 }
 
+// Writes O = Oa/la - lambda Ob/lb style epilogue values for one warp's 16 rows: o1/o2 hold map 1's
+// and map 2's unnormalised outputs over OT n-tiles starting at column col0 of the 2dh row.
+template <int OT>
+__device__ __forceinline__ void store_out(bf16* out_row0, int64_t row_stride, int row0, int S,
+                                          int col0, const float (&o1)[OT][4],
+                                          const float (&o2)[OT][4], const float (&i1)[2],
+                                          const float (&i2)[2], int lane) {
+  const int g = lane >> 2, t4 = lane & 3;
+#pragma unroll
+  for (int hh = 0; hh < 2; ++hh) {
+    const int row = row0 + g + 8 * hh;
+    if (row >= S) continue;
+    bf16* orow = out_row0 + int64_t(row) * row_stride + col0 + 2 * t4;
+#pragma unroll
+    for (int n = 0; n < OT; ++n) {
+      const float x0 = o1[n][2 * hh] * i1[hh] - o2[n][2 * hh] * i2[hh];
+      const float x1 = o1[n][2 * hh + 1] * i1[hh] - o2[n][2 * hh + 1] * i2[hh];
+      *reinterpret_cast<uint32_t*>(orow + n * 8) = pack_bf16(x0, x1);
+    }
+  }
+}
+
+// ---- map-split pairs (dh 128) --------------------------------------------------------------
 // Grid: x = b * h + head (heads of one K/V group adjacent, for L2 reuse of K/V),
 //       y = query tile, longest (last) tiles first.
+// Warp (pair, map) computes S_map for the pair's 16 rows; both warps accumulate both maps'
+// outputs over their half of the 2dh columns: oa for their own map (P from registers), ob for
+// the partner's (P read from the partner's exchange slot).
 template <int DH>
 __global__ void __launch_bounds__(FwdCfg<DH>::THREADS, FwdCfg<DH>::MIN_BLOCKS)
     diff_flash_fwd_kernel(const FwdParams p) {
@@ -31,7 +57,7 @@ __global__ void __launch_bounds__(FwdCfg<DH>::THREADS, FwdCfg<DH>::MIN_BLOCKS)
   float2* xl = reinterpret_cast<float2*>(smem + C::OFF_XL);
 
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
-  const int pair = warp % C::WM, map = warp / C::WM;
+  const int pair = warp % C::WM, map = warp / C::WM, partner = map ? pair : pair + C::WM;
   const int g = lane >> 2, t4 = lane & 3;
   const int b = blockIdx.x / p.h, hd = blockIdx.x % p.h, kvg = hd / p.group;
   const int q0 = (gridDim.y - 1 - blockIdx.y) * C::BM;
@@ -48,11 +74,11 @@ __global__ void __launch_bounds__(FwdCfg<DH>::THREADS, FwdCfg<DH>::MIN_BLOCKS)
   load_tile<C::BN, C::ROW, C::THREADS>(sb + C::OFF_V, vg, kv_rs, (n_kt - 1) * C::BN, S, tid);
   cp_async_commit();
 
-  float o1[OT][4], o2[OT][4];
+  float oa[OT][4], ob[OT][4];
 #pragma unroll
   for (int n = 0; n < OT; ++n)
 #pragma unroll
-    for (int e = 0; e < 4; ++e) o1[n][e] = o2[n][e] = 0.f;
+    for (int e = 0; e < 4; ++e) oa[n][e] = ob[n][e] = 0.f;
   float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.f, 0.f};
   uint32_t qf[C::Q_REGS ? DH / 16 : 1][4];
   const int row0 = q0 + pair * 16;  // first query row of this warp
@@ -68,8 +94,7 @@ __global__ void __launch_bounds__(FwdCfg<DH>::THREADS, FwdCfg<DH>::MIN_BLOCKS)
     if constexpr (C::Q_REGS) {
       if (it == 0) {
 #pragma unroll
-        for (int kk = 0; kk < DH / 16; ++kk)
-          ldsm_x4(qf[kk], la.at(sQ, 0, 2 * kk));
+        for (int kk = 0; kk < DH / 16; ++kk) ldsm_x4(qf[kk], la.at(sQ, 0, 2 * kk));
       }
     }
     if (it + 1 < n_kt) {
@@ -107,83 +132,40 @@ __global__ void __launch_bounds__(FwdCfg<DH>::THREADS, FwdCfg<DH>::MIN_BLOCKS)
         mma16816(s[2 * nn + 1], af, bf[2], bf[3]);
       }
     }
-
-    // causal mask (only tiles reaching past this warp's first row)
     const int k0 = kt * C::BN;
-    if (k0 + C::BN - 1 > row0) {
-#pragma unroll
-      for (int n = 0; n < NT; ++n)
-#pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          const int col = k0 + n * 8 + 2 * t4 + (e & 1), row = row0 + g + 8 * (e >> 1);
-          if (col > row) s[n][e] = -INFINITY;
-        }
-    }
-
-    // online softmax of this warp's map, in log2 units
-    float mx[2] = {-INFINITY, -INFINITY};
-#pragma unroll
-    for (int n = 0; n < NT; ++n) {
-      mx[0] = fmaxf(mx[0], fmaxf(s[n][0], s[n][1]));
-      mx[1] = fmaxf(mx[1], fmaxf(s[n][2], s[n][3]));
-    }
-    float alpha[2], mu[2];
-#pragma unroll
-    for (int hh = 0; hh < 2; ++hh) {
-      mx[hh] = fmaxf(mx[hh], __shfl_xor_sync(0xffffffffu, mx[hh], 1));
-      mx[hh] = fmaxf(mx[hh], __shfl_xor_sync(0xffffffffu, mx[hh], 2));
-      const float mn = fmaxf(m[hh], mx[hh] * p.scale_log2);
-      mu[hh] = mn == -INFINITY ? 0.f : mn;
-      alpha[hh] = fast_exp2(m[hh] - mu[hh]);
-      m[hh] = mn;
-    }
-    // P as bf16 pairs straight into this warp's exchange slot: uint4 kk holds n-tiles
-    // 2kk, 2kk+1 as (row g, row g+8, row g, row g+8), the A-fragment order
-    float rs[2] = {0.f, 0.f};
-#pragma unroll
-    for (int kk = 0; kk < C::XP_U4; ++kk) {
-      uint32_t w[4];
-#pragma unroll
-      for (int h2 = 0; h2 < 2; ++h2) {
-        const int n = 2 * kk + h2;
-        const float p0 = fast_exp2(fmaf(s[n][0], p.scale_log2, -mu[0]));
-        const float p1 = fast_exp2(fmaf(s[n][1], p.scale_log2, -mu[0]));
-        const float p2 = fast_exp2(fmaf(s[n][2], p.scale_log2, -mu[1]));
-        const float p3 = fast_exp2(fmaf(s[n][3], p.scale_log2, -mu[1]));
-        rs[0] += p0 + p1;
-        rs[1] += p2 + p3;
-        w[2 * h2] = pack_bf16(p0, p1);
-        w[2 * h2 + 1] = pack_bf16(p2, p3);
-      }
-      xp[(warp * C::XP_U4 + kk) * 32 + lane] = make_uint4(w[0], w[1], w[2], w[3]);
-    }
-    l[0] = l[0] * alpha[0] + rs[0];
-    l[1] = l[1] * alpha[1] + rs[1];
+    if (k0 + C::BN - 1 > row0) causal_mask(s, k0, row0, lane);
+    float alpha[2];
+    uint32_t pf[NT][2];
+    softmax_step(s, p.scale_log2, m, l, alpha, pf);
 
     // exchange P and alpha with the partner warp (same rows, other map)
+#pragma unroll
+    for (int kk = 0; kk < C::XP_U4; ++kk)
+      xp[(warp * C::XP_U4 + kk) * 32 + lane] =
+          make_uint4(pf[2 * kk][0], pf[2 * kk][1], pf[2 * kk + 1][0], pf[2 * kk + 1][1]);
     xa[warp * 32 + lane] = make_float2(alpha[0], alpha[1]);
     pair_barrier(pair);
-    const float2 a1 = xa[pair * 32 + lane], a2 = xa[(pair + C::WM) * 32 + lane];
+    const float2 ap = xa[partner * 32 + lane];
 #pragma unroll
     for (int n = 0; n < OT; ++n) {
-      o1[n][0] *= a1.x; o1[n][1] *= a1.x; o1[n][2] *= a1.y; o1[n][3] *= a1.y;
-      o2[n][0] *= a2.x; o2[n][1] *= a2.x; o2[n][2] *= a2.y; o2[n][3] *= a2.y;
+      oa[n][0] *= alpha[0]; oa[n][1] *= alpha[0]; oa[n][2] *= alpha[1]; oa[n][3] *= alpha[1];
+      ob[n][0] *= ap.x; ob[n][1] *= ap.x; ob[n][2] *= ap.y; ob[n][3] *= ap.y;
     }
 
-    // O_j[:, half] += P_j V[:, half]: each V fragment serves both maps
+    // O_own[:, half] += P_own V[:, half], O_partner[:, half] += P_partner V[:, half]
 #pragma unroll
     for (int kk = 0; kk < C::BN / 16; ++kk) {
-      const uint4 ua = xp[(pair * C::XP_U4 + kk) * 32 + lane];
-      const uint4 ub = xp[((pair + C::WM) * C::XP_U4 + kk) * 32 + lane];
-      const uint32_t fa[4] = {ua.x, ua.y, ua.z, ua.w}, fb[4] = {ub.x, ub.y, ub.z, ub.w};
+      const uint4 up = xp[(partner * C::XP_U4 + kk) * 32 + lane];
+      const uint32_t fa[4] = {pf[2 * kk][0], pf[2 * kk][1], pf[2 * kk + 1][0], pf[2 * kk + 1][1]};
+      const uint32_t fb[4] = {up.x, up.y, up.z, up.w};
 #pragma unroll
       for (int nn = 0; nn < DH / 16; ++nn) {
         uint32_t bf[4];
         ldsm_x4_t(bf, la.at(sV, kk * 16, 2 * nn));
-        mma16816(o1[2 * nn], fa, bf[0], bf[1]);
-        mma16816(o1[2 * nn + 1], fa, bf[2], bf[3]);
-        mma16816(o2[2 * nn], fb, bf[0], bf[1]);
-        mma16816(o2[2 * nn + 1], fb, bf[2], bf[3]);
+        mma16816(oa[2 * nn], fa, bf[0], bf[1]);
+        mma16816(oa[2 * nn + 1], fa, bf[2], bf[3]);
+        mma16816(ob[2 * nn], fb, bf[0], bf[1]);
+        mma16816(ob[2 * nn + 1], fb, bf[2], bf[3]);
       }
     }
   }
@@ -196,23 +178,145 @@ __global__ void __launch_bounds__(FwdCfg<DH>::THREADS, FwdCfg<DH>::MIN_BLOCKS)
   }
   xl[warp * 32 + lane] = make_float2(l[0], l[1]);
   pair_barrier(pair);
-  const float2 l1 = xl[pair * 32 + lane], l2 = xl[(pair + C::WM) * 32 + lane];
+  const float2 lp = xl[partner * 32 + lane];
   const float lam = *p.lambda;
-  const float i1[2] = {l1.x > 0.f ? 1.f / l1.x : 0.f, l1.y > 0.f ? 1.f / l1.y : 0.f};
-  const float i2[2] = {l2.x > 0.f ? lam / l2.x : 0.f, l2.y > 0.f ? lam / l2.y : 0.f};
+  // map 1 warp: O = oa/l - lambda ob/lp; map 2 warp: O = ob/lp - lambda oa/l
+  const float ca = map ? -lam : 1.f, cb = map ? 1.f : -lam;
+  const float ia[2] = {l[0] > 0.f ? ca / l[0] : 0.f, l[1] > 0.f ? ca / l[1] : 0.f};
+  const float ib[2] = {lp.x > 0.f ? -cb / lp.x : 0.f, lp.y > 0.f ? -cb / lp.y : 0.f};
+  store_out(p.out + (int64_t(b) * S * p.h + hd) * 2 * DH, q_rs, row0, S, map * DH, oa, ob, ia,
+            ib, lane);
 #pragma unroll
   for (int hh = 0; hh < 2; ++hh) {
     const int row = row0 + g + 8 * hh;
-    if (row >= S) continue;
-    bf16* orow = p.out + ((int64_t(b) * S + row) * p.h + hd) * 2 * DH + map * DH + 2 * t4;
+    if (t4 == 0 && row < S)
+      p.lse[(int64_t(b * p.h + hd) * 2 + map) * S + row] = (m[hh] + __log2f(l[hh])) * kLn2;
+  }
+}
+
+// ---- dual warps (dh 64) ---------------------------------------------------------------------
+// Each warp owns 16 query rows: both maps' scores, both online softmaxes and all 2dh output
+// columns; every V fragment loaded from shared memory feeds both maps' P V products.
+template <int DH>
+__global__ void __launch_bounds__(FwdDualCfg<DH>::THREADS, FwdDualCfg<DH>::MIN_BLOCKS)
+    diff_flash_fwd_dual_kernel(const FwdParams p) {
+  using C = FwdDualCfg<DH>;
+  constexpr int NT = C::BN / 8;   // score n-tiles per map
+  constexpr int OT = 2 * DH / 8;  // output n-tiles per map
+  extern __shared__ __align__(128) uint8_t smem[];
+  const uint32_t sb = smem_addr(smem);
+  const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+  const int g = lane >> 2, t4 = lane & 3;
+  const int b = blockIdx.x / p.h, hd = blockIdx.x % p.h, kvg = hd / p.group;
+  const int q0 = (gridDim.y - 1 - blockIdx.y) * C::BM;
+  const int S = p.S;
+  const int64_t q_rs = int64_t(p.h) * 2 * DH, kv_rs = int64_t(p.h_kv) * 2 * DH;
+  const bf16* qg = p.q + (int64_t(b) * S * p.h + hd) * 2 * DH;
+  const bf16* kg = p.k + (int64_t(b) * S * p.h_kv + kvg) * 2 * DH;
+  const bf16* vg = p.v + (int64_t(b) * S * p.h_kv + kvg) * 2 * DH;
+  const int kv_end = min(q0 + C::BM, S);
+  const int n_kt = (kv_end + C::BN - 1) / C::BN;
+
+  load_tile<C::BM, C::ROW, C::THREADS>(sb + C::OFF_Q, qg, q_rs, q0, S, tid);
+  load_tile<C::BN, C::ROW, C::THREADS>(sb + C::OFF_K, kg, kv_rs, (n_kt - 1) * C::BN, S, tid);
+  load_tile<C::BN, C::ROW, C::THREADS>(sb + C::OFF_V, vg, kv_rs, (n_kt - 1) * C::BN, S, tid);
+  cp_async_commit();
+
+  float o1[OT][4], o2[OT][4];
+#pragma unroll
+  for (int n = 0; n < OT; ++n)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) o1[n][e] = o2[n][e] = 0.f;
+  float m1[2] = {-INFINITY, -INFINITY}, l1[2] = {0.f, 0.f};
+  float m2[2] = {-INFINITY, -INFINITY}, l2[2] = {0.f, 0.f};
+  const int row0 = q0 + warp * 16;
+  const Ldsm<C::ROW> la(lane, kA), ln(lane, kN);
+  const uint32_t sQ = sb + C::OFF_Q + warp * 16 * C::ROW * 2;
+
+  for (int it = 0; it < n_kt; ++it) {
+    const int kt = n_kt - 1 - it, st = it & 1;
+    cp_async_wait<0>();
+    __syncthreads();
+    if (it + 1 < n_kt) {
+      const int nst = st ^ 1;
+      load_tile<C::BN, C::ROW, C::THREADS>(sb + C::OFF_K + nst * C::TILE_KV, kg, kv_rs,
+                                           (kt - 1) * C::BN, S, tid);
+      load_tile<C::BN, C::ROW, C::THREADS>(sb + C::OFF_V + nst * C::TILE_KV, vg, kv_rs,
+                                           (kt - 1) * C::BN, S, tid);
+    }
+    cp_async_commit();
+    const uint32_t sK = sb + C::OFF_K + st * C::TILE_KV, sV = sb + C::OFF_V + st * C::TILE_KV;
+
+    float s1[NT][4], s2[NT][4];
+#pragma unroll
+    for (int n = 0; n < NT; ++n)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) s1[n][e] = s2[n][e] = 0.f;
+#pragma unroll
+    for (int kk = 0; kk < DH / 16; ++kk) {
+      uint32_t a1[4], a2[4];
+      ldsm_x4(a1, la.at(sQ, 0, 2 * kk));
+      ldsm_x4(a2, la.at(sQ, 0, DH / 8 + 2 * kk));
+#pragma unroll
+      for (int nn = 0; nn < C::BN / 16; ++nn) {
+        uint32_t b1[4], b2[4];
+        ldsm_x4(b1, ln.at(sK, nn * 16, 2 * kk));
+        ldsm_x4(b2, ln.at(sK, nn * 16, DH / 8 + 2 * kk));
+        mma16816(s1[2 * nn], a1, b1[0], b1[1]);
+        mma16816(s1[2 * nn + 1], a1, b1[2], b1[3]);
+        mma16816(s2[2 * nn], a2, b2[0], b2[1]);
+        mma16816(s2[2 * nn + 1], a2, b2[2], b2[3]);
+      }
+    }
+    const int k0 = kt * C::BN;
+    if (k0 + C::BN - 1 > row0) {
+      causal_mask(s1, k0, row0, lane);
+      causal_mask(s2, k0, row0, lane);
+    }
+    float al1[2], al2[2];
+    uint32_t p1[NT][2], p2[NT][2];
+    softmax_step(s1, p.scale_log2, m1, l1, al1, p1);
+    softmax_step(s2, p.scale_log2, m2, l2, al2, p2);
 #pragma unroll
     for (int n = 0; n < OT; ++n) {
-      const float x0 = o1[n][2 * hh] * i1[hh] - o2[n][2 * hh] * i2[hh];
-      const float x1 = o1[n][2 * hh + 1] * i1[hh] - o2[n][2 * hh + 1] * i2[hh];
-      *reinterpret_cast<uint32_t*>(orow + n * 8) = pack_bf16(x0, x1);
+      o1[n][0] *= al1[0]; o1[n][1] *= al1[0]; o1[n][2] *= al1[1]; o1[n][3] *= al1[1];
+      o2[n][0] *= al2[0]; o2[n][1] *= al2[0]; o2[n][2] *= al2[1]; o2[n][3] *= al2[1];
     }
-    if (t4 == 0)
-      p.lse[(int64_t(b * p.h + hd) * 2 + map) * S + row] = (m[hh] + __log2f(l[hh])) * kLn2;
+#pragma unroll
+    for (int kk = 0; kk < C::BN / 16; ++kk) {
+      const uint32_t f1[4] = {p1[2 * kk][0], p1[2 * kk][1], p1[2 * kk + 1][0], p1[2 * kk + 1][1]};
+      const uint32_t f2[4] = {p2[2 * kk][0], p2[2 * kk][1], p2[2 * kk + 1][0], p2[2 * kk + 1][1]};
+#pragma unroll
+      for (int nn = 0; nn < 2 * DH / 16; ++nn) {
+        uint32_t bf[4];
+        ldsm_x4_t(bf, la.at(sV, kk * 16, 2 * nn));
+        mma16816(o1[2 * nn], f1, bf[0], bf[1]);
+        mma16816(o1[2 * nn + 1], f1, bf[2], bf[3]);
+        mma16816(o2[2 * nn], f2, bf[0], bf[1]);
+        mma16816(o2[2 * nn + 1], f2, bf[2], bf[3]);
+      }
+    }
+  }
+
+#pragma unroll
+  for (int hh = 0; hh < 2; ++hh) {
+    l1[hh] += __shfl_xor_sync(0xffffffffu, l1[hh], 1);
+    l1[hh] += __shfl_xor_sync(0xffffffffu, l1[hh], 2);
+    l2[hh] += __shfl_xor_sync(0xffffffffu, l2[hh], 1);
+    l2[hh] += __shfl_xor_sync(0xffffffffu, l2[hh], 2);
+  }
+  const float lam = *p.lambda;
+  const float i1[2] = {l1[0] > 0.f ? 1.f / l1[0] : 0.f, l1[1] > 0.f ? 1.f / l1[1] : 0.f};
+  const float i2[2] = {l2[0] > 0.f ? lam / l2[0] : 0.f, l2[1] > 0.f ? lam / l2[1] : 0.f};
+  store_out(p.out + (int64_t(b) * S * p.h + hd) * 2 * DH, q_rs, row0, S, 0, o1, o2, i1, i2, lane);
+#pragma unroll
+  for (int hh = 0; hh < 2; ++hh) {
+    const int row = row0 + g + 8 * hh;
+    if (t4 == 0 && row < S) {
+      float* lrow = p.lse + int64_t(b * p.h + hd) * 2 * S + row;
+      lrow[0] = (m1[hh] + __log2f(l1[hh])) * kLn2;
+      lrow[S] = (m2[hh] + __log2f(l2[hh])) * kLn2;
+    }
   }
 }
 
@@ -240,10 +344,9 @@ void check_aligned(const T* p, const char* name) {
     throw_error("diff_flash: tensor ", name, " is not 16-byte aligned");
 }
 
-template <int DH>
-void launch_fwd(const DiffFlashDims& d, const flash::FwdParams& p, cudaStream_t stream) {
-  using C = flash::FwdCfg<DH>;
-  auto kernel = flash::diff_flash_fwd_kernel<DH>;
+template <typename C, typename K>
+void launch_fwd(const DiffFlashDims& d, K kernel, const flash::FwdParams& p,
+                cudaStream_t stream) {
   cudaError_t e =
       cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, C::SMEM);
   if (e != cudaSuccess)
@@ -267,10 +370,15 @@ void diff_flash_forward(const DiffFlashDims& d, const __nv_bfloat16* q, const __
   if (d.S > 65535LL * flash::FwdCfg<64>::BM) throw_error("diff_flash_forward: S too large");
   flash::FwdParams p{q, k, v, lambda, out, lse, int(d.S), int(d.h), int(d.h_kv),
                      int(d.h / d.h_kv), float(flash::kLog2e / std::sqrt(double(d.dh)))};
-  if (d.dh == 64)
-    launch_fwd<64>(d, p, stream);
-  else
-    launch_fwd<128>(d, p, stream);
+  if (d.dh == 64) {
+#if DIFF_FLASH_FWD64_DUAL
+    launch_fwd<flash::FwdDualCfg<64>>(d, flash::diff_flash_fwd_dual_kernel<64>, p, stream);
+#else
+    launch_fwd<flash::FwdCfg<64>>(d, flash::diff_flash_fwd_kernel<64>, p, stream);
+#endif
+  } else {
+    launch_fwd<flash::FwdCfg<128>>(d, flash::diff_flash_fwd_kernel<128>, p, stream);
+  }
 }
 
 }  // namespace difftron::cuda
