@@ -1,51 +1,96 @@
 // Forward and hand-written backward of the Differential / baseline Transformer.
-// Shapes: N = B*S rows; d = d_model; q_dim = 2*h*dh; kv_dim = 2*h_kv*dh; F = ffn_dim.
+// Shapes: N = B*S rows; d = d_model; per TP rank: h_ diff heads, hkv_ K/V groups,
+// q_dim_ = 2*h_*dh, kv_dim_ = 2*hkv_*dh, F_ SwiGLU width, V_ vocabulary rows (all equal to
+// the config's values at TP 1). Under TP the residual stream [N, d] is the same on every
+// rank: row-parallel outputs (o_proj, down_proj, the embedding) and the gradients flowing
+// out of column-parallel inputs (q/k/v, gate/up, the LM head) are summed over TP.
 #include "core/model.h"
 
 #include <algorithm>
 #include <cmath>
+#include <numeric>
 
 #include "core/rng.h"
+#include "parallel/comm.h"
 
 namespace difftron {
 
 Model::Model(const ModelConfig& config, Ops& ops, ModelPrecision precision, int64_t max_batch,
-             int64_t max_seq)
-    : cfg_(config), ops_(ops), prec_(precision), max_b_(max_batch), max_s_(max_seq) {
+             int64_t max_seq, ModelParallel parallel)
+    : cfg_(config), ops_(ops), prec_(precision), max_b_(max_batch), max_s_(max_seq), par_(parallel) {
   cfg_.resolve_and_validate();
   if (max_batch <= 0) throw_error("batch size (", max_batch, ") must be positive");
   if (max_seq <= 0 || max_seq > cfg_.max_seq_len)
     throw_error("sequence length (", max_seq, ") must be in [1, max_seq_len=", cfg_.max_seq_len, "]");
+  if (par_.tp) {
+    tp_size_ = par_.tp->size();
+    tp_rank_ = par_.tp->rank();
+    if (par_.tp->device() != ops_.device())
+      throw_error("the TP communicator works on ", device_name(par_.tp->device()),
+                  " memory but the model lives in ", device_name(ops_.device()), " memory");
+    if (tp_size_ > 1 && (!par_.tp_host || par_.tp_host->size() != tp_size_ || par_.tp_host->device() != Device::CPU))
+      throw_error("tensor parallelism needs a host-memory communicator of the TP group (ModelParallel::tp_host)");
+  }
+  const int T = tp_size_;
+  {
+    std::vector<std::string> bad;
+    auto need = [&](const char* what, int64_t v) {
+      if (v % T != 0)
+        bad.push_back(std::string(what) + " (" + std::to_string(v) + ") must be a multiple of the tensor-parallel size (" +
+                      std::to_string(T) + ")");
+    };
+    need("n_heads", cfg_.n_heads);
+    need("n_kv_heads", cfg_.n_kv_heads);
+    need("ffn_dim", cfg_.ffn_dim);
+    if (cfg_.vocab_size % T != 0)
+      bad.push_back("vocab_size (" + std::to_string(cfg_.vocab_size) + ") must be a multiple of the tensor-parallel size (" +
+                    std::to_string(T) + "): pad it, e.g. --vocab_size=" +
+                    std::to_string((cfg_.vocab_size + T - 1) / T * T));
+    if (!bad.empty()) {
+      std::string msg = "model config does not split over tensor parallelism:";
+      for (auto& b : bad) msg += "\n  " + b;
+      throw Error(msg);
+    }
+  }
+  h_ = cfg_.n_heads / T;
+  hkv_ = cfg_.n_kv_heads / T;
+  F_ = cfg_.ffn_dim / T;
+  V_ = cfg_.vocab_size / T;
+  vocab_begin_ = tp_rank_ * V_;
+  q_dim_ = cfg_.q_dim() / T;
+  kv_dim_ = cfg_.kv_dim() / T;
   const int64_t d = cfg_.d_model, F = cfg_.ffn_dim, V = cfg_.vocab_size, dh = cfg_.head_dim;
   const int64_t qd = cfg_.q_dim(), kvd = cfg_.kv_dim();
   const bool diff = cfg_.attention == AttentionKind::Differential;
 
+  // Column-parallel weights split their rows (dim 0), row-parallel ones their columns.
   params_.reserve(3 + 14 * cfg_.n_layers);
-  embed_ = add_param("model.embed_tokens.weight", {V, d}, true, true);
+  embed_ = add_param("model.embed_tokens.weight", {V, d}, true, true, 0);
   layers_.resize(cfg_.n_layers);
   for (int64_t l = 0; l < cfg_.n_layers; ++l) {
     Layer& L = layers_[l];
     const std::string p = "model.layers." + std::to_string(l) + ".";
     L.attn_norm = add_param(p + "input_layernorm.weight", {d}, false);
-    L.wq = add_param(p + "self_attn.q_proj.weight", {qd, d}, true);
-    L.wk = add_param(p + "self_attn.k_proj.weight", {kvd, d}, true);
-    L.wv = add_param(p + "self_attn.v_proj.weight", {kvd, d}, true);
-    L.wo = add_param(p + "self_attn.o_proj.weight", {d, qd}, true);
+    L.wq = add_param(p + "self_attn.q_proj.weight", {qd, d}, true, false, 0);
+    L.wk = add_param(p + "self_attn.k_proj.weight", {kvd, d}, true, false, 0);
+    L.wv = add_param(p + "self_attn.v_proj.weight", {kvd, d}, true, false, 0);
+    L.wo = add_param(p + "self_attn.o_proj.weight", {d, qd}, true, false, 1);
     L.lq1 = L.lk1 = L.lq2 = L.lk2 = L.subln = -1;
-    if (diff) {
-      L.lq1 = add_param(p + "self_attn.lambda_q1", {dh}, false);
-      L.lk1 = add_param(p + "self_attn.lambda_k1", {dh}, false);
-      L.lq2 = add_param(p + "self_attn.lambda_q2", {dh}, false);
-      L.lk2 = add_param(p + "self_attn.lambda_k2", {dh}, false);
-      L.subln = add_param(p + "self_attn.subln.weight", {2 * dh}, false);
+    if (diff) {  // whole on every rank; each rank's gradient covers only its heads
+      L.lq1 = add_param(p + "self_attn.lambda_q1", {dh}, false, false, -1, true);
+      L.lk1 = add_param(p + "self_attn.lambda_k1", {dh}, false, false, -1, true);
+      L.lq2 = add_param(p + "self_attn.lambda_q2", {dh}, false, false, -1, true);
+      L.lk2 = add_param(p + "self_attn.lambda_k2", {dh}, false, false, -1, true);
+      L.subln = add_param(p + "self_attn.subln.weight", {2 * dh}, false, false, -1, true);
     }
     L.mlp_norm = add_param(p + "post_attention_layernorm.weight", {d}, false);
-    L.w_gate = add_param(p + "mlp.gate_proj.weight", {F, d}, true);
-    L.w_up = add_param(p + "mlp.up_proj.weight", {F, d}, true);
-    L.w_down = add_param(p + "mlp.down_proj.weight", {d, F}, true);
+    L.w_gate = add_param(p + "mlp.gate_proj.weight", {F, d}, true, false, 0);
+    L.w_up = add_param(p + "mlp.up_proj.weight", {F, d}, true, false, 0);
+    L.w_down = add_param(p + "mlp.down_proj.weight", {d, F}, true, false, 1);
   }
   final_norm_ = add_param("model.norm.weight", {d}, false);
-  if (!cfg_.tie_embeddings) lm_head_ = add_param("lm_head.weight", {V, d}, true, true);
+  if (!cfg_.tie_embeddings) lm_head_ = add_param("lm_head.weight", {V, d}, true, true, 0);
+  allocate_flat(par_.flat_multiple);
 
   // Activations for the largest batch.
   const int64_t B = max_b_, S = max_s_, N = B * S;
@@ -56,27 +101,27 @@ Model::Model(const ModelConfig& config, Ops& ops, ModelPrecision precision, int6
     L.ln1 = act({N, d});
     L.rstd1 = stat({N});
     if (diff) {
-      L.q = act({B, S, cfg_.n_heads, 2, dh});
-      L.k = act({B, S, cfg_.n_kv_heads, 2, dh});
-      L.v = act({B, S, cfg_.n_kv_heads, 2 * dh});
-      L.att = act({B, S, cfg_.n_heads, 2 * dh});
-      L.lse = stat({B, cfg_.n_heads, 2, S});
+      L.q = act({B, S, h_, 2, dh});
+      L.k = act({B, S, hkv_, 2, dh});
+      L.v = act({B, S, hkv_, 2 * dh});
+      L.att = act({B, S, h_, 2 * dh});
+      L.lse = stat({B, h_, 2, S});
       L.lambda = stat({1});
-      L.sub = act({N, qd});
-      L.rstd_sub = stat({N * cfg_.n_heads});
+      L.sub = act({N, q_dim_});
+      L.rstd_sub = stat({N * h_});
     } else {
-      L.q = act({B, S, 2 * cfg_.n_heads, dh});
-      L.k = act({B, S, 2 * cfg_.n_kv_heads, dh});
-      L.v = act({B, S, 2 * cfg_.n_kv_heads, dh});
-      L.att = act({B, S, 2 * cfg_.n_heads, dh});
-      L.lse = stat({B, 2 * cfg_.n_heads, S});
+      L.q = act({B, S, 2 * h_, dh});
+      L.k = act({B, S, 2 * hkv_, dh});
+      L.v = act({B, S, 2 * hkv_, dh});
+      L.att = act({B, S, 2 * h_, dh});
+      L.lse = stat({B, 2 * h_, S});
     }
     L.x_mid = act({N, d});
     L.ln2 = act({N, d});
     L.rstd2 = stat({N});
-    L.gate = act({N, F});
-    L.up = act({N, F});
-    L.act = act({N, F});
+    L.gate = act({N, F_});
+    L.up = act({N, F_});
+    L.act = act({N, F_});
   }
   tokens_ = ops_.empty({N}, DType::I32);
   targets_ = ops_.empty({N}, DType::I32);
@@ -85,32 +130,103 @@ Model::Model(const ModelConfig& config, Ops& ops, ModelPrecision precision, int6
   rstdf_ = stat({N});
   dres_ = act({N, d});
   dln_ = act({N, d});
-  dsub_ = act({N, qd});
+  dsub_ = act({N, q_dim_});
   datt_ = act(layers_.empty() ? Shape{1} : layers_[0].att.shape());
   dq_ = act(layers_.empty() ? Shape{1} : layers_[0].q.shape());
   dk_ = act(layers_.empty() ? Shape{1} : layers_[0].k.shape());
   dv_ = act(layers_.empty() ? Shape{1} : layers_[0].v.shape());
   dlambda_ = stat({1});
-  dact_ = act({N, F});
-  dgate_ = act({N, F});
-  dup_ = act({N, F});
+  dact_ = act({N, F_});
+  dgate_ = act({N, F_});
+  dup_ = act({N, F_});
   // The LM head works on row chunks so that [N, V] logits are never held at once.
-  head_chunk_ = std::max<int64_t>(1, std::min<int64_t>(N, (int64_t(1) << 22) / V));
-  logits_ = act({head_chunk_, V});
+  Vh_ = T > 1 ? V_ + 1 : V_;
+  head_chunk_ = std::max<int64_t>(1, std::min<int64_t>(N, (int64_t(1) << 22) / Vh_));
+  logits_ = act({head_chunk_, Vh_});
   losses_ = stat({head_chunk_});
   lse_head_ = stat({head_chunk_});
+  if (T > 1) {
+    lse_global_ = stat({head_chunk_});
+    ones_ = act({head_chunk_, 1});
+    dummy_col_ = act({1, Vh_});
+    std::vector<float> one(head_chunk_, 1.0f), col(Vh_, 0.0f);
+    col[V_] = -1e30f;
+    ops_.upload(ones_, one.data());
+    ops_.upload(dummy_col_, col.data());
+  }
 }
 
-int Model::add_param(const std::string& name, Shape shape, bool is_matrix, bool is_embedding) {
+int Model::add_param(const std::string& name, Shape full, bool is_matrix, bool is_embedding,
+                     int shard_dim, bool tp_partial_grad) {
   Param p;
   p.name = name;
-  p.value = ops_.empty(shape, prec_.param);
-  p.grad = ops_.empty(shape, prec_.grad);
-  ops_.fill_zero(p.grad);
+  p.full_shape = full;
+  p.shard_dim = shard_dim;
   p.is_matrix = is_matrix;
   p.is_embedding = is_embedding;
+  p.tp_partial_grad = tp_partial_grad && tp_size_ > 1;
+  Shape local = full;
+  if (shard_dim >= 0) {
+    local[shard_dim] = full[shard_dim] / tp_size_;
+    p.shard_begin = tp_rank_ * local[shard_dim];
+  }
+  p.value = Tensor(local, prec_.param, ops_.device(), nullptr, [](void*) {});  // storage: allocate_flat
   params_.push_back(std::move(p));
   return int(params_.size()) - 1;
+}
+
+void Model::allocate_flat(int64_t multiple) {
+  constexpr int64_t kAlign = 64;  // elements: keeps every parameter 128-byte aligned in bf16
+  if (multiple <= 0) throw_error("ModelParallel::flat_multiple (", multiple, ") must be positive");
+  int64_t off = 0;
+  for (size_t i = 0; i < params_.size(); ++i) {
+    params_[i].flat_offset = off;
+    off += params_[i].value.numel();
+    // Under TP a zero row follows this rank's embedding and LM head slices: tokens of other
+    // ranks' slices are looked up there, and the head's dummy logit column comes from it.
+    if ((int(i) == embed_ || int(i) == lm_head_) && tp_size_ > 1) off += cfg_.d_model;
+    off = (off + kAlign - 1) / kAlign * kAlign;
+  }
+  const int64_t m = std::lcm(kAlign, multiple);
+  const int64_t total = std::max<int64_t>(m, (off + m - 1) / m * m);
+  flat_values_ = ops_.empty({total}, prec_.param);
+  flat_grads_ = ops_.empty({total}, prec_.grad);
+  ops_.fill_zero(flat_values_);
+  ops_.fill_zero(flat_grads_);
+  for (auto& p : params_) {
+    const Shape shape = p.value.shape();
+    p.value = flat_values_.flat_slice(p.flat_offset, shape_numel(shape)).view(shape);
+    p.grad = flat_grads_.flat_slice(p.flat_offset, shape_numel(shape)).view(shape);
+  }
+}
+
+Tensor Model::with_zero_row(int idx, bool grad) {
+  DT_CHECK(tp_size_ > 1, "the zero rows exist under tensor parallelism only");
+  const Tensor& flat = grad ? flat_grads_ : flat_values_;
+  return flat.flat_slice(params_[idx].flat_offset, (V_ + 1) * cfg_.d_model).view({V_ + 1, cfg_.d_model});
+}
+
+void Model::tp_all_reduce(Tensor& t) {
+  if (tp_size_ > 1) par_.tp->all_reduce(t);
+}
+
+void Model::grads_ready(int first) {
+  if (!grad_sync_ || first >= ready_from_) return;
+  // TP-partial gradients: consecutive runs of them summed with one all-reduce each.
+  for (int i = first; i < ready_from_;) {
+    if (!params_[i].tp_partial_grad) {
+      ++i;
+      continue;
+    }
+    int j = i;
+    while (j + 1 < ready_from_ && params_[j + 1].tp_partial_grad) ++j;
+    const int64_t begin = params_[i].flat_offset, end = params_[j].flat_offset + params_[j].grad.numel();
+    Tensor run = flat_grads_.flat_slice(begin, end - begin);
+    par_.tp->all_reduce(run);
+    i = j + 1;
+  }
+  ready_from_ = first;
+  if (grads_ready_) grads_ready_(params_[first].flat_offset);
 }
 
 Param& Model::param(const std::string& name) {
@@ -119,14 +235,21 @@ Param& Model::param(const std::string& name) {
   throw_error("model has no parameter named '", name, "'");
 }
 
-const Tensor& Model::head_weight() { return P(lm_head_ >= 0 ? lm_head_ : embed_); }
-Tensor& Model::head_grad() { return G(lm_head_ >= 0 ? lm_head_ : embed_); }
+Tensor Model::head_weight() {
+  const int idx = lm_head_ >= 0 ? lm_head_ : embed_;
+  return tp_size_ > 1 ? with_zero_row(idx, false) : P(idx);
+}
+
+Tensor Model::head_grad() {
+  const int idx = lm_head_ >= 0 ? lm_head_ : embed_;
+  return tp_size_ > 1 ? with_zero_row(idx, true) : G(idx);
+}
 
 void Model::init_weights(uint64_t seed) {
   Rng rng(seed);
   const double out_std = cfg_.init_std / std::sqrt(2.0 * double(cfg_.n_layers));
   for (auto& p : params_) {
-    std::vector<float> host(p.value.numel());
+    std::vector<float> host(shape_numel(p.full_shape));  // the full tensor, the same at any TP
     const std::string& n = p.name;
     auto ends_with = [&](const char* suf) {
       std::string s(suf);
@@ -140,13 +263,25 @@ void Model::init_weights(uint64_t seed) {
       double std = (ends_with("o_proj.weight") || ends_with("down_proj.weight")) ? out_std : cfg_.init_std;
       for (auto& x : host) x = float(std * rng.normal());
     }
-    ops_.upload(p.value, host.data());
+    if (p.value.numel() == int64_t(host.size())) {
+      ops_.upload(p.value, host.data());
+      continue;
+    }
+    // this rank's slice: rows [b, b + n) (dim 0) or columns [b, b + n) of every row (dim 1)
+    std::vector<float> local(p.value.numel());
+    const int64_t rows = p.full_shape[0], cols = p.full_shape.size() > 1 ? p.full_shape[1] : 1;
+    const int64_t b = p.shard_begin, len = p.value.dim(p.shard_dim);
+    if (p.shard_dim == 0) {
+      std::copy(host.begin() + b * cols, host.begin() + (b + len) * cols, local.begin());
+    } else {
+      for (int64_t r = 0; r < rows; ++r)
+        std::copy(host.begin() + r * cols + b, host.begin() + r * cols + b + len, local.begin() + r * len);
+    }
+    ops_.upload(p.value, local.data());
   }
 }
 
-void Model::zero_grads() {
-  for (auto& p : params_) ops_.fill_zero(p.grad);
-}
+void Model::zero_grads() { ops_.fill_zero(flat_grads_); }
 
 double Model::lambda_value(int64_t l) {
   const Layer& L = layers_.at(l);
@@ -169,8 +304,8 @@ void Model::check_batch(const int32_t* tokens, int64_t B, int64_t S) const {
 
 void Model::layer_forward(int64_t l, int64_t B, int64_t S) {
   Layer& L = layers_[l];
-  const int64_t N = B * S, d = cfg_.d_model, F = cfg_.ffn_dim, dh = cfg_.head_dim;
-  const int64_t h = cfg_.n_heads, hkv = cfg_.n_kv_heads;
+  const int64_t N = B * S, d = cfg_.d_model, F = F_, dh = cfg_.head_dim;
+  const int64_t h = h_, hkv = hkv_;
   const bool diff = cfg_.attention == AttentionKind::Differential;
   Tensor x_in = L.x_in.view({N, d}), ln1 = L.ln1.view({N, d}), x_mid = L.x_mid.view({N, d});
   Tensor rstd1 = L.rstd1.view({N});
@@ -179,15 +314,15 @@ void Model::layer_forward(int64_t l, int64_t B, int64_t S) {
   Tensor q = diff ? L.q.view({B, S, h, 2, dh}) : L.q.view({B, S, 2 * h, dh});
   Tensor k = diff ? L.k.view({B, S, hkv, 2, dh}) : L.k.view({B, S, 2 * hkv, dh});
   Tensor v = diff ? L.v.view({B, S, hkv, 2 * dh}) : L.v.view({B, S, 2 * hkv, dh});
-  Tensor q2 = q.view({N, cfg_.q_dim()}), k2 = k.view({N, cfg_.kv_dim()}), v2 = v.view({N, cfg_.kv_dim()});
-  ops_.matmul(ln1, false, P(L.wq), true, q2);  // [N, q_dim]
-  ops_.matmul(ln1, false, P(L.wk), true, k2);  // [N, kv_dim]
-  ops_.matmul(ln1, false, P(L.wv), true, v2);  // [N, kv_dim]
+  Tensor q2 = q.view({N, q_dim_}), k2 = k.view({N, kv_dim_}), v2 = v.view({N, kv_dim_});
+  ops_.matmul(ln1, false, P(L.wq), true, q2);  // [N, q_dim_]
+  ops_.matmul(ln1, false, P(L.wk), true, k2);  // [N, kv_dim_]
+  ops_.matmul(ln1, false, P(L.wv), true, v2);  // [N, kv_dim_]
   Tensor q_heads = q.view({B, S, 2 * h, dh}), k_heads = k.view({B, S, 2 * hkv, dh});
   ops_.rope(q_heads, cfg_.rope_theta, false);
   ops_.rope(k_heads, cfg_.rope_theta, false);
 
-  Tensor sub_in;  // what o_proj multiplies: [N, q_dim]
+  Tensor sub_in;  // what o_proj multiplies: [N, q_dim_]
   if (diff) {
     const double li = ModelConfig::lambda_init(l);
     ops_.diff_lambda_forward(P(L.lq1), P(L.lk1), P(L.lq2), P(L.lk2), li, L.lambda);
@@ -196,14 +331,17 @@ void Model::layer_forward(int64_t l, int64_t B, int64_t S) {
     Tensor att_rows = att.view({N * h, 2 * dh}), sub_rows = L.sub.view({N * h, 2 * dh});
     Tensor rstd_sub = L.rstd_sub.view({N * h});
     ops_.rmsnorm_forward(att_rows, P(L.subln), cfg_.norm_eps, float(1.0 - li), sub_rows, rstd_sub);
-    sub_in = L.sub.view({N, cfg_.q_dim()});
+    sub_in = L.sub.view({N, q_dim_});
   } else {
     Tensor att = L.att.view({B, S, 2 * h, dh}), lse = L.lse.view({B, 2 * h, S});
     ops_.attention_forward(q, k, v, att, lse);
-    sub_in = L.att.view({N, cfg_.q_dim()});
+    sub_in = L.att.view({N, q_dim_});
   }
-  ops_.copy(x_in, x_mid);
-  ops_.matmul(sub_in, false, P(L.wo), true, x_mid, 1.0f, 1.0f);  // x_mid = x_in + O Wo^T
+  // x_mid = x_in + O Wo^T; under TP rank 0 adds x_in to its partial product, then the
+  // partial products are summed.
+  if (tp_rank_ == 0) ops_.copy(x_in, x_mid);
+  ops_.matmul(sub_in, false, P(L.wo), true, x_mid, 1.0f, tp_rank_ == 0 ? 1.0f : 0.0f);
+  tp_all_reduce(x_mid);
 
   Tensor ln2 = L.ln2.view({N, d}), rstd2 = L.rstd2.view({N});
   ops_.rmsnorm_forward(x_mid, P(L.mlp_norm), cfg_.norm_eps, 1.0f, ln2, rstd2);
@@ -212,49 +350,102 @@ void Model::layer_forward(int64_t l, int64_t B, int64_t S) {
   ops_.matmul(ln2, false, P(L.w_up), true, up);
   ops_.swiglu_forward(gate, up, a);
   Tensor x_out = (l + 1 < cfg_.n_layers ? layers_[l + 1].x_in : x_final_).view({N, d});
-  ops_.copy(x_mid, x_out);
-  ops_.matmul(a, false, P(L.w_down), true, x_out, 1.0f, 1.0f);  // x_out = x_mid + act Wd^T
+  if (tp_rank_ == 0) ops_.copy(x_mid, x_out);
+  ops_.matmul(a, false, P(L.w_down), true, x_out, 1.0f, tp_rank_ == 0 ? 1.0f : 0.0f);  // x_mid + act Wd^T
+  tp_all_reduce(x_out);
 }
 
 void Model::forward_body(int64_t B, int64_t S) {
   const int64_t N = B * S, d = cfg_.d_model;
   Tensor x0 = (layers_.empty() ? x_final_ : layers_[0].x_in).view({N, d});
   Tensor tok = tokens_.view({N});
-  ops_.embedding_forward(tok, P(embed_), x0);
+  if (tp_size_ == 1) {
+    ops_.embedding_forward(tok, P(embed_), x0);
+  } else {  // vocabulary-parallel: each token's row comes from one rank, zeros from the others
+    ops_.embedding_forward(tok, with_zero_row(embed_, false), x0);
+    tp_all_reduce(x0);
+  }
   for (int64_t l = 0; l < cfg_.n_layers; ++l) layer_forward(l, B, S);
   Tensor xf = x_final_.view({N, d}), lnf = lnf_.view({N, d}), rstdf = rstdf_.view({N});
   ops_.rmsnorm_forward(xf, P(final_norm_), cfg_.norm_eps, 1.0f, lnf, rstdf);
 }
 
 double Model::head_loss(int64_t N, int64_t n_valid, bool backward, float grad_scale) {
-  const int64_t V = cfg_.vocab_size, d = cfg_.d_model;
-  const Tensor& W = head_weight();  // [V, d]
+  const int64_t d = cfg_.d_model;
+  const Tensor W = head_weight();  // [Vh_, d]
+  Tensor dW = head_grad();
   double total = 0;
   std::vector<double> host(head_chunk_);
   const float dloss = n_valid > 0 ? grad_scale / float(n_valid) : 0.0f;
   for (int64_t r0 = 0; r0 < N; r0 += head_chunk_) {
     const int64_t rows = std::min(head_chunk_, N - r0);
     Tensor h = lnf_.view({N, d}).slice_rows(r0, r0 + rows);
-    Tensor logits = logits_.view({rows, V}), losses = losses_.view({rows}), lse = lse_head_.view({rows});
+    Tensor logits = logits_.view({rows, Vh_}), losses = losses_.view({rows}), lse = lse_head_.view({rows});
     Tensor tg = targets_.view({N}).flat_slice(r0, rows);
-    ops_.matmul(h, false, W, true, logits);  // [rows, V]
+    ops_.matmul(h, false, W, true, logits);  // [rows, Vh_]
+    if (tp_size_ > 1)  // the dummy column: 0 + 1 x (-1e30); the real columns gain exact zeros
+      ops_.matmul(ones_.view({rows, 1}), false, dummy_col_, false, logits, 1.0f, 1.0f);
     ops_.cross_entropy_forward(logits, tg, losses, lse);
-    ops_.download(losses, host.data());
-    for (int64_t i = 0; i < rows; ++i) total += host[i];
+    if (tp_size_ == 1) {
+      ops_.download(losses, host.data());
+      for (int64_t i = 0; i < rows; ++i) total += host[i];
+    } else {
+      total += parallel_ce_chunk(r0, rows);
+    }
     if (backward) {
-      ops_.cross_entropy_backward(logits, tg, lse, dloss, logits);  // logits := dlogits
+      const Tensor& lse_all = tp_size_ == 1 ? lse : lse_global_.view({rows});
+      ops_.cross_entropy_backward(logits, tg, lse_all, dloss, logits);  // logits := dlogits
       Tensor dh = dln_.view({N, d}).slice_rows(r0, r0 + rows);
       ops_.matmul(logits, false, W, false, dh);                         // dh = dlogits W
-      ops_.matmul(logits, true, h, false, head_grad(), 1.0f, 1.0f);      // dW += dlogits^T h
+      ops_.matmul(logits, true, h, false, dW, 1.0f, 1.0f);              // dW += dlogits^T h
     }
+  }
+  if (backward && tp_size_ > 1) {
+    Tensor dummy_row = dW.slice_rows(V_, V_ + 1);  // the dummy column's gradient: discarded
+    ops_.fill_zero(dummy_row);
+    Tensor dln = dln_.view({N, d});
+    tp_all_reduce(dln);  // each rank's dh covers its vocabulary slice only
   }
   return n_valid > 0 ? total / double(n_valid) : 0.0;
 }
 
+// Rank t's cross-entropy op saw only its vocabulary slice (the dummy column adds exp(-1e30)
+// = 0): it gives lse_t per row and, on the rank owning the target, loss_t = lse_t -
+// logit[target]. Over TP:
+//   lse = log sum_t exp(lse_t),   loss = lse + sum_t (owner ? loss_t - lse_t : 0).
+// Only 2 numbers per row travel (host memory); the logits stay where they are.
+double Model::parallel_ce_chunk(int64_t r0, int64_t rows) {
+  const int T = tp_size_;
+  std::vector<double> mine(2 * rows), all(2 * rows * T), lse(rows), loss(rows);
+  ops_.download(lse_head_.view({rows}), mine.data());
+  ops_.download(losses_.view({rows}), loss.data());
+  for (int64_t i = 0; i < rows; ++i) {
+    const int32_t t = targets_host_[r0 + i];
+    const bool owner = t >= vocab_begin_ && t < vocab_begin_ + V_;
+    mine[rows + i] = owner ? loss[i] - mine[i] : 0.0;
+  }
+  all_gather_host(*par_.tp_host, mine.data(), all.data(), 2 * rows);
+  double total = 0;
+  for (int64_t i = 0; i < rows; ++i) {
+    double mx = -INFINITY;
+    for (int t = 0; t < T; ++t) mx = std::max(mx, all[t * 2 * rows + i]);
+    double sum = 0, own = 0;
+    for (int t = 0; t < T; ++t) {
+      sum += std::exp(all[t * 2 * rows + i] - mx);
+      own += all[t * 2 * rows + rows + i];
+    }
+    lse[i] = mx + std::log(sum);
+    if (targets_host_[r0 + i] >= 0) total += lse[i] + own;
+  }
+  Tensor lg = lse_global_.view({rows});
+  ops_.upload(lg, lse.data());
+  return total;
+}
+
 void Model::layer_backward(int64_t l, int64_t B, int64_t S) {
   Layer& L = layers_[l];
-  const int64_t N = B * S, d = cfg_.d_model, F = cfg_.ffn_dim, dh = cfg_.head_dim;
-  const int64_t h = cfg_.n_heads, hkv = cfg_.n_kv_heads;
+  const int64_t N = B * S, d = cfg_.d_model, F = F_, dh = cfg_.head_dim;
+  const int64_t h = h_, hkv = hkv_;
   const bool diff = cfg_.attention == AttentionKind::Differential;
   Tensor dres = dres_.view({N, d}), dln = dln_.view({N, d});
 
@@ -269,6 +460,7 @@ void Model::layer_backward(int64_t l, int64_t B, int64_t S) {
   ops_.matmul(dup, false, P(L.w_up), false, dln, 1.0f, 1.0f);
   ops_.matmul(dgate, true, ln2, false, G(L.w_gate), 1.0f, 1.0f);
   ops_.matmul(dup, true, ln2, false, G(L.w_up), 1.0f, 1.0f);
+  tp_all_reduce(dln);  // each rank's dln covers its slice of the SwiGLU width
   ops_.rmsnorm_backward(L.x_mid.view({N, d}), P(L.mlp_norm), L.rstd2.view({N}), 1.0f, dln, dres,
                         G(L.mlp_norm));
 
@@ -277,10 +469,10 @@ void Model::layer_backward(int64_t l, int64_t B, int64_t S) {
   Tensor k = diff ? L.k.view({B, S, hkv, 2, dh}) : L.k.view({B, S, 2 * hkv, dh});
   Tensor v = diff ? L.v.view({B, S, hkv, 2 * dh}) : L.v.view({B, S, 2 * hkv, dh});
   Tensor dq = dq_.view(q.shape()), dk = dk_.view(k.shape()), dv = dv_.view(v.shape());
-  Tensor dsub = dsub_.view({N, cfg_.q_dim()});
-  Tensor o_in = diff ? L.sub.view({N, cfg_.q_dim()}) : L.att.view({N, cfg_.q_dim()});
-  ops_.matmul(dres, false, P(L.wo), false, dsub);                     // [N, q_dim]
-  ops_.matmul(dres, true, o_in, false, G(L.wo), 1.0f, 1.0f);           // [d, q_dim]
+  Tensor dsub = dsub_.view({N, q_dim_});
+  Tensor o_in = diff ? L.sub.view({N, q_dim_}) : L.att.view({N, q_dim_});
+  ops_.matmul(dres, false, P(L.wo), false, dsub);                     // [N, q_dim_]
+  ops_.matmul(dres, true, o_in, false, G(L.wo), 1.0f, 1.0f);           // [d, q_dim_]
   if (diff) {
     const double li = ModelConfig::lambda_init(l);
     Tensor att = L.att.view({B, S, h, 2 * dh}), datt = datt_.view({B, S, h, 2 * dh});
@@ -299,7 +491,7 @@ void Model::layer_backward(int64_t l, int64_t B, int64_t S) {
   Tensor dq_heads = dq.view({B, S, 2 * h, dh}), dk_heads = dk.view({B, S, 2 * hkv, dh});
   ops_.rope(dq_heads, cfg_.rope_theta, true);
   ops_.rope(dk_heads, cfg_.rope_theta, true);
-  Tensor dq2 = dq.view({N, cfg_.q_dim()}), dk2 = dk.view({N, cfg_.kv_dim()}), dv2 = dv.view({N, cfg_.kv_dim()});
+  Tensor dq2 = dq.view({N, q_dim_}), dk2 = dk.view({N, kv_dim_}), dv2 = dv.view({N, kv_dim_});
   Tensor ln1 = L.ln1.view({N, d});
   ops_.matmul(dq2, false, P(L.wq), false, dln);
   ops_.matmul(dk2, false, P(L.wk), false, dln, 1.0f, 1.0f);
@@ -307,8 +499,29 @@ void Model::layer_backward(int64_t l, int64_t B, int64_t S) {
   ops_.matmul(dq2, true, ln1, false, G(L.wq), 1.0f, 1.0f);
   ops_.matmul(dk2, true, ln1, false, G(L.wk), 1.0f, 1.0f);
   ops_.matmul(dv2, true, ln1, false, G(L.wv), 1.0f, 1.0f);
+  tp_all_reduce(dln);  // each rank's dln covers its heads only
   ops_.rmsnorm_backward(L.x_in.view({N, d}), P(L.attn_norm), L.rstd1.view({N}), 1.0f, dln, dres,
                         G(L.attn_norm));
+  grads_ready(L.attn_norm);
+}
+
+void Model::upload_batch(const int32_t* tokens, const int32_t* targets, int64_t N) {
+  Tensor tok = tokens_.view({N}), tg = targets_.view({N});
+  targets_host_.assign(targets, targets + N);
+  if (tp_size_ == 1) {
+    ops_.upload(tok, tokens);
+    ops_.upload(tg, targets);
+    return;
+  }
+  std::vector<int32_t> lt(N), lg(N);
+  for (int64_t i = 0; i < N; ++i) {
+    const bool tok_here = tokens[i] >= vocab_begin_ && tokens[i] < vocab_begin_ + V_;
+    lt[i] = int32_t(tok_here ? tokens[i] - vocab_begin_ : V_);  // V_: the zero row
+    const bool tgt_here = targets[i] >= vocab_begin_ && targets[i] < vocab_begin_ + V_;
+    lg[i] = int32_t(tgt_here ? targets[i] - vocab_begin_ : targets[i] < 0 ? -1 : V_);  // V_: dummy
+  }
+  ops_.upload(tok, lt.data());
+  ops_.upload(tg, lg.data());
 }
 
 double Model::forward_backward(const int32_t* tokens, const int32_t* targets, int64_t B, int64_t S,
@@ -317,17 +530,26 @@ double Model::forward_backward(const int32_t* tokens, const int32_t* targets, in
   const int64_t N = B * S, d = cfg_.d_model;
   int64_t n_valid = 0;
   for (int64_t i = 0; i < N; ++i) n_valid += targets[i] >= 0;
-  Tensor tok = tokens_.view({N}), tg = targets_.view({N});
-  ops_.upload(tok, tokens);
-  ops_.upload(tg, targets);
+  upload_batch(tokens, targets, N);
+  Tensor tok = tokens_.view({N});
+  ready_from_ = int(params_.size());
   forward_body(B, S);
   double loss = head_loss(N, n_valid, true, grad_scale);  // leaves dL/d(lnf) in dln_
   Tensor dres = dres_.view({N, d});
   ops_.fill_zero(dres);
   ops_.rmsnorm_backward(x_final_.view({N, d}), P(final_norm_), rstdf_.view({N}), 1.0f,
                         dln_.view({N, d}), dres, G(final_norm_));
+  grads_ready(final_norm_);  // the final norm and an untied LM head are complete
   for (int64_t l = cfg_.n_layers - 1; l >= 0; --l) layer_backward(l, B, S);
-  ops_.embedding_backward(tok, dres, G(embed_));
+  if (tp_size_ == 1) {
+    ops_.embedding_backward(tok, dres, G(embed_));
+  } else {  // other ranks' tokens land in the zero row's gradient, which is cleared again
+    Tensor g = with_zero_row(embed_, true);
+    ops_.embedding_backward(tok, dres, g);
+    Tensor zero_row = g.slice_rows(V_, V_ + 1);
+    ops_.fill_zero(zero_row);
+  }
+  grads_ready(0);
   return loss;
 }
 
@@ -336,25 +558,28 @@ double Model::forward_loss(const int32_t* tokens, const int32_t* targets, int64_
   const int64_t N = B * S;
   int64_t n_valid = 0;
   for (int64_t i = 0; i < N; ++i) n_valid += targets[i] >= 0;
-  Tensor tok = tokens_.view({N}), tg = targets_.view({N});
-  ops_.upload(tok, tokens);
-  ops_.upload(tg, targets);
+  upload_batch(tokens, targets, N);
   forward_body(B, S);
   return head_loss(N, n_valid, false, 0.0f);
 }
 
 std::vector<float> Model::last_logits(const int32_t* tokens, int64_t S) {
   check_batch(tokens, 1, S);
-  const int64_t d = cfg_.d_model, V = cfg_.vocab_size;
-  Tensor tok = tokens_.view({S});
-  ops_.upload(tok, tokens);
+  const int64_t d = cfg_.d_model;
+  std::vector<int32_t> no_targets(S, -1);
+  upload_batch(tokens, no_targets.data(), S);
   forward_body(1, S);
   Tensor last = lnf_.view({S, d}).slice_rows(S - 1, S);
-  Tensor logits = logits_.view({1, V});
+  Tensor logits = logits_.view({1, Vh_});
   ops_.matmul(last, false, head_weight(), true, logits);
-  std::vector<float> out(V);
+  std::vector<float> out(Vh_);
   ops_.download(logits, out.data());
-  return out;
+  if (tp_size_ == 1) return out;
+  out.resize(V_);  // drop the dummy column
+  // the vocabulary slices are in rank order
+  std::vector<double> mine(out.begin(), out.end()), all(V_ * tp_size_);
+  all_gather_host(*par_.tp_host, mine.data(), all.data(), V_);
+  return std::vector<float>(all.begin(), all.end());
 }
 
 }  // namespace difftron

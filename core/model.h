@@ -2,8 +2,12 @@
 // hand-written backward, written once against the op interface (kernels/ops.h) so the
 // same code runs on the CPU reference and on the GPU. Parameters carry Hugging Face Llama
 // names; the Q/K/V column order is difftron's interleaved layout (kernels/ops.h).
+// Tensor parallelism (Megatron style, docs/PARALLEL.md): a TP rank holds whole
+// differential heads, a slice of the SwiGLU width and a slice of the vocabulary; the
+// sums across ranks go through the Communicator interface (parallel/comm.h).
 #pragma once
 #include <cstdint>
+#include <functional>
 #include <string>
 #include <vector>
 
@@ -28,17 +32,41 @@ struct ModelPrecision {
 
 struct Param {
   std::string name;  // e.g. "model.layers.0.self_attn.q_proj.weight"
-  Tensor value;
+  Tensor value;      // views of the model's flat buffers (Model::flat_values / flat_grads)
   Tensor grad;
   bool is_matrix = false;  // projection / embedding matrices (candidates for weight decay)
   bool is_embedding = false;
+  // Tensor parallelism: this rank holds [shard_begin, shard_begin + value.dim(shard_dim))
+  // of dimension shard_dim of the full tensor `full_shape`; shard_dim = -1: the whole
+  // tensor, the same on every TP rank.
+  Shape full_shape;
+  int shard_dim = -1;
+  int64_t shard_begin = 0;
+  // The gradient each TP rank computes is its part of a sum over TP (lambda vectors and
+  // the sub-layer norm weight see only the rank's heads); summed when gradients sync.
+  bool tp_partial_grad = false;
+  int64_t flat_offset = 0;  // element offset in the flat buffers
+};
+
+class Communicator;
+
+// How this model instance is split across ranks (built from a ParallelContext, see
+// parallel/grid.h). The default is one process.
+struct ModelParallel {
+  Communicator* tp = nullptr;       // the TP group on the model's memory; null = TP 1
+  Communicator* tp_host = nullptr;  // the same group on host memory (loss statistics)
+  // The flat parameter / gradient buffers' size is padded to a multiple of this (ZeRO
+  // shards them over DP: 64 x DP keeps every shard 64-element aligned).
+  int64_t flat_multiple = 64;
 };
 
 class Model {
  public:
   // Allocates parameters, gradients and activations for up to max_batch x max_seq tokens.
+  // With `parallel.tp` of size T the config must have h, h_kv, ffn_dim and vocab_size
+  // divisible by T (checked, with the values in the message).
   Model(const ModelConfig& config, Ops& ops, ModelPrecision precision, int64_t max_batch,
-        int64_t max_seq);
+        int64_t max_seq, ModelParallel parallel = {});
 
   const ModelConfig& config() const { return cfg_; }
   Ops& ops() { return ops_; }
@@ -47,22 +75,40 @@ class Model {
   int64_t max_seq() const { return max_s_; }
   std::vector<Param>& params() { return params_; }
   Param& param(const std::string& name);
+  // Every parameter's value / gradient lives in these 1-D buffers (in params() order, each
+  // at Param::flat_offset, 64-element aligned; the padding stays zero).
+  const Tensor& flat_values() const { return flat_values_; }
+  const Tensor& flat_grads() const { return flat_grads_; }
+  int tp_size() const { return tp_size_; }
+  int tp_rank() const { return tp_rank_; }
 
   // Deterministic initialisation from `seed` (same values on every backend): matrices
   // N(0, init_std^2), output projections (o_proj, down_proj) N(0, (init_std/sqrt(2L))^2),
-  // lambda vectors N(0, lambda_std^2), norm weights 1.
+  // lambda vectors N(0, lambda_std^2), norm weights 1. Under TP each rank takes its slice
+  // of the full tensors, so every TP size starts from the same weights.
   void init_weights(uint64_t seed);
   void zero_grads();
 
   // One training micro-batch: forward, loss gradient, backward. tokens/targets are host
   // arrays [B, S]; targets < 0 are ignored. Parameter gradients ACCUMULATE (+=) the
   // gradient of grad_scale * mean-loss. Returns the mean loss over non-ignored targets.
+  // Every TP rank passes the same tokens.
   double forward_backward(const int32_t* tokens, const int32_t* targets, int64_t B, int64_t S,
                           float grad_scale = 1.0f);
   // Forward only: mean loss over non-ignored targets.
   double forward_loss(const int32_t* tokens, const int32_t* targets, int64_t B, int64_t S);
   // Forward only: logits [V] of the last position of a single sequence of S tokens.
   std::vector<float> last_logits(const int32_t* tokens, int64_t S);
+
+  // Gradient synchronisation, for data parallelism and gradient accumulation. When on
+  // (the default), forward_backward treats its micro-batch as the step's last: it sums the
+  // TP-partial gradients over TP, and as backward completes the gradients of params()[k..]
+  // (k decreasing) it calls the hook with params()[k].flat_offset, so that a data-parallel
+  // reduction can start while the rest of backward runs. Turn it off for earlier
+  // micro-batches of a step.
+  void set_grad_sync(bool on) { grad_sync_ = on; }
+  bool grad_sync() const { return grad_sync_; }
+  void set_grads_ready_hook(std::function<void(int64_t flat_offset)> hook) { grads_ready_ = std::move(hook); }
 
   // Lambda of layer l from its current parameters (differential attention only).
   double lambda_value(int64_t layer);
@@ -78,7 +124,24 @@ class Model {
 
   Tensor& P(int idx) { return params_[idx].value; }
   Tensor& G(int idx) { return params_[idx].grad; }
-  int add_param(const std::string& name, Shape shape, bool is_matrix, bool is_embedding = false);
+  // Declares a parameter of full shape `full`, of which this rank holds the slice along
+  // `shard_dim` (-1: whole); storage comes later from allocate_flat().
+  int add_param(const std::string& name, Shape full, bool is_matrix, bool is_embedding = false,
+                int shard_dim = -1, bool tp_partial_grad = false);
+  void allocate_flat(int64_t multiple);
+  // Sums `t` over the TP group (no-op for TP 1).
+  void tp_all_reduce(Tensor& t);
+  // Gradients of params()[first..] are final (grad sync on): TP-partial sums, then the hook.
+  void grads_ready(int first_param);
+  // Uploads tokens and targets; under TP as ids local to this rank's vocabulary slice
+  // (tokens elsewhere -> the zero row V_, targets elsewhere -> -1).
+  void upload_batch(const int32_t* tokens, const int32_t* targets, int64_t N);
+  // Under TP the embedding and the LM head are followed by a zero row in the flat buffers:
+  // [V_ + 1, d] views of the value (grad = false) or gradient of params()[idx].
+  Tensor with_zero_row(int idx, bool grad);
+  // Parallel cross-entropy of one row chunk (TP > 1): returns the summed loss of its valid
+  // rows; leaves the global log-sum-exp in lse_global_ for the backward.
+  double parallel_ce_chunk(int64_t r0, int64_t rows);
   void check_batch(const int32_t* tokens, int64_t B, int64_t S) const;
   // Runs embedding + all layers + final norm for B x S tokens already in tokens_.
   void forward_body(int64_t B, int64_t S);
@@ -87,24 +150,41 @@ class Model {
   // Loss (and, when grad_scale != 0, dL/d(final norm output) and the head's weight
   // gradient), chunk by chunk over rows so full logits are never stored.
   double head_loss(int64_t N, int64_t n_valid, bool backward, float grad_scale);
-  const Tensor& head_weight();
-  Tensor& head_grad();
+  // [Vh_, d]: the LM head (or the tied embedding), with its zero row under TP.
+  Tensor head_weight();
+  Tensor head_grad();
 
   ModelConfig cfg_;
   Ops& ops_;
   ModelPrecision prec_;
   int64_t max_b_, max_s_;
+  ModelParallel par_;
+  int tp_size_ = 1, tp_rank_ = 0;
+  // This rank's share: diff heads, K/V groups, SwiGLU width, vocabulary rows [vocab_begin_, +V_).
+  int64_t h_ = 0, hkv_ = 0, F_ = 0, V_ = 0, vocab_begin_ = 0;
+  int64_t q_dim_ = 0, kv_dim_ = 0;  // local widths of x Wq^T and x Wk^T
+  bool grad_sync_ = true;
+  std::function<void(int64_t)> grads_ready_;
+  int ready_from_ = 0;  // params()[ready_from_..] have been handed over in this backward
   std::vector<Param> params_;
+  Tensor flat_values_, flat_grads_;
   int embed_ = -1, final_norm_ = -1, lm_head_ = -1;
   std::vector<Layer> layers_;
 
   // shared activations and scratch
-  Tensor tokens_, targets_;        // i32 [N]
+  Tensor tokens_, targets_;        // i32 [N] (TP > 1: ids local to this rank's vocabulary slice)
+  std::vector<int32_t> targets_host_;  // the batch's global targets
+  // TP > 1: the head's logits have Vh_ = V_ + 1 columns; the last, a dummy pushed to -1e30
+  // (ones_ x dummy_col_ added after the GEMM), is the target of rows whose target lies in
+  // another rank's slice, so that the cross-entropy ops need no notion of slices.
+  int64_t Vh_ = 0;
+  Tensor lse_global_;              // [chunk] log-sum-exp over the whole vocabulary
+  Tensor ones_, dummy_col_;        // [chunk, 1], [1, Vh_]
   Tensor x_final_, lnf_, rstdf_;   // [N, d], [N]
   Tensor dres_, dln_;              // [N, d]
   Tensor dsub_, datt_, dq_, dk_, dv_, dlambda_;
   Tensor dact_, dgate_, dup_;
-  Tensor logits_, losses_, lse_head_;  // [chunk, V], [chunk]
+  Tensor logits_, losses_, lse_head_;  // [chunk, Vh_], [chunk]
   int64_t head_chunk_ = 0;
 };
 

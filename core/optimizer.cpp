@@ -1,13 +1,31 @@
-// AdamW step: norm, clip factor, one fused update per parameter, then the bf16 cast.
+// AdamW step: norm, clip factor, one fused update per parameter, then the bf16 cast; or,
+// with a ParallelContext, the same per element on ZeRO-1 shards (parallel/zero.cpp).
 #include "core/optimizer.h"
 
 #include <cmath>
 
+#include "parallel/grid.h"
+#include "parallel/zero.h"
+
 namespace difftron {
 
-AdamW::AdamW(const OptimizerConfig& config, Model& model) : cfg_(config), model_(model) {
+AdamW::AdamW(const OptimizerConfig& config, Model& model, ParallelContext* parallel)
+    : cfg_(config), model_(model) {
   cfg_.validate();
   Ops& ops = model_.ops();
+  if (parallel) {
+    if (parallel->tp_size() != model_.tp_size())
+      throw_error("AdamW: the model is split over ", model_.tp_size(), " TP ranks but the context has ",
+                  parallel->tp_size());
+    std::vector<FlatSegment> segs;
+    for (auto& p : model_.params())
+      segs.push_back({p.name, p.flat_offset, p.value.numel(), decays(p), p.shard_dim < 0});
+    zero_ = std::make_unique<ZeroOptimizer>(cfg_, ops, *parallel, std::move(segs), model_.flat_values(),
+                                            model_.flat_grads());
+    ZeroOptimizer* z = zero_.get();
+    model_.set_grads_ready_hook([z](int64_t offset) { z->grads_ready(offset); });
+    return;
+  }
   for (auto& p : model_.params()) {
     State s;
     if (p.value.dtype() == DType::F32 || p.value.dtype() == DType::F64) {
@@ -24,6 +42,17 @@ AdamW::AdamW(const OptimizerConfig& config, Model& model) : cfg_(config), model_
   }
 }
 
+AdamW::~AdamW() {
+  if (zero_) model_.set_grads_ready_hook(nullptr);
+}
+
+std::vector<AdamW::State>& AdamW::state() {
+  if (zero_)
+    throw_error("AdamW::state(): under ZeRO the optimizer state is sharded over the DP ranks "
+                "(use AdamW::zero())");
+  return state_;
+}
+
 bool AdamW::decays(const Param& p) const {
   if (p.is_embedding) return cfg_.decay_embeddings;
   if (p.is_matrix) return true;
@@ -31,12 +60,14 @@ bool AdamW::decays(const Param& p) const {
 }
 
 double AdamW::grad_norm() {
+  if (zero_) return zero_->grad_norm();
   double ss = 0;
   for (auto& p : model_.params()) ss += model_.ops().sum_squares(p.grad);
   return std::sqrt(ss);
 }
 
 StepStats AdamW::step(int64_t step) {
+  if (zero_) return zero_->step(step);
   StepStats st;
   st.lr = cfg_.lr_at(step);
   st.grad_norm = grad_norm();

@@ -7,6 +7,8 @@
 
 #include <glog/logging.h>
 
+#include "parallel/grid.h"
+
 namespace difftron {
 
 static std::string format_duration(double s) {
@@ -18,8 +20,12 @@ static std::string format_duration(double s) {
 }
 
 Trainer::Trainer(Model& model, AdamW& optimizer, BatchSource& train, BatchSource* validation,
-                 TrainOptions options)
-    : model_(model), opt_(optimizer), train_(train), val_(validation), o_(options) {
+                 TrainOptions options, ParallelContext* parallel)
+    : model_(model), opt_(optimizer), train_(train), val_(validation), o_(options), par_(parallel) {
+  if (par_) {
+    dp_ = par_->dp_size();
+    logs_ = par_->world_rank() == 0;
+  }
   if (o_.batch <= 0) throw_error("--batch (", o_.batch, ") must be positive");
   if (o_.seq <= 0) throw_error("--seq (", o_.seq, ") must be positive");
   if (o_.grad_accum <= 0) throw_error("--grad_accum (", o_.grad_accum, ") must be positive");
@@ -36,38 +42,50 @@ double Trainer::evaluate() {
     val_->next_batch(o_.batch, o_.seq, tok.data(), tgt.data());
     sum += model_.forward_loss(tok.data(), tgt.data(), o_.batch, o_.seq);
   }
-  return sum / double(o_.eval_batches);
+  if (par_) all_reduce_host(par_->dp_host(), &sum, 1);  // each DP rank saw its own batches
+  return sum / double(o_.eval_batches * dp_);
 }
 
 TrainResult Trainer::run(int64_t start_step) {
   using clock = std::chrono::steady_clock;
   TrainResult res;
-  const int64_t tokens_per_step = o_.batch * o_.seq * o_.grad_accum;
+  const int64_t tokens_per_step = o_.batch * o_.seq * o_.grad_accum * dp_;
   std::vector<int32_t> tok(o_.batch * o_.seq), tgt(o_.batch * o_.seq);
-  LOG(INFO) << "training " << model_.config().summary();
-  LOG(INFO) << "steps " << start_step << ".." << o_.steps << ", " << tokens_per_step
-            << " tokens/step (batch " << o_.batch << " x seq " << o_.seq << " x accum "
-            << o_.grad_accum << "), data: " << train_.describe();
+  if (logs_) {
+    LOG(INFO) << "training " << model_.config().summary();
+    LOG(INFO) << "steps " << start_step << ".." << o_.steps << ", " << tokens_per_step
+              << " tokens/step (batch " << o_.batch << " x seq " << o_.seq << " x accum "
+              << o_.grad_accum << " x dp " << dp_ << "), data: " << train_.describe();
+  }
+  Watchdog* watchdog = par_ ? par_->watchdog() : nullptr;
+  const double step_timeout = watchdog ? watchdog->options().step_timeout_s : 0.0;
   const double flops_per_token = model_.config().flops_per_token(o_.seq);
   auto t_start = clock::now();
   auto t_window = t_start;
   int64_t window_tokens = 0;
   for (int64_t step = start_step; step < o_.steps; ++step) {
+    Watchdog::Scope watch(watchdog, "the training loop", "step " + std::to_string(step + 1), step_timeout);
     model_.zero_grads();
     double loss = 0;
     for (int64_t m = 0; m < o_.grad_accum; ++m) {
       train_.next_batch(o_.batch, o_.seq, tok.data(), tgt.data());
+      // gradients are reduced across ranks on the last micro-batch only
+      model_.set_grad_sync(m + 1 == o_.grad_accum);
       loss += model_.forward_backward(tok.data(), tgt.data(), o_.batch, o_.seq,
-                                      1.0f / float(o_.grad_accum));
+                                      1.0f / float(o_.grad_accum * dp_));
     }
     loss /= double(o_.grad_accum);
+    if (par_) {  // the mean over DP ranks (the same bits on every rank)
+      all_reduce_host(par_->dp_host(), &loss, 1);
+      loss /= double(dp_);
+    }
     if (!std::isfinite(loss)) throw_error("training loss is ", loss, " at step ", step);
     StepStats st = opt_.step(step);
     res.losses.push_back(loss);
     window_tokens += tokens_per_step;
     if (on_step) on_step(step, loss);
     const bool last = step + 1 == o_.steps;
-    if ((o_.log_every > 0 && (step + 1) % o_.log_every == 0) || last || step == start_step) {
+    if (logs_ && ((o_.log_every > 0 && (step + 1) % o_.log_every == 0) || last || step == start_step)) {
       model_.ops().synchronize();
       auto now = clock::now();
       double win = std::chrono::duration<double>(now - t_window).count();
@@ -86,9 +104,16 @@ TrainResult Trainer::run(int64_t start_step) {
       window_tokens = 0;
     }
     if (val_ && o_.eval_every > 0 && (step + 1) % o_.eval_every == 0 && !last) {
-      LOG(INFO) << "step " << step + 1 << " validation loss " << evaluate();
+      const double vl = evaluate();
+      if (logs_) LOG(INFO) << "step " << step + 1 << " validation loss " << vl;
     }
-    if (!last && should_stop && should_stop()) {
+    bool stop = !last && should_stop && should_stop();
+    if (par_ && !last && should_stop) {  // every rank stops at the same step, or none does
+      double any = stop ? 1.0 : 0.0;
+      all_reduce_host(par_->world_host(), &any, 1);
+      stop = any > 0;
+    }
+    if (stop) {
       LOG(WARNING) << "stopping early after step " << step + 1 << " as asked";
       return res;
     }
@@ -97,7 +122,7 @@ TrainResult Trainer::run(int64_t start_step) {
   res.tokens_per_second = total > 0 ? double(tokens_per_step * (o_.steps - start_step)) / total : 0;
   if (val_) {
     res.eval_loss = evaluate();
-    LOG(INFO) << "final validation loss " << res.eval_loss;
+    if (logs_) LOG(INFO) << "final validation loss " << res.eval_loss;
   }
   return res;
 }

@@ -1,5 +1,7 @@
 // The step loop: micro-batches with gradient accumulation, the optimizer step, logging
-// (loss, lr, gradient norm, tokens/s, ETA) and periodic evaluation.
+// (loss, lr, gradient norm, tokens/s, ETA) and periodic evaluation. With a ParallelContext
+// each DP rank trains on its own batches (its BatchSource), gradients are synchronised on
+// the last micro-batch only, losses are averaged over DP, and world rank 0 logs.
 #pragma once
 #include <cstdint>
 #include <functional>
@@ -10,6 +12,8 @@
 #include "core/optimizer.h"
 
 namespace difftron {
+
+class ParallelContext;
 
 struct TrainOptions {
   int64_t steps = 100;       // optimizer steps
@@ -29,8 +33,9 @@ struct TrainResult {
 
 class Trainer {
  public:
+  // `parallel`: the grid the model and optimizer were built with (null: one process).
   Trainer(Model& model, AdamW& optimizer, BatchSource& train, BatchSource* validation,
-          TrainOptions options);
+          TrainOptions options, ParallelContext* parallel = nullptr);
   // Runs steps [start_step, options.steps).
   TrainResult run(int64_t start_step = 0);
   double evaluate();
@@ -45,6 +50,9 @@ class Trainer {
   BatchSource& train_;
   BatchSource* val_;
   TrainOptions o_;
+  ParallelContext* par_;
+  int dp_ = 1;
+  bool logs_ = true;  // world rank 0 logs
 };
 
 }  // namespace difftron

@@ -6,6 +6,7 @@
 
 #include <sstream>
 
+#include "core/model.h"
 #include "parallel/mpi_comm.h"
 #include "parallel/nccl_comm.h"
 
@@ -105,6 +106,14 @@ std::string ParallelContext::describe() const {
      << tp_->size() << ", dp " << dp_->rank() << " of " << dp_->size() << "), host " << host_
      << ", collectives on " << device_name(device_) << " memory";
   return os.str();
+}
+
+ModelParallel model_parallel(ParallelContext& ctx) {
+  ModelParallel mp;
+  mp.tp = &ctx.tp();
+  mp.tp_host = &ctx.tp_host();
+  mp.flat_multiple = 64 * int64_t(ctx.dp_size());
+  return mp;
 }
 
 int node_local_rank() {

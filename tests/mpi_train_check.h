@@ -1,0 +1,183 @@
+// Shared by the multi-rank training tests (tests/test_mpi_train_*.cpp): MPI set-up, a
+// deterministic batch source whose global micro-batch order is the same for every
+// TP x DP layout, a tiny training run, and the comparison of a rank's weight shards with
+// the same slices of a single-process run.
+#pragma once
+#include <algorithm>
+#include <cmath>
+#include <memory>
+#include <string>
+#include <vector>
+
+#include <gtest/gtest.h>
+
+#include "core/batch_source.h"
+#include "core/model.h"
+#include "core/optimizer.h"
+#include "core/rng.h"
+#include "core/trainer.h"
+#include "kernels/ops.h"
+#include "parallel/grid.h"
+#include "parallel/mpi_comm.h"
+
+namespace difftron::testing {
+
+class MpiEnv : public ::testing::Environment {
+ public:
+  void SetUp() override {
+    int argc = 0;
+    char** argv = nullptr;
+    runtime_ = std::make_unique<MpiRuntime>(&argc, &argv);
+  }
+  void TearDown() override { runtime_.reset(); }
+
+ private:
+  std::unique_ptr<MpiRuntime> runtime_;
+};
+
+// Global micro-batch j = (step * accum * dp) + dp_rank * accum + m: a single process with
+// accumulation accum * dp sees the same micro-batches in the same order. Random tokens,
+// next-token targets, about one target in 9 ignored.
+class GlobalOrderBatches : public BatchSource {
+ public:
+  GlobalOrderBatches(int64_t vocab, uint64_t seed, int dp_rank, int dp, int64_t accum)
+      : vocab_(vocab), seed_(seed), r_(dp_rank), dp_(dp), a_(accum) {}
+  void next_batch(int64_t B, int64_t S, int32_t* tokens, int32_t* targets) override {
+    const int64_t step = calls_ / a_, m = calls_ % a_;
+    const uint64_t j = uint64_t(step * a_ * dp_ + r_ * a_ + m);
+    ++calls_;
+    Rng rng(seed_ * 1000003ull + j);
+    for (int64_t b = 0; b < B; ++b) {
+      std::vector<int32_t> row(S + 1);
+      for (auto& t : row) t = int32_t(rng.below(uint64_t(vocab_)));
+      for (int64_t s = 0; s < S; ++s) {
+        tokens[b * S + s] = row[s];
+        targets[b * S + s] = rng.below(9) == 0 ? -1 : row[s + 1];
+      }
+    }
+  }
+  std::string describe() const override { return "global-order test batches"; }
+
+ private:
+  int64_t vocab_;
+  uint64_t seed_;
+  int64_t r_, dp_, a_;
+  int64_t calls_ = 0;
+};
+
+inline ModelConfig tiny_parallel_config(AttentionKind kind, bool tie) {
+  ModelConfig c;
+  c.vocab_size = 32;
+  c.d_model = 32;
+  c.n_layers = 2;
+  c.n_heads = 4;
+  c.n_kv_heads = 2;
+  c.head_dim = 4;
+  c.ffn_dim = 64;
+  c.max_seq_len = 8;
+  c.init_std = 0.1;
+  c.attention = kind;
+  c.tie_embeddings = tie;
+  return c;
+}
+
+inline OptimizerConfig tiny_optimizer(int64_t steps) {
+  OptimizerConfig o;
+  o.lr = 3e-3;
+  o.warmup_steps = 1;
+  o.total_steps = steps;
+  o.weight_decay = 0.1;
+  o.grad_clip = 1.0;
+  return o;
+}
+
+struct RunSpec {
+  ModelConfig cfg;
+  int64_t steps = 4, batch = 2, seq = 8, accum = 1;  // accum per rank
+  uint64_t seed = 17;
+};
+
+struct RunResult {
+  std::vector<double> losses;
+  std::vector<std::vector<float>> weights;  // per parameter, this rank's values
+  std::vector<double> grad_norms;
+};
+
+// Trains spec on `ctx` (null: one process with accumulation accum * dp_for_reference).
+inline RunResult run_training(const RunSpec& spec, ParallelContext* ctx, int reference_dp = 1) {
+  auto ops = make_cpu_ops();
+  ModelParallel mp = ctx ? model_parallel(*ctx) : ModelParallel{};
+  Model model(spec.cfg, *ops, ModelPrecision::uniform(DType::F32), spec.batch, spec.seq, mp);
+  model.init_weights(spec.seed);
+  AdamW opt(tiny_optimizer(spec.steps), model, ctx);
+  const int dp = ctx ? ctx->dp_size() : 1;
+  const int64_t accum = ctx ? spec.accum : spec.accum * reference_dp;
+  GlobalOrderBatches data(spec.cfg.vocab_size, spec.seed, ctx ? ctx->dp_rank() : 0, dp, accum);
+  TrainOptions to;
+  to.steps = spec.steps;
+  to.batch = spec.batch;
+  to.seq = spec.seq;
+  to.grad_accum = accum;
+  to.log_every = 1000;
+  Trainer trainer(model, opt, data, nullptr, to, ctx);
+  RunResult r;
+  trainer.on_step = [&](int64_t, double) { r.grad_norms.push_back(opt.grad_norm()); };
+  r.losses = trainer.run().losses;
+  for (auto& p : model.params()) {
+    std::vector<float> w(p.value.numel());
+    ops->download(p.value, w.data());
+    r.weights.push_back(std::move(w));
+  }
+  return r;
+}
+
+// This rank's slice of a full tensor (see Param::shard_dim).
+inline std::vector<float> shard_of(const std::vector<float>& full, const Param& p) {
+  if (p.shard_dim < 0 || int64_t(full.size()) == p.value.numel()) return full;
+  const int64_t rows = p.full_shape[0], cols = p.full_shape.size() > 1 ? p.full_shape[1] : 1;
+  const int64_t b = p.shard_begin, n = p.value.dim(p.shard_dim);
+  std::vector<float> out;
+  if (p.shard_dim == 0) return std::vector<float>(full.begin() + b * cols, full.begin() + (b + n) * cols);
+  for (int64_t r = 0; r < rows; ++r) out.insert(out.end(), full.begin() + r * cols + b, full.begin() + r * cols + b + n);
+  return out;
+}
+
+// Largest |a - b| between this rank's weights and the matching slices of the reference.
+inline double max_weight_diff(const RunSpec& spec, ParallelContext& ctx, const RunResult& par,
+                              const RunResult& ref, std::string* worst = nullptr) {
+  auto ops = make_cpu_ops();
+  Model shape_only(spec.cfg, *ops, ModelPrecision::uniform(DType::F32), 1, 1, model_parallel(ctx));
+  double worst_diff = 0;
+  for (size_t i = 0; i < shape_only.params().size(); ++i) {
+    const Param& p = shape_only.params()[i];
+    std::vector<float> want = shard_of(ref.weights[i], p);
+    EXPECT_EQ(want.size(), par.weights[i].size()) << p.name;
+    for (size_t k = 0; k < want.size() && k < par.weights[i].size(); ++k) {
+      const double d = std::abs(double(want[k]) - double(par.weights[i][k]));
+      if (d > worst_diff) {
+        worst_diff = d;
+        if (worst) *worst = p.name + "[" + std::to_string(k) + "]";
+      }
+    }
+  }
+  return worst_diff;
+}
+
+// Every rank of `group` holds the same bits for the parameters every rank of it holds whole
+// (replicated over TP when group is TP; all parameters when group is DP).
+inline bool replicas_identical(Communicator& group_host, const RunResult& r, const Model& layout,
+                               bool only_replicated) {
+  bool same = true;
+  auto& params = const_cast<Model&>(layout).params();
+  for (size_t i = 0; i < params.size(); ++i) {
+    if (only_replicated && params[i].shard_dim >= 0) continue;
+    const auto& w = r.weights[i];
+    std::vector<double> mine(w.begin(), w.end()), all(w.size() * group_host.size());
+    all_gather_host(group_host, mine.data(), all.data(), int64_t(w.size()));
+    for (int g = 0; g < group_host.size(); ++g)
+      for (size_t k = 0; k < w.size(); ++k) same = same && all[g * w.size() + k] == mine[k];
+  }
+  return same;
+}
+
+}  // namespace difftron::testing
