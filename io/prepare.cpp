@@ -378,7 +378,15 @@ PrepareReport prepare_dataset(const PrepareOptions& o) {
       continue;
     }
     std::error_code ec;
-    if (!fs::exists(in, ec)) throw_error("input '", in, "': no such file or directory");
+    if (!fs::exists(in, ec)) {
+      // a Megatron dataset is named by its prefix: PREFIX.bin + PREFIX.idx
+      if ((o.format == "auto" || o.format == "megatron") && fs::is_regular_file(in + ".bin", ec) &&
+          fs::is_regular_file(in + ".idx", ec)) {
+        tokens.push_back(probe_token_file(in, TokenFileFormat::Megatron));
+        continue;
+      }
+      throw_error("input '", in, "': no such file or directory");
+    }
     if (fs::is_directory(in, ec)) {
       for (const std::string& f : walk(in)) {
         if (forced_tokens) {
