@@ -99,6 +99,8 @@ void SoloCommunicator::broadcast(Tensor& t, int root) {
 
 // ---- host helpers -------------------------------------------------------------------
 
+std::string brief(const Tensor& t) { return std::string(dtype_name(t.dtype())) + shape_str(t.shape()); }
+
 Tensor host_tensor(void* data, int64_t n, DType dtype) {
   return Tensor({n}, dtype, Device::CPU, data, [](void*) {});
 }

@@ -102,6 +102,9 @@ void all_reduce_host(Communicator& comm, double* x, int64_t n);
 // out [size * n] = every rank's in [n], in rank order.
 void all_gather_host(Communicator& comm, const double* in, double* out, int64_t n);
 
+// "f32[4, 8]": a tensor in watchdog messages (no device: the group says where).
+std::string brief(const Tensor& t);
+
 // A non-owning Tensor over host memory (for handing host arrays to a communicator).
 Tensor host_tensor(void* data, int64_t n, DType dtype);
 

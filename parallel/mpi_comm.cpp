@@ -229,7 +229,7 @@ void MpiCommunicator::gather_slices(char* buf, const std::vector<int64_t>& off, 
 void MpiCommunicator::all_reduce(Tensor& t) {
   check_device(t, "all_reduce");
   if (size_ == 1) return;
-  Watchdog::Scope watch(watchdog_, where(), "all_reduce of " + t.str(), timeout());
+  Watchdog::Scope watch(watchdog_, where(), "all_reduce of " + brief(t), timeout());
   const int64_t n = t.numel();
   std::vector<int64_t> off(size_ + 1);
   for (int r = 0; r <= size_; ++r) off[r] = n * r / size_;
@@ -241,7 +241,7 @@ void MpiCommunicator::all_reduce(Tensor& t) {
 
 void MpiCommunicator::reduce_scatter(const Tensor& in, Tensor& out) {
   check_reduce_scatter(in, out);
-  Watchdog::Scope watch(watchdog_, where(), "reduce_scatter of " + in.str(), timeout());
+  Watchdog::Scope watch(watchdog_, where(), "reduce_scatter of " + brief(in), timeout());
   const int64_t n = out.numel();
   std::vector<int64_t> off(size_ + 1);
   for (int r = 0; r <= size_; ++r) off[r] = n * r;
@@ -250,7 +250,7 @@ void MpiCommunicator::reduce_scatter(const Tensor& in, Tensor& out) {
 
 void MpiCommunicator::all_gather(const Tensor& in, Tensor& out) {
   check_all_gather(in, out);
-  Watchdog::Scope watch(watchdog_, where(), "all_gather of " + in.str(), timeout());
+  Watchdog::Scope watch(watchdog_, where(), "all_gather of " + brief(in), timeout());
   const int64_t n = in.numel();
   const size_t es = dtype_size(in.dtype());
   char* base = static_cast<char*>(out.raw());
@@ -265,7 +265,7 @@ void MpiCommunicator::broadcast(Tensor& t, int root) {
   if (root < 0 || root >= size_)
     throw_error("broadcast on ", where(), ": root ", root, " is not a rank of the group");
   if (size_ == 1) return;
-  Watchdog::Scope watch(watchdog_, where(), "broadcast of " + t.str(), timeout());
+  Watchdog::Scope watch(watchdog_, where(), "broadcast of " + brief(t), timeout());
   char* p = static_cast<char*>(t.raw());
   const int64_t bytes = int64_t(t.nbytes());
   for (int64_t o = 0; o < bytes; o += kMaxMessage)

@@ -208,7 +208,7 @@ class NcclCommunicator final : public Communicator {
       DT_CUDA_CHECK(cudaEventCreateWithFlags(&w, cudaEventDisableTiming));
       DT_CUDA_CHECK(cudaEventRecord(w, s));
       auto holder = std::shared_ptr<void>(w, [](void* e) { cudaEventDestroy(static_cast<cudaEvent_t>(e)); });
-      watchdog_->watch(where(), std::string(op) + " of " + t.str(), timeout(), [holder] {
+      watchdog_->watch(where(), std::string(op) + " of " + brief(t), timeout(), [holder] {
         return cudaEventQuery(static_cast<cudaEvent_t>(holder.get())) != cudaErrorNotReady;
       });
     }
