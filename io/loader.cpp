@@ -65,28 +65,30 @@ TokenDataset::TokenDataset(const std::string& path, bool verify, int threads) : 
   std::vector<std::string> files = list_dataset_shards(path);
   std::error_code ec;
   const bool is_dir = fs::is_directory(path, ec);
-  shards_.resize(files.size());
-  // Opening reads each shard's offsets; verification reads every token: both in parallel.
-  int nt = threads > 0 ? threads : int(std::max(1u, std::thread::hardware_concurrency()));
-  nt = std::min<int>(nt, int(files.size()));
-  std::atomic<size_t> next{0};
-  std::vector<std::exception_ptr> errors(files.size());
-  auto work = [&]() {
-    for (size_t i; (i = next.fetch_add(1)) < files.size();) {
-      try {
-        shards_[i] = std::make_unique<TokenShardReader>(files[i]);
-        if (verify) shards_[i]->verify();
-      } catch (...) {
-        errors[i] = std::current_exception();
+  // Opening (HDF5 calls, cheap) happens here, one shard after the other: HDF5 may be built
+  // without thread safety. Verification reads the mapped tokens only, so it runs in parallel.
+  for (const auto& f : files) shards_.push_back(std::make_unique<TokenShardReader>(f));
+  if (verify) {
+    int nt = threads > 0 ? threads : int(std::max(1u, std::thread::hardware_concurrency()));
+    nt = std::min<int>(nt, int(files.size()));
+    std::atomic<size_t> next{0};
+    std::vector<std::exception_ptr> errors(files.size());
+    auto work = [&]() {
+      for (size_t i; (i = next.fetch_add(1)) < files.size();) {
+        try {
+          shards_[i]->verify();
+        } catch (...) {
+          errors[i] = std::current_exception();
+        }
       }
-    }
-  };
-  std::vector<std::thread> pool;
-  for (int t = 1; t < nt; ++t) pool.emplace_back(work);
-  work();
-  for (auto& t : pool) t.join();
-  for (auto& e : errors)
-    if (e) std::rethrow_exception(e);
+    };
+    std::vector<std::thread> pool;
+    for (int t = 1; t < nt; ++t) pool.emplace_back(work);
+    work();
+    for (auto& t : pool) t.join();
+    for (auto& e : errors)
+      if (e) std::rethrow_exception(e);
+  }
 
   // Consistency: one vocabulary, tokenizer and EOS for the whole dataset.
   const ShardMeta& m0 = shards_[0]->meta();
@@ -290,7 +292,7 @@ void TokenLoader::reader_loop() {
     } catch (...) {
       slot.error = std::current_exception();
     }
-    int64_t next = samples + B * o_.dp_size, next_cycle = cycle + 1;
+    int64_t next = samples + B * o_.dp_size, next_cycle = o_.cycle_batches > 0 ? cycle + 1 : 0;
     if (o_.cycle_batches > 0 && next_cycle == o_.cycle_batches) next = next_cycle = 0;
     slot.next_samples = next;
     slot.next_cycle = next_cycle;
