@@ -1,5 +1,8 @@
 // `difftron train`: builds the model from flags, opens the data (a token dataset
 // directory or a synthetic task), trains with AdamW and samples from the result.
+// With --tp / --dp (under mpirun or srun, world = tp x dp ranks) it trains tensor- and
+// ZeRO-1 data-parallel over the process grid of parallel/grid.h; without them it is one
+// process and never touches MPI.
 #include <atomic>
 #include <csignal>
 #include <cstdio>
@@ -19,6 +22,8 @@
 #include "io/synthetic_data.h"
 #include "io/tokenizer.h"
 #include "launch/command.h"
+#include "parallel/grid.h"
+#include "parallel/mpi_comm.h"
 
 DEFINE_string(device, "auto", "cpu, cuda, or auto (cuda when a GPU is present)");
 DEFINE_string(data, "synthetic:copy", "training data: a token dataset directory (difftron prepare) or synthetic:copy");
@@ -55,6 +60,10 @@ DEFINE_string(ckpt_dir, "", "checkpoint root: saved every --ckpt_every steps, at
 DEFINE_int64(ckpt_every, 0, "save a checkpoint every N steps (0: only at the end / on a signal)");
 DEFINE_bool(resume, true, "continue from --ckpt_dir's latest checkpoint when there is one");
 DEFINE_int64(top_k, 40, "sample from the k most likely tokens (0: all)");
+DEFINE_int32(tp, 1, "tensor-parallel ranks (consecutive ranks, one node); world size = tp x dp");
+DEFINE_int32(dp, 1, "data-parallel (ZeRO-1) ranks; world size = tp x dp");
+DEFINE_double(collective_timeout, 600, "seconds a collective may take before the watchdog ends the job (0: never)");
+DEFINE_double(step_timeout, 0, "seconds a training step may take before the watchdog ends the job (0: never)");
 
 namespace difftron {
 namespace {
@@ -96,15 +105,36 @@ ModelConfig model_config_from_flags(int64_t data_vocab) {
   return c;
 }
 
+// The world size an MPI launcher announced (mpirun, srun), 1 when started directly.
+int launcher_world_size() {
+  for (const char* v : {"OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "SLURM_STEP_NUM_TASKS"})
+    if (const char* s = std::getenv(v)) return std::max(1, std::atoi(s));
+  return 1;
+}
+
 int train_main(int argc, char** argv) {
   gflags::ParseCommandLineFlags(&argc, &argv, true);
   if (argc > 1) throw_error("unexpected argument '", argv[1], "' (flags are --name=value)");
+
+  // ---- process grid (only for multi-rank runs: a single process never starts MPI)
+  const bool multi = int64_t(FLAGS_tp) * FLAGS_dp > 1;
+  if (!multi && launcher_world_size() > 1)
+    throw_error("started as one of ", launcher_world_size(), " MPI ranks but --tp (", FLAGS_tp, ") x --dp (",
+                FLAGS_dp, ") = 1: set --tp and --dp so that tp x dp = ", launcher_world_size());
+  std::unique_ptr<MpiRuntime> mpi;
+  int local_rank = 0;
+  if (multi) {
+    mpi = std::make_unique<MpiRuntime>(&argc, &argv);
+    local_rank = node_local_rank();
+  }
+  const bool rank0 = !mpi || mpi->world_rank() == 0;
+  if (!rank0) FLAGS_minloglevel = std::max(FLAGS_minloglevel, 1);  // rank 0 tells the story
 
   // ---- backend
   std::unique_ptr<Ops> ops;
   ModelPrecision precision = ModelPrecision::uniform(DType::F32);
   if (FLAGS_device == "cuda" || (FLAGS_device == "auto" && cuda_available())) {
-    ops = make_cuda_ops(0);
+    ops = make_cuda_ops(local_rank);  // one GPU per rank of a node
     precision = ModelPrecision::cuda_mixed();
   } else if (FLAGS_device == "cpu" || FLAGS_device == "auto") {
     ops = make_cpu_ops();
@@ -112,6 +142,22 @@ int train_main(int argc, char** argv) {
     throw_error("--device: unknown device '", FLAGS_device, "' (expected cpu, cuda or auto)");
   }
   LOG(INFO) << "backend: " << ops->name();
+  std::unique_ptr<ParallelContext> par;
+  if (multi) {
+    GridOptions go;
+    go.tp = FLAGS_tp;
+    go.dp = FLAGS_dp;
+    go.device = ops->device();
+    go.cuda_device = local_rank;
+    go.ops = ops.get();
+    go.watchdog.collective_timeout_s = FLAGS_collective_timeout;
+    go.watchdog.step_timeout_s = FLAGS_step_timeout;
+    par = ParallelContext::from_mpi_world(go);
+    LOG(INFO) << "process grid: tp " << FLAGS_tp << " x dp " << FLAGS_dp << "; " << par->describe();
+    if (!FLAGS_ckpt_dir.empty())
+      throw_error("--ckpt_dir: checkpoints of multi-rank runs (--tp/--dp) are not supported yet");
+  }
+  const int dp_rank = par ? par->dp_rank() : 0, dp_size = par ? par->dp_size() : 1;
 
   // ---- data
   const bool synthetic = FLAGS_data.rfind("synthetic:", 0) == 0;
@@ -120,8 +166,10 @@ int train_main(int argc, char** argv) {
   int64_t data_vocab = 16;
   if (synthetic) {
     int64_t vocab = FLAGS_vocab_size > 0 ? FLAGS_vocab_size : data_vocab;
-    train = make_synthetic_source(FLAGS_data.substr(10), vocab, FLAGS_seed);
-    val = make_synthetic_source(FLAGS_data.substr(10), vocab, FLAGS_seed + 1);
+    // each DP rank its own stream (the TP ranks of a DP group share one)
+    const uint64_t rank_seed = FLAGS_seed + 1000003ull * uint64_t(dp_rank);
+    train = make_synthetic_source(FLAGS_data.substr(10), vocab, rank_seed);
+    val = make_synthetic_source(FLAGS_data.substr(10), vocab, rank_seed + 1);
   } else {
     data_vocab = dataset_vocab_size(FLAGS_data);
     tokenizer = load_tokenizer(dataset_tokenizer_spec(FLAGS_data));
@@ -134,6 +182,8 @@ int train_main(int argc, char** argv) {
     d.path = FLAGS_data;
     d.vocab_size = cfg.vocab_size;
     d.seed = FLAGS_seed;
+    d.dp_rank = dp_rank;
+    d.dp_size = dp_size;
     train = open_token_dataset(d);
     if (!FLAGS_val_data.empty()) {
       d.path = FLAGS_val_data;
@@ -143,7 +193,7 @@ int train_main(int argc, char** argv) {
   }
 
   // ---- model + optimizer
-  Model model(cfg, *ops, precision, FLAGS_batch, FLAGS_seq);
+  Model model(cfg, *ops, precision, FLAGS_batch, FLAGS_seq, par ? model_parallel(*par) : ModelParallel{});
   model.init_weights(FLAGS_seed);
   OptimizerConfig oc;
   oc.lr = FLAGS_lr;
@@ -155,7 +205,7 @@ int train_main(int argc, char** argv) {
   oc.beta2 = FLAGS_beta2;
   oc.weight_decay = FLAGS_weight_decay;
   oc.grad_clip = FLAGS_grad_clip;
-  AdamW opt(oc, model);
+  AdamW opt(oc, model, par.get());
 
   int64_t start_step = 0;
   if (!resume_dir.empty()) {
@@ -174,12 +224,12 @@ int train_main(int argc, char** argv) {
   to.log_every = FLAGS_log_every;
   to.eval_every = FLAGS_eval_every;
   to.eval_batches = FLAGS_eval_batches;
-  Trainer trainer(model, opt, *train, val.get(), to);
+  Trainer trainer(model, opt, *train, val.get(), to, par.get());
   auto save = [&](int64_t steps_done) {
     if (FLAGS_ckpt_dir.empty()) return;
     CheckpointMeta meta;
     meta.step = steps_done;
-    meta.tokens_seen = steps_done * FLAGS_batch * FLAGS_seq * FLAGS_grad_accum;
+    meta.tokens_seen = steps_done * FLAGS_batch * FLAGS_seq * FLAGS_grad_accum * dp_size;
     meta.seed = FLAGS_seed;
     meta.data_position = train->position();
     meta.extra = {{"tokenizer", tokenizer ? tokenizer->spec() : std::string("")},
@@ -205,7 +255,8 @@ int train_main(int argc, char** argv) {
     LOG(INFO) << "done: first loss " << res.losses.front() << ", last loss " << res.losses.back()
               << ", " << static_cast<int64_t>(res.tokens_per_second) << " tokens/s";
 
-  // ---- sample
+  // ---- sample (every rank runs it: under TP the logits are gathered; rank 0 prints)
+  if (!rank0) std::cout.setstate(std::ios::failbit);
   if (FLAGS_sample_tokens > 0) {
     SampleOptions so;
     so.max_new_tokens = FLAGS_sample_tokens;
@@ -239,4 +290,5 @@ int train_main(int argc, char** argv) {
 }  // namespace
 }  // namespace difftron
 
-DIFFTRON_COMMAND("train", "train a model (single process; see --help)", difftron::train_main);
+DIFFTRON_COMMAND("train", "train a model (one process, or --tp x --dp ranks under mpirun/srun; see --help)",
+                 difftron::train_main);
