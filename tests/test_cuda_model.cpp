@@ -126,14 +126,16 @@ TEST_P(CudaModel, LossAndEveryGradientMatchTheCpu) {
   const double lc = cpu.forward_backward(b.tokens.data(), b.targets.data(), kB, kS);
   std::printf("%s: loss gpu %.6f cpu %.6f rel %.2e\n", attention_kind_name(cfg.attention), lg, lc,
               std::fabs(lg - lc) / lc);
-  EXPECT_NEAR(lg, lc, 5e-3 * lc);
+  EXPECT_NEAR(lg, lc, 2e-3 * lc);  // seen: 2e-5
   std::vector<double> all_g, all_c;
   for (size_t i = 0; i < gpu.params().size(); ++i) {
     const Param& pg = gpu.params()[i];
     const auto g = host_values(*gpu_ops, pg.grad), c = host_values(*cpu_ops, cpu.params()[i].grad);
     const double err = rel_err(g, c);
     const bool lambda = pg.name.find(".lambda_") != std::string::npos;
-    const double tol = lambda ? 1e-1 : 5e-2;  // dlambda is a sum with heavy cancellation
+    // Seen on the H200: 4e-3..1e-2, lambda vectors 3e-2..4e-2 (dlambda is a sum with heavy
+    // cancellation, each term carrying bf16 activation noise).
+    const double tol = lambda ? 1e-1 : 3e-2;
     double norm = 0;
     for (double x : c) norm += x * x;
     std::printf("  %-50s |grad| %.3e rel err %.2e%s\n", pg.name.c_str(), std::sqrt(norm), err,
@@ -144,7 +146,7 @@ TEST_P(CudaModel, LossAndEveryGradientMatchTheCpu) {
   }
   const double total = rel_err(all_g, all_c);
   std::printf("  all gradients: rel err %.2e\n", total);
-  EXPECT_LE(total, 2e-2);
+  EXPECT_LE(total, 1.5e-2);  // seen: 5e-3
 }
 
 TEST_P(CudaModel, TrainingFollowsTheCpuAndRepeatsBitForBit) {
@@ -177,7 +179,8 @@ TEST_P(CudaModel, TrainingFollowsTheCpuAndRepeatsBitForBit) {
   for (int64_t s = 0; s < kSteps; ++s) {
     const double rel = std::fabs(g1[s] - c[s]) / c[s];
     std::printf("      %4lld   %.6f   %.6f   %.2e\n", (long long)s, g1[s], c[s], rel);
-    EXPECT_LE(std::fabs(g1[s] - c[s]), 3e-2 * c[s] + 1e-2) << "step " << s;
+    // seen on the H200: at most 5.3e-3 relative
+    EXPECT_LE(std::fabs(g1[s] - c[s]), 1.5e-2 * c[s] + 5e-3) << "step " << s;
   }
   EXPECT_LT(c.back(), 0.6 * c.front()) << "the CPU reference did not learn: the comparison is vacuous";
   EXPECT_EQ(0, std::memcmp(g1.data(), g2.data(), g1.size() * sizeof(double)))

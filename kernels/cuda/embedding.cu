@@ -13,24 +13,9 @@
 namespace difftron::cuda {
 namespace {
 
-__global__ void check_tokens_kernel(const int32_t* __restrict__ tokens, int64_t n, int64_t vocab,
-                                    int* flag) {
-  for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < n;
-       i += int64_t(gridDim.x) * blockDim.x) {
-    const int32_t t = tokens[i];
-    if (t < 0 || t >= vocab) atomicMin(flag, int(i));
-  }
-}
-
-// Throws naming the first bad position and its token id when the check kernel flagged one.
-void check_tokens(CudaContext& ctx, const Tensor& tokens, int64_t vocab, const char* op) {
-  const int64_t n = tokens.numel();
-  if (n == 0) return;
-  int* flag = ctx.reset_flag();
-  const int64_t blocks = std::min<int64_t>((n + 255) / 256, int64_t(ctx.num_sms()) * 8);
-  check_tokens_kernel<<<unsigned(blocks), 256, 0, ctx.stream()>>>(tokens.data<int32_t>(), n,
-                                                                  vocab, flag);
-  DT_CUDA_LAUNCHED();
+// Throws naming the first bad position and its token id when a kernel flagged one
+// (synchronises: reads the context's flag).
+void report_bad_token(CudaContext& ctx, const Tensor& tokens, int64_t vocab, const char* op) {
   const int bad = ctx.read_flag();
   if (bad != INT_MAX) {
     int32_t tok = 0;
@@ -40,25 +25,49 @@ void check_tokens(CudaContext& ctx, const Tensor& tokens, int64_t vocab, const c
   }
 }
 
-template <typename T>
-struct GatherOp {
-  const int32_t* tokens;
-  const T* table;
-  T* out;
-  int64_t d;
-  template <int V>
-  __device__ void apply(int64_t i) const {
-    const int64_t n = i / d, c = i % d;  // V divides d on the vector path
-    float f[V];
-    load_floats<V>(table + int64_t(tokens[n]) * d + c, f);
-    store_floats<V>(out + i, f);
+// One warp per token row: lanes copy V-element pieces (V = 8: 16-byte vectors), four in
+// flight at a time. A token outside [0, V) is flagged (its row is written as zeros).
+template <int V, typename T>
+__global__ void embedding_forward_kernel(const int32_t* __restrict__ tokens,
+                                         const T* __restrict__ table, T* __restrict__ out,
+                                         int64_t n, int64_t d, int64_t vocab, int* flag) {
+  const int lane = threadIdx.x & 31;
+  const int64_t row = (int64_t(blockIdx.x) * blockDim.x + threadIdx.x) >> 5;
+  if (row >= n) return;
+  const int32_t tok = tokens[row];
+  T* o = out + row * d;
+  if (tok < 0 || tok >= vocab) {
+    if (lane == 0) atomicMin(flag, int(row));
+    float z[V] = {};
+    for (int64_t c = int64_t(lane) * V; c < d; c += 32 * V) store_floats<V>(o + c, z);
+    return;
   }
-};
+  const T* src = table + int64_t(tok) * d;
+  constexpr int U = 4;
+  for (int64_t c0 = int64_t(lane) * V; c0 < d; c0 += 32 * V * U) {
+    float f[U][V];
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      const int64_t c = c0 + int64_t(u) * 32 * V;
+      if (c < d) load_floats<V>(src + c, f[u]);
+    }
+#pragma unroll
+    for (int u = 0; u < U; ++u) {
+      const int64_t c = c0 + int64_t(u) * 32 * V;
+      if (c < d) store_floats<V>(o + c, f[u]);
+    }
+  }
+}
 
-__global__ void iota_kernel(int32_t* p, int64_t n) {
+// Positions 0..n-1 for the sort, and the token check.
+__global__ void iota_check_kernel(const int32_t* __restrict__ tokens, int32_t* p, int64_t n,
+                                  int64_t vocab, int* flag) {
   for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < n;
-       i += int64_t(gridDim.x) * blockDim.x)
+       i += int64_t(gridDim.x) * blockDim.x) {
     p[i] = int32_t(i);
+    const int32_t t = tokens[i];
+    if (t < 0 || t >= vocab) atomicMin(flag, int(i));
+  }
 }
 
 // Block x = position in the sorted order; only the first position of each run of equal
@@ -93,21 +102,28 @@ __global__ void embedding_backward_kernel(const uint32_t* __restrict__ sorted_to
 }  // namespace
 
 void embedding_forward(CudaContext& ctx, const Tensor& tokens, const Tensor& table, Tensor& out) {
-  const int64_t n = tokens.numel(), d = table.cols();
-  check_tokens(ctx, tokens, table.rows(), "embedding_forward");
+  const int64_t n = tokens.numel(), d = table.cols(), vocab = table.rows();
+  if (n == 0) return;
+  int* flag = ctx.reset_flag();
   const bool vec = d % 8 == 0 && aligned16(table.raw()) && aligned16(out.raw());
+  const unsigned blocks = unsigned((n * 32 + 255) / 256);
   dispatch_float(table.dtype(), [&](auto t) {
     using T = typename decltype(t)::type;
-    launch_elementwise(ctx, n * d, vec,
-                       GatherOp<T>{tokens.data<int32_t>(), table.data<T>(), out.data<T>(), d});
+    if (vec)
+      embedding_forward_kernel<8, T><<<blocks, 256, 0, ctx.stream()>>>(
+          tokens.data<int32_t>(), table.data<T>(), out.data<T>(), n, d, vocab, flag);
+    else
+      embedding_forward_kernel<1, T><<<blocks, 256, 0, ctx.stream()>>>(
+          tokens.data<int32_t>(), table.data<T>(), out.data<T>(), n, d, vocab, flag);
+    DT_CUDA_LAUNCHED();
   });
+  report_bad_token(ctx, tokens, vocab, "embedding_forward");
 }
 
 void embedding_backward(CudaContext& ctx, const Tensor& tokens, const Tensor& dout,
                         Tensor& dtable) {
   const int64_t n = tokens.numel(), d = dtable.cols(), vocab = dtable.rows();
   if (n == 0) return;
-  check_tokens(ctx, tokens, vocab, "embedding_backward");
   int end_bit = 1;
   while (end_bit < 32 && (int64_t(1) << end_bit) < vocab) ++end_bit;
 
@@ -126,8 +142,11 @@ void embedding_backward(CudaContext& ctx, const Tensor& tokens, const Tensor& do
   int32_t* pos_out = carve.take<int32_t>(n);
   void* cub_tmp = carve.take<char>(cub_bytes);
 
-  iota_kernel<<<unsigned(std::min<int64_t>((n + 255) / 256, 4096)), 256, 0, ctx.stream()>>>(pos_in, n);
+  int* flag = ctx.reset_flag();
+  iota_check_kernel<<<unsigned(std::min<int64_t>((n + 255) / 256, 4096)), 256, 0, ctx.stream()>>>(
+      tokens.data<int32_t>(), pos_in, n, vocab, flag);
   DT_CUDA_LAUNCHED();
+  report_bad_token(ctx, tokens, vocab, "embedding_backward");
   // Token ids were checked to be in [0, V): their bits read as uint32 sort correctly.
   DT_CUDA(cub::DeviceRadixSort::SortPairs(cub_tmp, cub_bytes,
                                           reinterpret_cast<const uint32_t*>(tokens.data<int32_t>()),

@@ -1,7 +1,9 @@
 // RMSNorm on the GPU (reference: kernels/cpu/rmsnorm.cpp): forward with an output scale,
 // backward with the residual add fused (dx +=) and a deterministic weight gradient: each
-// block owns a fixed range of rows and keeps its dw partial in shared memory (every thread
-// only touches its own columns), then a second kernel sums the partials in block order.
+// block owns a fixed range of rows and keeps its dw partial (in registers or shared memory,
+// every thread only touching its own columns), then a second kernel sums the partials in
+// block order. Rows of up to 2048 (forward) / 1024 (backward) columns with 16-byte vectors
+// run one warp per row with the row in registers; other rows one block per row.
 // x, y, dy, dx share one dtype (f32 or bf16); w f32 or bf16; rstd f32; dw f32 or bf16.
 #include <algorithm>
 
@@ -97,6 +99,131 @@ __global__ void rmsnorm_backward_kernel(const T* __restrict__ x, const W* __rest
     for (int j = 0; j < V; ++j) out[c + j] = dw_acc[c + j];
 }
 
+// ---- one warp per row, the row's K 8-wide vectors per lane in registers ----------------
+// Needs cols % 8 == 0, cols <= 256 K and 16-byte aligned rows.
+
+constexpr int kRowWarps = 8;  // rows (warps) per block
+
+template <int K, typename T, typename W>
+__global__ void __launch_bounds__(kRowWarps * 32)
+    rmsnorm_forward_warp_kernel(const T* __restrict__ x, const W* __restrict__ w,
+                                T* __restrict__ y, float* __restrict__ rstd, int64_t rows,
+                                int cols, float eps, float scale) {
+  const int lane = threadIdx.x & 31;
+  const int64_t r = int64_t(blockIdx.x) * kRowWarps + (threadIdx.x >> 5);
+  if (r >= rows) return;
+  const T* xr = x + r * cols;
+  float v[K][8];
+  float ss = 0;
+#pragma unroll
+  for (int k = 0; k < K; ++k) {
+    const int c = (k * 32 + lane) * 8;
+    if (c < cols) {
+      load_floats<8>(xr + c, v[k]);
+#pragma unroll
+      for (int j = 0; j < 8; ++j) ss += v[k][j] * v[k][j];
+    }
+  }
+  ss = warp_sum(ss);
+  const float rs = 1.0f / sqrtf(ss / float(cols) + eps);
+  if (lane == 0) rstd[r] = rs;
+  T* yr = y + r * cols;
+#pragma unroll
+  for (int k = 0; k < K; ++k) {
+    const int c = (k * 32 + lane) * 8;
+    if (c < cols) {
+      float g[8];
+      load_floats<8>(w + c, g);
+#pragma unroll
+      for (int j = 0; j < 8; ++j) v[k][j] = v[k][j] * rs * g[j] * scale;
+      store_floats<8>(yr + c, v[k]);
+    }
+  }
+}
+
+// Block b owns rows [b R, (b + 1) R); warp w of it rows b R + w, b R + w + 8, ...; each lane
+// keeps dw for its columns in registers; the warps' sums are added in warp order.
+template <int K, typename T, typename W>
+__global__ void __launch_bounds__(kRowWarps * 32)
+    rmsnorm_backward_warp_kernel(const T* __restrict__ x, const W* __restrict__ w,
+                                 const float* __restrict__ rstd, const T* __restrict__ dy,
+                                 T* __restrict__ dx, float* __restrict__ partial, int64_t rows,
+                                 int cols, int64_t rows_per_block, float scale) {
+  extern __shared__ float dw_block[];  // [cols]
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  float dwa[K][8];
+#pragma unroll
+  for (int k = 0; k < K; ++k)
+#pragma unroll
+    for (int j = 0; j < 8; ++j) dwa[k][j] = 0.0f;
+  const int64_t r0 = int64_t(blockIdx.x) * rows_per_block;
+  const int64_t r1 = r0 + rows_per_block < rows ? r0 + rows_per_block : rows;
+  for (int64_t r = r0 + warp; r < r1; r += kRowWarps) {
+    const float rs = rstd[r];
+    const T* xr = x + r * cols;
+    const T* dyr = dy + r * cols;
+    T* dxr = dx + r * cols;
+    float xv[K][8], dv[K][8], dot = 0;
+#pragma unroll
+    for (int k = 0; k < K; ++k) {
+      const int c = (k * 32 + lane) * 8;
+      if (c < cols) {
+        float g[8];
+        load_floats<8>(xr + c, xv[k]);
+        load_floats<8>(dyr + c, dv[k]);
+        load_floats<8>(w + c, g);
+#pragma unroll
+        for (int j = 0; j < 8; ++j) dot += dv[k][j] * g[j] * xv[k][j];
+      }
+    }
+    dot = warp_sum(dot);
+    const float m = dot / float(cols);
+#pragma unroll
+    for (int k = 0; k < K; ++k) {
+      const int c = (k * 32 + lane) * 8;
+      if (c < cols) {
+        float g[8], o[8];
+        load_floats<8>(w + c, g);
+        load_floats<8>(dxr + c, o);
+#pragma unroll
+        for (int j = 0; j < 8; ++j) {
+          o[j] += scale * rs * (dv[k][j] * g[j] - xv[k][j] * rs * rs * m);
+          dwa[k][j] += dv[k][j] * xv[k][j] * rs * scale;
+        }
+        store_floats<8>(dxr + c, o);
+      }
+    }
+  }
+  for (int ww = 0; ww < kRowWarps; ++ww) {
+    if (warp == ww) {
+#pragma unroll
+      for (int k = 0; k < K; ++k) {
+        const int c = (k * 32 + lane) * 8;
+        if (c < cols)
+#pragma unroll
+          for (int j = 0; j < 8; ++j) dw_block[c + j] = (ww == 0 ? 0.0f : dw_block[c + j]) + dwa[k][j];
+      }
+    }
+    __syncthreads();
+  }
+  float* out = partial + int64_t(blockIdx.x) * cols;
+  for (int c = threadIdx.x; c < cols; c += blockDim.x) out[c] = dw_block[c];
+}
+
+// Calls f(std::integral_constant<int, K>) with K 8-wide vectors per lane covering cols,
+// K in {1, 2, 4, 8} up to max_k; returns false when the warp kernels do not apply.
+template <typename F>
+bool with_row_vectors(int64_t cols, bool vec, int max_k, F&& f) {
+  if (!vec) return false;
+  const int64_t need = (cols + 255) / 256;
+  if (need > max_k) return false;
+  if (need <= 1) f(std::integral_constant<int, 1>{});
+  else if (need <= 2) f(std::integral_constant<int, 2>{});
+  else if (need <= 4) f(std::integral_constant<int, 4>{});
+  else f(std::integral_constant<int, 8>{});
+  return true;
+}
+
 // dw[c] += sum_b partial[b, c]: block (32, 8) covers 32 columns; row ty of the block sums
 // partials b = ty, ty + 8, ...; the 8 sums are added in ty order (fixed: deterministic).
 template <typename DW>
@@ -124,15 +251,24 @@ void rmsnorm_forward(CudaContext& ctx, const Tensor& x, const Tensor& w, double 
   const int64_t rows = x.rows(), cols = x.cols();
   if (rows == 0) return;
   const bool vec = cols % 8 == 0 && aligned16(x.raw()) && aligned16(w.raw()) && aligned16(y.raw());
-  const int threads = row_threads(cols, vec ? 8 : 1);
   dispatch_float(x.dtype(), [&](auto xt) {
     using T = typename decltype(xt)::type;
     dispatch_float(w.dtype(), [&](auto wt) {
       using W = typename decltype(wt)::type;
-      auto kernel = vec ? rmsnorm_forward_kernel<8, T, W> : rmsnorm_forward_kernel<1, T, W>;
-      kernel<<<unsigned(rows), threads, 0, ctx.stream()>>>(x.data<T>(), w.data<W>(), y.data<T>(),
-                                                           rstd.data<float>(), int(cols),
-                                                           float(eps), scale);
+      const bool warp_path = with_row_vectors(cols, vec, 8, [&](auto kk) {
+        constexpr int K = decltype(kk)::value;
+        rmsnorm_forward_warp_kernel<K, T, W>
+            <<<unsigned((rows + kRowWarps - 1) / kRowWarps), kRowWarps * 32, 0, ctx.stream()>>>(
+                x.data<T>(), w.data<W>(), y.data<T>(), rstd.data<float>(), rows, int(cols),
+                float(eps), scale);
+      });
+      if (!warp_path) {
+        const int threads = row_threads(cols, vec ? 8 : 1);
+        auto kernel = vec ? rmsnorm_forward_kernel<8, T, W> : rmsnorm_forward_kernel<1, T, W>;
+        kernel<<<unsigned(rows), threads, 0, ctx.stream()>>>(x.data<T>(), w.data<W>(), y.data<T>(),
+                                                             rstd.data<float>(), int(cols),
+                                                             float(eps), scale);
+      }
       DT_CUDA_LAUNCHED();
     });
   });
@@ -144,9 +280,11 @@ void rmsnorm_backward(CudaContext& ctx, const Tensor& x, const Tensor& w, const 
   if (rows == 0) return;
   const bool vec = cols % 8 == 0 && aligned16(x.raw()) && aligned16(w.raw()) &&
                    aligned16(dy.raw()) && aligned16(dx.raw());
-  const int threads = row_threads(cols, vec ? 8 : 1);
+  const bool warp_path = vec && (cols + 255) / 256 <= 4;
+  const int threads = warp_path ? kRowWarps * 32 : row_threads(cols, vec ? 8 : 1);
   // Enough blocks to fill any GPU, a count that depends on the shape only (determinism).
-  int64_t nblocks = std::min<int64_t>(rows, std::max<int64_t>(1024, 262144 / threads));
+  int64_t nblocks = warp_path ? std::min<int64_t>((rows + kRowWarps - 1) / kRowWarps, 2048)
+                              : std::min<int64_t>(rows, std::max<int64_t>(1024, 262144 / threads));
   const int64_t rows_per_block = (rows + nblocks - 1) / nblocks;
   nblocks = (rows + rows_per_block - 1) / rows_per_block;
   const size_t smem = size_t(cols) * sizeof(float);
@@ -159,12 +297,21 @@ void rmsnorm_backward(CudaContext& ctx, const Tensor& x, const Tensor& w, const 
     using T = typename decltype(xt)::type;
     dispatch_float(w.dtype(), [&](auto wt) {
       using W = typename decltype(wt)::type;
-      auto kernel = vec ? rmsnorm_backward_kernel<8, T, W> : rmsnorm_backward_kernel<1, T, W>;
-      if (smem > 48 * 1024)
-        DT_CUDA(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
-      kernel<<<unsigned(nblocks), threads, smem, ctx.stream()>>>(
-          x.data<T>(), w.data<W>(), rstd.data<float>(), dy.data<T>(), dx.data<T>(), partial, rows,
-          int(cols), rows_per_block, scale);
+      const bool launched = warp_path && with_row_vectors(cols, vec, 4, [&](auto kk) {
+        constexpr int K = decltype(kk)::value;
+        if constexpr (K <= 4)  // x, dy and dw of 4 vectors per lane: 128 registers
+          rmsnorm_backward_warp_kernel<K, T, W><<<unsigned(nblocks), threads, smem, ctx.stream()>>>(
+              x.data<T>(), w.data<W>(), rstd.data<float>(), dy.data<T>(), dx.data<T>(), partial,
+              rows, int(cols), rows_per_block, scale);
+      });
+      if (!launched) {
+        auto kernel = vec ? rmsnorm_backward_kernel<8, T, W> : rmsnorm_backward_kernel<1, T, W>;
+        if (smem > 48 * 1024)
+          DT_CUDA(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, int(smem)));
+        kernel<<<unsigned(nblocks), threads, smem, ctx.stream()>>>(
+            x.data<T>(), w.data<W>(), rstd.data<float>(), dy.data<T>(), dx.data<T>(), partial, rows,
+            int(cols), rows_per_block, scale);
+      }
       DT_CUDA_LAUNCHED();
     });
   });
