@@ -169,6 +169,36 @@ TEST_P(DiffFlash, ForwardAndBackwardMatchCpuReference) {
   EXPECT_LT(e_dv, 1e-2);
   EXPECT_LT(e_lam, 1e-2);
 
+  // the optional saved-O2n path: O2n = O(lambda = 0) - O(lambda = 1) by the reference, and the
+  // backward given it must reach the same gradients
+  {
+    std::vector<double> o_l0(nq), o_l1(nq), scratch(nl);
+    cpu::diff_attention_forward(q.d.data(), k.d.data(), v.d.data(), 0.0, o_l0.data(),
+                                scratch.data(), c.B, c.S, c.h, c.h_kv, c.dh);
+    cpu::diff_attention_forward(q.d.data(), k.d.data(), v.d.data(), 1.0, o_l1.data(),
+                                scratch.data(), c.B, c.S, c.h, c.h_kv, c.dh);
+    std::vector<double> ro2(nq);
+    for (size_t i = 0; i < nq; ++i) ro2[i] = o_l0[i] - o_l1[i];
+    DevBuf<__nv_bfloat16> do2(nq), dgq2(nq), dgk2(nk), dgv2(nk);
+    DevBuf<float> dglam2(1);
+    cuda::diff_flash_forward(d, dq_.p, dk_.p, dv_.p, dlam.p, dout_o.p, dlse.p, nullptr, do2.p);
+    cuda::diff_flash_backward(d, dq_.p, dk_.p, dv_.p, dlam.p, dout_o.p, dlse.p, ddo.p, dgq2.p,
+                              dgk2.p, dgv2.p, dglam2.p, dws.p, ws, nullptr, do2.p);
+    CUDA_OK(cudaDeviceSynchronize());
+    const double e_o2 = rel_l2(to_double(do2.get()), ro2);
+    const double f_dq = rel_l2(to_double(dgq2.get()), rdq, l2(rdv));
+    const double f_dk = rel_l2(to_double(dgk2.get()), rdk, l2(rdv));
+    const double f_dv = rel_l2(to_double(dgv2.get()), rdv);
+    const double f_lam = std::fabs(double(dglam2.get()[0]) - rdlam) / std::max(std::fabs(rdlam), 1e-3);
+    std::printf("  with saved O2n: o2 %.2e  dq %.2e  dk %.2e  dv %.2e  dlambda %.2e\n", e_o2, f_dq,
+                f_dk, f_dv, f_lam);
+    EXPECT_LT(e_o2, 1e-2);
+    EXPECT_LT(f_dq, 1e-2);
+    EXPECT_LT(f_dk, 1e-2);
+    EXPECT_LT(f_dv, 1e-2);
+    EXPECT_LT(f_lam, 1e-2);
+  }
+
   // deterministic: a second backward gives the same bits
   cuda::diff_flash_backward(d, dq_.p, dk_.p, dv_.p, dlam.p, dout_o.p, dlse.p, ddo.p, dgq.p, dgk.p,
                             dgv.p, dglam.p, dws.p, ws, nullptr);

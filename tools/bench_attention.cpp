@@ -19,6 +19,7 @@
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
 
+#include "kernels/cuda/cuda_kernels.h"
 #include "kernels/cuda/diff_flash.h"
 #endif
 
@@ -26,6 +27,9 @@ DEFINE_string(attn_shapes, "",
               "bench-attention: shapes 'B,S,h,h_kv,dh;...' (default: the issue-4 shapes and an S "
               "sweep from 1k to 16k at 16k tokens per batch, dh 64 and 128)");
 DEFINE_int32(attn_reps, 20, "bench-attention: timed repetitions per kernel (median reported)");
+DEFINE_int32(attn_simple_max_s, 4096,
+             "bench-attention: also time the simple SIMT path (diff_attention_simple.cu) for "
+             "shapes with S up to this (0: never)");
 
 namespace difftron {
 namespace {
@@ -73,16 +77,16 @@ void fill_random(__nv_bfloat16* dst, size_t n, uint64_t seed, float sigma) {
 }
 
 template <typename F>
-double median_ms(F&& f, int reps) {
+double median_ms(F&& f, int reps, cudaStream_t stream = nullptr) {
   cudaEvent_t a, b;
   ck(cudaEventCreate(&a), "event");
   ck(cudaEventCreate(&b), "event");
   for (int i = 0; i < 3; ++i) f();  // warm-up
   std::vector<float> t;
   for (int i = 0; i < reps; ++i) {
-    ck(cudaEventRecord(a), "record");
+    ck(cudaEventRecord(a, stream), "record");
     f();
-    ck(cudaEventRecord(b), "record");
+    ck(cudaEventRecord(b, stream), "record");
     ck(cudaEventSynchronize(b), "sync");
     float ms = 0;
     ck(cudaEventElapsedTime(&ms, a, b), "elapsed");
@@ -116,8 +120,10 @@ int run(int argc, char** argv) {
   std::printf("bench-attention on %s; FLOPs: fwd = 6 B h S^2 dh (causal), bwd = 2.5 x fwd; "
               "median of %d\n",
               prop.name, FLAGS_attn_reps);
-  std::printf("%-26s %9s %9s %9s %8s %8s %8s %8s %8s\n", "shape B,S,h,h_kv,dh", "fwd ms",
-              "bwd ms", "total ms", "fwd TF/s", "bwd TF/s", "all TF/s", "goal ms", "/goal");
+  std::printf("%-26s %9s %9s %9s %8s %8s %8s %8s %8s %10s\n", "shape B,S,h,h_kv,dh", "fwd ms",
+              "bwd ms", "total ms", "fwd TF/s", "bwd TF/s", "all TF/s", "goal ms", "/goal",
+              "simple ms");
+  cuda::CudaContext ctx(0);
   for (const Shape5& s : shapes) {
     cuda::DiffFlashDims d{s.B, s.S, s.h, s.h_kv, s.dh};
     std::string why;
@@ -158,8 +164,32 @@ int run(int argc, char** argv) {
       std::snprintf(goal, sizeof goal, "%.2f", 0.6 * ref);
       std::snprintf(ratio, sizeof ratio, "%.2f", (fwd + bwd) / (0.6 * ref));
     }
-    std::printf("%-26s %9.3f %9.3f %9.3f %8.1f %8.1f %8.1f %8s %8s\n", name, fwd, bwd, fwd + bwd,
-                f / fwd * 1e-9, 2.5 * f / bwd * 1e-9, 3.5 * f / (fwd + bwd) * 1e-9, goal, ratio);
+    char simple[32] = "-";
+    if (s.S <= FLAGS_attn_simple_max_s) {
+      // the simple path on the same buffers, through its Tensor launchers (views, no ownership)
+      auto view = [](void* p, Shape sh, DType t) {
+        return Tensor(std::move(sh), t, Device::CUDA, p, [](void*) {});
+      };
+      const DType BF = DType::BF16, F = DType::F32;
+      Tensor tq = view(q, {s.B, s.S, s.h, 2, s.dh}, BF), tk = view(k, {s.B, s.S, s.h_kv, 2, s.dh}, BF);
+      Tensor tv = view(v, {s.B, s.S, s.h_kv, 2 * s.dh}, BF), to = view(o, {s.B, s.S, s.h, 2 * s.dh}, BF);
+      Tensor tl = view(lse, {s.B, s.h, 2, s.S}, F), tlam = view(lam, {1}, F), tdl = view(dlam, {1}, F);
+      Tensor tdo = view(dout, to.shape(), BF), tdq = view(dq, tq.shape(), BF);
+      Tensor tdk = view(dk, tk.shape(), BF), tdv = view(dv, tv.shape(), BF);
+      const double sf = median_ms(
+          [&] { cuda::diff_attention_simple_forward(ctx, tq, tk, tv, tlam, to, tl); }, 3,
+          ctx.stream());
+      const double sb = median_ms(
+          [&] {
+            cuda::diff_attention_simple_backward(ctx, tq, tk, tv, tlam, tl, tdo, tdq, tdk, tdv, tdl);
+          },
+          3, ctx.stream());
+      ck(cudaStreamSynchronize(ctx.stream()), "sync");
+      std::snprintf(simple, sizeof simple, "%.1f+%.1f", sf, sb);
+    }
+    std::printf("%-26s %9.3f %9.3f %9.3f %8.1f %8.1f %8.1f %8s %8s %10s\n", name, fwd, bwd,
+                fwd + bwd, f / fwd * 1e-9, 2.5 * f / bwd * 1e-9, 3.5 * f / (fwd + bwd) * 1e-9, goal,
+                ratio, simple);
     std::fflush(stdout);
     for (void* p : {(void*)q, (void*)k, (void*)v, (void*)o, (void*)dout, (void*)dq, (void*)dk,
                     (void*)dv, (void*)lse, (void*)lam, (void*)dlam, w})

@@ -20,16 +20,22 @@
 // (dQ kernel: 6 for D2' + 12 for dQ; dK/dV kernel 16), the minimum being 20 dh if O2n were saved.
 //
 // ---- Kernel design ------------------------------------------------------------------------
-// Every kernel uses "map-split warp pairs": warp w < WM and warp w + WM own the same 16 rows
-// (query rows in forward and dQ, key rows in dK/dV); the first computes map 1's scores, the
-// second map 2's, so each QK^T product is computed once. Whatever the partner needs (the
-// other map's probabilities and rescale factors, or the other half of dP's 2dh contraction)
-// goes through a per-warp shared-memory slot in the MMA accumulator layout: both warps hold
-// the same (row, col) in the same lane, so the exchange is lane-to-lane (16-byte, conflict
-// free) behind a 64-thread named barrier. The 2dh-wide outputs (O, dV) are split by column
-// halves between the two warps, so accumulators per thread stay at 2 x dh/2 x 16 rows.
-// Single-buffered exchange slots are safe because each tile iteration starts with a
-// __syncthreads (cp.async double buffer) that the partner passes only after its reads.
+// mma.sync m16n8k16 (bf16 in, f32 accumulate), ldmatrix from XOR-swizzled shared memory,
+// cp.async double buffering (one __syncthreads per tile). A warp owns 16 rows of a tile; the
+// accumulators of the 2dh-wide outputs (O, dV) and of both maps would not fit one warp's
+// registers at dh 128, so warps work in pairs that own the same 16 rows:
+// - dual warps (forward dh 64): no pair; each warp holds both maps' O over all 2dh columns.
+// - map-split pairs (forward dh 128, dK/dV dh 128): warp j computes map j's scores only (each
+//   QK^T once); both warps accumulate over their half of the 2dh columns. The partner's
+//   probabilities, rescale factors or half of dP's 2dh contraction go through a per-warp
+//   shared-memory slot in the MMA accumulator layout: both warps hold the same (row, col) in
+//   the same lane, so the exchange is lane-to-lane (16-byte, conflict free) behind a 64-thread
+//   named barrier; each warp keeps its own values in registers.
+// - key-split pairs (dQ) / query-split pairs (dK/dV dh 64): each warp takes half of every
+//   key (query) tile for both maps; the pair's partial sums meet once, at the end, in a fixed
+//   order (deterministic).
+// Single-buffered exchange slots are safe because each tile iteration starts with the
+// __syncthreads of the cp.async pipeline, which the partner passes only after its reads.
 #pragma once
 #include <cstdint>
 
@@ -51,6 +57,9 @@ constexpr float kLn2 = 0.6931471805599453f;
 #endif
 #ifndef DIFF_FLASH_FWD64_BN
 #define DIFF_FLASH_FWD64_BN 32
+#endif
+#ifndef DIFF_FLASH_HEAD_MAJOR
+#define DIFF_FLASH_HEAD_MAJOR 1  // grid: tiles fastest, heads slowest (K/V or Q/dO stay in L2)
 #endif
 #ifndef DIFF_FLASH_DKV64_QSPLIT
 #define DIFF_FLASH_DKV64_QSPLIT 1  // dh 64 dK/dV: query-split pairs (no per-tile exchange)
@@ -316,12 +325,15 @@ struct FwdParams {
   const float* lambda;
   bf16* out;
   float* lse;
+  bf16* o2;  // optional: O2n = P_2 V
+
   int S, h, h_kv, group;
   float scale_log2;
 };
 
 struct BwdParams {
   const bf16 *q, *k, *v, *out, *dout;
+  const bf16* o2;   // optional saved O2n: D2' = dO . O2n directly, no pass A
   const float *lambda, *lse;
   bf16 *dq, *dk, *dv;
   float* D;         // [B, h, 2, S]: D1, D2'
@@ -332,5 +344,36 @@ struct BwdParams {
 };
 
 void check_launch(const char* what);
+
+// Grid mapping: (tile, batch * heads) <-> blockIdx, see DIFF_FLASH_HEAD_MAJOR. Tiles are
+// numbered so that the CTA with the most work of a head starts first.
+__host__ __device__ inline dim3 tile_grid(int tiles, int heads) {
+#if DIFF_FLASH_HEAD_MAJOR
+  return dim3(unsigned(tiles), unsigned(heads));
+#else
+  return dim3(unsigned(heads), unsigned(tiles));
+#endif
+}
+__device__ __forceinline__ int grid_tile() {
+#if DIFF_FLASH_HEAD_MAJOR
+  return blockIdx.x;
+#else
+  return blockIdx.y;
+#endif
+}
+__device__ __forceinline__ int grid_tiles() {
+#if DIFF_FLASH_HEAD_MAJOR
+  return gridDim.x;
+#else
+  return gridDim.y;
+#endif
+}
+__device__ __forceinline__ int grid_head() {
+#if DIFF_FLASH_HEAD_MAJOR
+  return blockIdx.y;
+#else
+  return blockIdx.x;
+#endif
+}
 
 }  // namespace difftron::cuda::flash

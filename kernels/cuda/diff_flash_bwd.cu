@@ -32,8 +32,8 @@ __global__ void __launch_bounds__(DqCfg<DH>::THREADS, DqCfg<DH>::MIN_BLOCKS)
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
   const int pair = warp % C::WM, half = warp / C::WM, partner = half ? pair : pair + C::WM;
   const int g = lane >> 2, t4 = lane & 3;
-  const int b = blockIdx.x / p.h, hd = blockIdx.x % p.h, kvg = hd / p.group;
-  const int q0 = (gridDim.y - 1 - blockIdx.y) * C::BM;
+  const int b = grid_head() / p.h, hd = grid_head() % p.h, kvg = hd / p.group;
+  const int q0 = (grid_tiles() - 1 - grid_tile()) * C::BM;
   const int S = p.S;
   const int64_t q_rs = int64_t(p.h) * 2 * DH, kv_rs = int64_t(p.h_kv) * 2 * DH;
   const int64_t qoff = (int64_t(b) * S * p.h + hd) * 2 * DH;
@@ -52,16 +52,17 @@ __global__ void __launch_bounds__(DqCfg<DH>::THREADS, DqCfg<DH>::MIN_BLOCKS)
 
   const int row0 = q0 + pair * 16;
   const float lam = *p.lambda;
-  // delta = dO . O for rows g and g + 8 of this warp: lane -> (row lane/2, column half lane&1)
-  float delta[2];
+  // delta = dO . O (and D2' = dO . O2n when the forward saved O2n) for rows g and g + 8 of
+  // this warp: lane -> (row lane/2, column half lane&1)
+  float delta[2], d2s[2];
   {
     const int r = row0 + (lane >> 1);
-    float acc = 0.f;
+    float acc = 0.f, acc2 = 0.f;
     if (r < S) {
-      const uint4* o4 =
-          reinterpret_cast<const uint4*>(p.out + qoff + int64_t(r) * q_rs + (lane & 1) * DH);
-      const uint4* d4 =
-          reinterpret_cast<const uint4*>(p.dout + qoff + int64_t(r) * q_rs + (lane & 1) * DH);
+      const int64_t off = qoff + int64_t(r) * q_rs + (lane & 1) * DH;
+      const uint4* o4 = reinterpret_cast<const uint4*>(p.out + off);
+      const uint4* d4 = reinterpret_cast<const uint4*>(p.dout + off);
+      const uint4* e4 = reinterpret_cast<const uint4*>(p.o2 ? p.o2 + off : p.out + off);
 #pragma unroll 4
       for (int c = 0; c < DH / 8; ++c) {
         const uint4 ov = o4[c], dv = d4[c];
@@ -71,11 +72,23 @@ __global__ void __launch_bounds__(DqCfg<DH>::THREADS, DqCfg<DH>::MIN_BLOCKS)
           const float2 a = unpack_bf16(ow[e]), d = unpack_bf16(dw[e]);
           acc = fmaf(a.x, d.x, fmaf(a.y, d.y, acc));
         }
+        if (p.o2) {
+          const uint4 ev = e4[c];
+          const uint32_t ew[4] = {ev.x, ev.y, ev.z, ev.w};
+#pragma unroll
+          for (int e = 0; e < 4; ++e) {
+            const float2 a = unpack_bf16(ew[e]), d = unpack_bf16(dw[e]);
+            acc2 = fmaf(a.x, d.x, fmaf(a.y, d.y, acc2));
+          }
+        }
       }
     }
     acc += __shfl_xor_sync(0xffffffffu, acc, 1);
+    acc2 += __shfl_xor_sync(0xffffffffu, acc2, 1);
     delta[0] = __shfl_sync(0xffffffffu, acc, 2 * g);
     delta[1] = __shfl_sync(0xffffffffu, acc, 2 * g + 16);
+    d2s[0] = __shfl_sync(0xffffffffu, acc2, 2 * g);
+    d2s[1] = __shfl_sync(0xffffffffu, acc2, 2 * g + 16);
   }
   float lse1[2], lse2[2];  // log2 units; +inf past S makes P = 0
 #pragma unroll
@@ -97,9 +110,36 @@ __global__ void __launch_bounds__(DqCfg<DH>::THREADS, DqCfg<DH>::MIN_BLOCKS)
 #pragma unroll
     for (int e = 0; e < 4; ++e) dq1[n][e] = dq2[n][e] = 0.f;
 
-  for (int it = 0; it < n_it; ++it) {
+  // D1 = delta + lambda D2'; D goes out for the dK/dV kernel, sum D2' for dlambda
+  auto finish_d = [&]() {
+    float part = 0.f;
+#pragma unroll
+    for (int hh = 0; hh < 2; ++hh) {
+      D1[hh] = fmaf(lam, D2[hh], delta[hh]);
+      const int row = row0 + g + 8 * hh;
+      if (row < S) {
+        if (t4 == 0) p.D[(bh * 2 + half) * S + row] = half ? D2[hh] : D1[hh];
+        part += D2[hh];
+      }
+    }
+    if (half == 1) {
+      part = t4 == 0 ? part : 0.f;
+#pragma unroll
+      for (int o = 16; o > 0; o >>= 1) part += __shfl_xor_sync(0xffffffffu, part, o);
+      if (lane == 0) red[pair] = part;
+    }
+  };
+  int it0 = 0;
+  if (p.o2) {  // D2' known: skip pass A
+    D2[0] = d2s[0];
+    D2[1] = d2s[1];
+    finish_d();
+    it0 = n_kt;
+  }
+
+  for (int it = it0; it < n_it; ++it) {
     const bool pass_b = it >= n_kt;
-    const int kt = n_kt - 1 - (pass_b ? it - n_kt : it), st = it & 1;
+    const int kt = n_kt - 1 - (pass_b ? it - n_kt : it), st = (it - it0) & 1;
     cp_async_wait<0>();
     __syncthreads();
     if (it + 1 < n_it) {
@@ -174,22 +214,7 @@ __global__ void __launch_bounds__(DqCfg<DH>::THREADS, DqCfg<DH>::MIN_BLOCKS)
         const float2 x0 = xr[pair * 32 + lane], x1 = xr[(pair + C::WM) * 32 + lane];
         D2[0] = x0.x + x1.x;
         D2[1] = x0.y + x1.y;
-        float part = 0.f;
-#pragma unroll
-        for (int hh = 0; hh < 2; ++hh) {
-          D1[hh] = fmaf(lam, D2[hh], delta[hh]);
-          const int row = row0 + g + 8 * hh;
-          if (row < S) {
-            if (t4 == 0) p.D[(bh * 2 + half) * S + row] = half ? D2[hh] : D1[hh];
-            part += D2[hh];
-          }
-        }
-        if (half == 1) {
-          part = t4 == 0 ? part : 0.f;
-#pragma unroll
-          for (int o = 16; o > 0; o >>= 1) part += __shfl_xor_sync(0xffffffffu, part, o);
-          if (lane == 0) red[pair] = part;
-        }
+        finish_d();
       }
     } else {
       // pass B: dS_1 = P_1 o (dP - D1), dS_2 = -lambda P_2 o (dP - D2'), as bf16 A fragments
@@ -259,7 +284,7 @@ __global__ void __launch_bounds__(DqCfg<DH>::THREADS, DqCfg<DH>::MIN_BLOCKS)
   if (tid == 0) {
     float sum = 0.f;
     for (int w = 0; w < C::WM; ++w) sum += red[w];
-    p.dlam_part[int64_t(blockIdx.y) * gridDim.x + blockIdx.x] = sum;
+    p.dlam_part[int64_t(blockIdx.y) * gridDim.x + blockIdx.x] = sum;  // any fixed order
   }
 }
 
@@ -279,8 +304,8 @@ __global__ void __launch_bounds__(DkvCfg<DH>::THREADS, DkvCfg<DH>::MIN_BLOCKS)
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
   const int pair = warp % C::WM, map = warp / C::WM, partner = map ? pair : pair + C::WM;
   const int g = lane >> 2, t4 = lane & 3;
-  const int b = blockIdx.x / p.h_kv, kvg = blockIdx.x % p.h_kv;
-  const int k0 = blockIdx.y * C::BN;
+  const int b = grid_head() / p.h_kv, kvg = grid_head() % p.h_kv;
+  const int k0 = grid_tile() * C::BN;
   const int S = p.S;
   const int64_t q_rs = int64_t(p.h) * 2 * DH, kv_rs = int64_t(p.h_kv) * 2 * DH;
   const int64_t kvoff = (int64_t(b) * S * p.h_kv + kvg) * 2 * DH;
@@ -477,8 +502,8 @@ __global__ void __launch_bounds__(DkvQCfg<DH>::THREADS, DkvQCfg<DH>::MIN_BLOCKS)
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
   const int pair = warp % C::WM, half = warp / C::WM, partner = half ? pair : pair + C::WM;
   const int g = lane >> 2, t4 = lane & 3;
-  const int b = blockIdx.x / p.h_kv, kvg = blockIdx.x % p.h_kv;
-  const int k0 = blockIdx.y * C::BN;
+  const int b = grid_head() / p.h_kv, kvg = grid_head() % p.h_kv;
+  const int k0 = grid_tile() * C::BN;
   const int S = p.S;
   const int64_t q_rs = int64_t(p.h) * 2 * DH, kv_rs = int64_t(p.h_kv) * 2 * DH;
   const int64_t kvoff = (int64_t(b) * S * p.h_kv + kvg) * 2 * DH;
@@ -703,13 +728,13 @@ template <int DH>
 void launch_bwd(const DiffFlashDims& d, const flash::BwdParams& p, cudaStream_t stream) {
   using Q = flash::DqCfg<DH>;
   set_smem(flash::diff_flash_dq_kernel<DH>, Q::SMEM, "dQ");
-  dim3 gq(unsigned(d.B * d.h), unsigned((d.S + Q::BM - 1) / Q::BM));
+  const dim3 gq = flash::tile_grid(int((d.S + Q::BM - 1) / Q::BM), int(d.B * d.h));
   flash::diff_flash_dq_kernel<DH><<<gq, Q::THREADS, Q::SMEM, stream>>>(p);
   flash::check_launch("backward dQ");
   auto launch_dkdv = [&](auto kernel, auto cfg) {
     using KV = decltype(cfg);
     set_smem(kernel, KV::SMEM, "dK/dV");
-    dim3 gkv(unsigned(d.B * d.h_kv), unsigned((d.S + KV::BN - 1) / KV::BN));
+    const dim3 gkv = flash::tile_grid(int((d.S + KV::BN - 1) / KV::BN), int(d.B * d.h_kv));
     kernel<<<gkv, KV::THREADS, KV::SMEM, stream>>>(p);
     flash::check_launch("backward dK/dV");
   };
@@ -730,20 +755,21 @@ void diff_flash_backward(const DiffFlashDims& d, const __nv_bfloat16* q, const _
                          const __nv_bfloat16* v, const float* lambda, const __nv_bfloat16* out,
                          const float* lse, const __nv_bfloat16* dout, __nv_bfloat16* dq,
                          __nv_bfloat16* dk, __nv_bfloat16* dv, float* dlambda, void* workspace,
-                         size_t workspace_bytes, cudaStream_t stream) {
+                         size_t workspace_bytes, cudaStream_t stream,
+                         const __nv_bfloat16* o2) {
   std::string why;
   if (!diff_flash_supported(d, &why)) throw_error("diff_flash_backward: unsupported: ", why);
   const size_t need = diff_flash_backward_workspace_bytes(d);
   if (workspace_bytes < need || workspace == nullptr)
     throw_error("diff_flash_backward: workspace of ", workspace_bytes, " bytes, need ", need);
-  const void* ptrs[] = {q, k, v, out, dout, dq, dk, dv, workspace};
-  const char* names[] = {"q", "k", "v", "out", "dout", "dq", "dk", "dv", "workspace"};
-  for (int i = 0; i < 9; ++i)
+  const void* ptrs[] = {q, k, v, out, dout, dq, dk, dv, workspace, o2};
+  const char* names[] = {"q", "k", "v", "out", "dout", "dq", "dk", "dv", "workspace", "o2"};
+  for (int i = 0; i < 10; ++i)
     if (reinterpret_cast<uintptr_t>(ptrs[i]) % 16 != 0)
       throw_error("diff_flash_backward: ", names[i], " is not 16-byte aligned");
   float* D = static_cast<float*>(workspace);
   float* part = reinterpret_cast<float*>(static_cast<char*>(workspace) + d_bytes(d));
-  flash::BwdParams p{q, k, v, out, dout, lambda, lse, dq, dk, dv, D, part, dlambda,
+  flash::BwdParams p{q, k, v, out, dout, o2, lambda, lse, dq, dk, dv, D, part, dlambda,
                      int(d.S), int(d.h), int(d.h_kv), int(d.h / d.h_kv),
                      float(1.0 / std::sqrt(double(d.dh))),
                      float(flash::kLog2e / std::sqrt(double(d.dh)))};

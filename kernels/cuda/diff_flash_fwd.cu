@@ -59,8 +59,8 @@ __global__ void __launch_bounds__(FwdCfg<DH>::THREADS, FwdCfg<DH>::MIN_BLOCKS)
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
   const int pair = warp % C::WM, map = warp / C::WM, partner = map ? pair : pair + C::WM;
   const int g = lane >> 2, t4 = lane & 3;
-  const int b = blockIdx.x / p.h, hd = blockIdx.x % p.h, kvg = hd / p.group;
-  const int q0 = (gridDim.y - 1 - blockIdx.y) * C::BM;
+  const int b = grid_head() / p.h, hd = grid_head() % p.h, kvg = hd / p.group;
+  const int q0 = (grid_tiles() - 1 - grid_tile()) * C::BM;
   const int S = p.S;
   const int64_t q_rs = int64_t(p.h) * 2 * DH, kv_rs = int64_t(p.h_kv) * 2 * DH;
   const bf16* qg = p.q + (int64_t(b) * S * p.h + hd) * 2 * DH;
@@ -186,6 +186,13 @@ __global__ void __launch_bounds__(FwdCfg<DH>::THREADS, FwdCfg<DH>::MIN_BLOCKS)
   const float ib[2] = {lp.x > 0.f ? -cb / lp.x : 0.f, lp.y > 0.f ? -cb / lp.y : 0.f};
   store_out(p.out + (int64_t(b) * S * p.h + hd) * 2 * DH, q_rs, row0, S, map * DH, oa, ob, ia,
             ib, lane);
+  if (p.o2) {  // O2n = map 2's normalised output over this warp's columns
+    const float ja[2] = {map && l[0] > 0.f ? 1.f / l[0] : 0.f, map && l[1] > 0.f ? 1.f / l[1] : 0.f};
+    const float jb[2] = {!map && lp.x > 0.f ? -1.f / lp.x : 0.f,
+                         !map && lp.y > 0.f ? -1.f / lp.y : 0.f};
+    store_out(p.o2 + (int64_t(b) * S * p.h + hd) * 2 * DH, q_rs, row0, S, map * DH, oa, ob, ja,
+              jb, lane);
+  }
 #pragma unroll
   for (int hh = 0; hh < 2; ++hh) {
     const int row = row0 + g + 8 * hh;
@@ -207,8 +214,8 @@ __global__ void __launch_bounds__(FwdDualCfg<DH>::THREADS, FwdDualCfg<DH>::MIN_B
   const uint32_t sb = smem_addr(smem);
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
   const int g = lane >> 2, t4 = lane & 3;
-  const int b = blockIdx.x / p.h, hd = blockIdx.x % p.h, kvg = hd / p.group;
-  const int q0 = (gridDim.y - 1 - blockIdx.y) * C::BM;
+  const int b = grid_head() / p.h, hd = grid_head() % p.h, kvg = hd / p.group;
+  const int q0 = (grid_tiles() - 1 - grid_tile()) * C::BM;
   const int S = p.S;
   const int64_t q_rs = int64_t(p.h) * 2 * DH, kv_rs = int64_t(p.h_kv) * 2 * DH;
   const bf16* qg = p.q + (int64_t(b) * S * p.h + hd) * 2 * DH;
@@ -309,6 +316,11 @@ __global__ void __launch_bounds__(FwdDualCfg<DH>::THREADS, FwdDualCfg<DH>::MIN_B
   const float i1[2] = {l1[0] > 0.f ? 1.f / l1[0] : 0.f, l1[1] > 0.f ? 1.f / l1[1] : 0.f};
   const float i2[2] = {l2[0] > 0.f ? lam / l2[0] : 0.f, l2[1] > 0.f ? lam / l2[1] : 0.f};
   store_out(p.out + (int64_t(b) * S * p.h + hd) * 2 * DH, q_rs, row0, S, 0, o1, o2, i1, i2, lane);
+  if (p.o2) {  // O2n = o2 / l2
+    const float z[2] = {0.f, 0.f};
+    const float j2[2] = {l2[0] > 0.f ? -1.f / l2[0] : 0.f, l2[1] > 0.f ? -1.f / l2[1] : 0.f};
+    store_out(p.o2 + (int64_t(b) * S * p.h + hd) * 2 * DH, q_rs, row0, S, 0, o1, o2, z, j2, lane);
+  }
 #pragma unroll
   for (int hh = 0; hh < 2; ++hh) {
     const int row = row0 + g + 8 * hh;
@@ -352,7 +364,7 @@ void launch_fwd(const DiffFlashDims& d, K kernel, const flash::FwdParams& p,
   if (e != cudaSuccess)
     throw_error("diff_flash: cannot give the forward kernel ", C::SMEM,
                 " bytes of shared memory: ", cudaGetErrorString(e));
-  dim3 grid(unsigned(d.B * d.h), unsigned((d.S + C::BM - 1) / C::BM));
+  const dim3 grid = flash::tile_grid(int((d.S + C::BM - 1) / C::BM), int(d.B * d.h));
   kernel<<<grid, C::THREADS, C::SMEM, stream>>>(p);
   flash::check_launch("forward");
 }
@@ -360,15 +372,16 @@ void launch_fwd(const DiffFlashDims& d, K kernel, const flash::FwdParams& p,
 
 void diff_flash_forward(const DiffFlashDims& d, const __nv_bfloat16* q, const __nv_bfloat16* k,
                         const __nv_bfloat16* v, const float* lambda, __nv_bfloat16* out,
-                        float* lse, cudaStream_t stream) {
+                        float* lse, cudaStream_t stream, __nv_bfloat16* o2) {
   std::string why;
   if (!diff_flash_supported(d, &why)) throw_error("diff_flash_forward: unsupported: ", why);
   check_aligned(q, "q");
   check_aligned(k, "k");
   check_aligned(v, "v");
   check_aligned(out, "out");
+  check_aligned(o2, "o2");
   if (d.S > 65535LL * flash::FwdCfg<64>::BM) throw_error("diff_flash_forward: S too large");
-  flash::FwdParams p{q, k, v, lambda, out, lse, int(d.S), int(d.h), int(d.h_kv),
+  flash::FwdParams p{q, k, v, lambda, out, lse, o2, int(d.S), int(d.h), int(d.h_kv),
                      int(d.h / d.h_kv), float(flash::kLog2e / std::sqrt(double(d.dh)))};
   if (d.dh == 64) {
 #if DIFF_FLASH_FWD64_DUAL
