@@ -12,6 +12,7 @@
 #include "core/error.h"
 #include "kernels/cuda/cuda_context.h"
 #include "kernels/cuda/cuda_kernels.h"
+#include "kernels/cuda/diff_flash.h"
 #include "kernels/cuda/cuda_ops.h"
 #include "kernels/ops.h"
 
@@ -353,6 +354,14 @@ class CudaOps final : public Ops {
     check_diff_attention(q, k, v, lambda, op);
     check_attention_outputs(q, out, lse, q.dim(0) * q.dim(2) * 2 * q.dim(1), op);
     ctx_.activate();
+    // the fused flash kernels (diff_flash.h) for bf16 at dh 64 / 128, else the simple path
+    const cuda::DiffFlashDims fd{q.dim(0), q.dim(1), q.dim(2), k.dim(2), q.dim(4)};
+    if (q.dtype() == DType::BF16 && cuda::diff_flash_supported(fd)) {
+      cuda::diff_flash_forward(fd, q.data<__nv_bfloat16>(), k.data<__nv_bfloat16>(),
+                               v.data<__nv_bfloat16>(), lambda.data<float>(),
+                               out.data<__nv_bfloat16>(), lse.data<float>(), ctx_.stream());
+      return;
+    }
     cuda::diff_attention_simple_forward(ctx_, q, k, v, lambda, out, lse);
   }
 
@@ -366,6 +375,17 @@ class CudaOps final : public Ops {
     dtype_is(dlambda, DType::F32, op, "dlambda");
     numel_is(dlambda, 1, op, "dlambda");
     ctx_.activate();
+    const cuda::DiffFlashDims fd{q.dim(0), q.dim(1), q.dim(2), k.dim(2), q.dim(4)};
+    if (q.dtype() == DType::BF16 && cuda::diff_flash_supported(fd)) {
+      const size_t ws = cuda::diff_flash_backward_workspace_bytes(fd);
+      cuda::diff_flash_backward(fd, q.data<__nv_bfloat16>(), k.data<__nv_bfloat16>(),
+                                v.data<__nv_bfloat16>(), lambda.data<float>(),
+                                out.data<__nv_bfloat16>(), lse.data<float>(),
+                                dout.data<__nv_bfloat16>(), dq.data<__nv_bfloat16>(),
+                                dk.data<__nv_bfloat16>(), dv.data<__nv_bfloat16>(),
+                                dlambda.data<float>(), ctx_.scratch(ws), ws, ctx_.stream());
+      return;
+    }
     cuda::diff_attention_simple_backward(ctx_, q, k, v, lambda, lse, dout, dq, dk, dv, dlambda);
   }
 
