@@ -26,6 +26,7 @@
 #if DIFFTRON_HAVE_CUDA
 #include <cuda_runtime.h>
 
+#include "kernels/cuda/cuda_kernels.h"
 #include "kernels/cuda/cuda_ops.h"
 #endif
 
@@ -272,12 +273,19 @@ class Bench {
       Tensor dout = random({B, S, h, 2 * dh}, bf), dq = ops_.empty(q.shape(), bf);
       Tensor dk = ops_.empty(k.shape(), bf), dv = ops_.empty(vv.shape(), bf), dl = ops_.empty({1}, f32);
       const double fwd = 6.0 * B * h * double(S) * S * dh;
+      // through Ops (the fused flash kernels where they apply), then the simple SIMT path
       double ms = time_ms([&] { ops_.diff_attention_forward(q, k, vv, lam, out, lse); }, attn_reps);
-      row("diff_attention_forward", "B8 S2048 h8 kv8 dh128", ms, 0, fwd);
+      row("diff_attention_forward", "B8 S2048 h8 kv8 dh128 (Ops)", ms, 0, fwd);
       ms = time_ms([&] {
         ops_.diff_attention_backward(q, k, vv, lam, out, lse, dout, dq, dk, dv, dl);
       }, attn_reps);
-      row("diff_attention_backward", "B8 S2048 h8 kv8 dh128", ms, 0, 2.5 * fwd);
+      row("diff_attention_backward", "B8 S2048 h8 kv8 dh128 (Ops)", ms, 0, 2.5 * fwd);
+      ms = time_ms([&] { cuda::diff_attention_simple_forward(ctx_, q, k, vv, lam, out, lse); }, attn_reps);
+      row("diff_attention_forward", "same, simple SIMT kernel", ms, 0, fwd);
+      ms = time_ms([&] {
+        cuda::diff_attention_simple_backward(ctx_, q, k, vv, lam, lse, dout, dq, dk, dv, dl);
+      }, attn_reps);
+      row("diff_attention_backward", "same, simple SIMT kernel", ms, 0, 2.5 * fwd);
     }
     if (selected("attention")) {
       const int64_t H = 16, hd = 128;
