@@ -24,6 +24,9 @@
 #include "launch/command.h"
 #include "parallel/grid.h"
 #include "parallel/mpi_comm.h"
+#ifdef DIFFTRON_HAVE_CUDA
+#include "kernels/cuda/cuda_ops.h"
+#endif
 
 DEFINE_string(device, "auto", "cpu, cuda, or auto (cuda when a GPU is present)");
 DEFINE_string(data, "synthetic:copy", "training data: a token dataset directory (difftron prepare) or synthetic:copy");
@@ -63,6 +66,7 @@ DEFINE_int64(top_k, 40, "sample from the k most likely tokens (0: all)");
 DEFINE_int32(tp, 1, "tensor-parallel ranks (consecutive ranks, one node); world size = tp x dp");
 DEFINE_int32(dp, 1, "data-parallel (ZeRO-1) ranks; world size = tp x dp");
 DEFINE_double(collective_timeout, 600, "seconds a collective may take before the watchdog ends the job (0: never)");
+DEFINE_bool(grid, false, "use the MPI process grid (NCCL on the GPU) even when tp x dp = 1");
 DEFINE_double(step_timeout, 0, "seconds a training step may take before the watchdog ends the job (0: never)");
 
 namespace difftron {
@@ -117,7 +121,7 @@ int train_main(int argc, char** argv) {
   if (argc > 1) throw_error("unexpected argument '", argv[1], "' (flags are --name=value)");
 
   // ---- process grid (only for multi-rank runs: a single process never starts MPI)
-  const bool multi = int64_t(FLAGS_tp) * FLAGS_dp > 1;
+  const bool multi = int64_t(FLAGS_tp) * FLAGS_dp > 1 || FLAGS_grid;
   if (!multi && launcher_world_size() > 1)
     throw_error("started as one of ", launcher_world_size(), " MPI ranks but --tp (", FLAGS_tp, ") x --dp (",
                 FLAGS_dp, ") = 1: set --tp and --dp so that tp x dp = ", launcher_world_size());
@@ -150,6 +154,10 @@ int train_main(int argc, char** argv) {
     go.device = ops->device();
     go.cuda_device = local_rank;
     go.ops = ops.get();
+#ifdef DIFFTRON_HAVE_CUDA
+    // NCCL work is ordered after the backend's stream by events (no host waits)
+    if (auto* cctx = cuda::context_of(*ops)) go.cuda_stream = cctx->stream();
+#endif
     go.watchdog.collective_timeout_s = FLAGS_collective_timeout;
     go.watchdog.step_timeout_s = FLAGS_step_timeout;
     par = ParallelContext::from_mpi_world(go);
@@ -188,6 +196,7 @@ int train_main(int argc, char** argv) {
     if (!FLAGS_val_data.empty()) {
       d.path = FLAGS_val_data;
       d.shuffle = false;
+      d.cycle_batches = FLAGS_eval_batches;  // every evaluation scores the same batches
       val = open_token_dataset(d);
     }
   }
