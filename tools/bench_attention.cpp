@@ -120,9 +120,11 @@ int run(int argc, char** argv) {
   std::printf("bench-attention on %s; FLOPs: fwd = 6 B h S^2 dh (causal), bwd = 2.5 x fwd; "
               "median of %d\n",
               prop.name, FLAGS_attn_reps);
-  std::printf("%-26s %9s %9s %9s %8s %8s %8s %8s %8s %10s\n", "shape B,S,h,h_kv,dh", "fwd ms",
+  std::printf("(O2n: total ms when the forward also saves O2n = A2 V for the backward; simple: the\n"
+              " SIMT path diff_attention_simple.cu, fwd+bwd ms)\n");
+  std::printf("%-26s %9s %9s %9s %8s %8s %8s %8s %8s %9s %10s\n", "shape B,S,h,h_kv,dh", "fwd ms",
               "bwd ms", "total ms", "fwd TF/s", "bwd TF/s", "all TF/s", "goal ms", "/goal",
-              "simple ms");
+              "O2n ms", "simple ms");
   cuda::CudaContext ctx(0);
   for (const Shape5& s : shapes) {
     cuda::DiffFlashDims d{s.B, s.S, s.h, s.h_kv, s.dh};
@@ -155,6 +157,17 @@ int run(int argc, char** argv) {
                                     nullptr);
         },
         reps);
+    __nv_bfloat16* o2;
+    ck(cudaMalloc(&o2, nq * 2), "cudaMalloc");
+    const double fwd2 = median_ms(
+        [&] { cuda::diff_flash_forward(d, q, k, v, lam, o, lse, nullptr, o2); }, reps);
+    const double bwd2 = median_ms(
+        [&] {
+          cuda::diff_flash_backward(d, q, k, v, lam, o, lse, dout, dq, dk, dv, dlam, w, ws,
+                                    nullptr, o2);
+        },
+        reps);
+    cudaFree(o2);
     ck(cudaDeviceSynchronize(), "sync");
     const double f = 6.0 * s.B * s.h * double(s.S) * s.S * s.dh;
     const double ref = reference_ms(s);
@@ -187,9 +200,9 @@ int run(int argc, char** argv) {
       ck(cudaStreamSynchronize(ctx.stream()), "sync");
       std::snprintf(simple, sizeof simple, "%.1f+%.1f", sf, sb);
     }
-    std::printf("%-26s %9.3f %9.3f %9.3f %8.1f %8.1f %8.1f %8s %8s %10s\n", name, fwd, bwd,
+    std::printf("%-26s %9.3f %9.3f %9.3f %8.1f %8.1f %8.1f %8s %8s %9.3f %10s\n", name, fwd, bwd,
                 fwd + bwd, f / fwd * 1e-9, 2.5 * f / bwd * 1e-9, 3.5 * f / (fwd + bwd) * 1e-9, goal,
-                ratio, simple);
+                ratio, fwd2 + bwd2, simple);
     std::fflush(stdout);
     for (void* p : {(void*)q, (void*)k, (void*)v, (void*)o, (void*)dout, (void*)dq, (void*)dk,
                     (void*)dv, (void*)lse, (void*)lam, (void*)dlam, w})

@@ -104,12 +104,6 @@ __global__ void __launch_bounds__(DqCfg<DH>::THREADS, DqCfg<DH>::MIN_BLOCKS)
   const int kb = half * (C::BN / 2);                              // this warp's keys in a tile
   float acc[2] = {0.f, 0.f};  // pass A: partial rowsum(P_2 o dP) over this warp's keys
   float D1[2] = {0.f, 0.f}, D2[2] = {0.f, 0.f};
-  float dq1[QT][4], dq2[QT][4];
-#pragma unroll
-  for (int n = 0; n < QT; ++n)
-#pragma unroll
-    for (int e = 0; e < 4; ++e) dq1[n][e] = dq2[n][e] = 0.f;
-
   // D1 = delta + lambda D2'; D goes out for the dK/dV kernel, sum D2' for dlambda
   auto finish_d = [&]() {
     float part = 0.f;
@@ -129,17 +123,11 @@ __global__ void __launch_bounds__(DqCfg<DH>::THREADS, DqCfg<DH>::MIN_BLOCKS)
       if (lane == 0) red[pair] = part;
     }
   };
-  int it0 = 0;
-  if (p.o2) {  // D2' known: skip pass A
-    D2[0] = d2s[0];
-    D2[1] = d2s[1];
-    finish_d();
-    it0 = n_kt;
-  }
-
-  for (int it = it0; it < n_it; ++it) {
-    const bool pass_b = it >= n_kt;
-    const int kt = n_kt - 1 - (pass_b ? it - n_kt : it), st = (it - it0) & 1;
+  // one step of the K/V pipeline: waits for iteration it's tile, prefetches it + 1's; returns
+  // the stage. Iterations 0..n_kt-1 are pass A, n_kt..2 n_kt-1 pass B, both last tile first.
+  const int it0 = p.o2 ? n_kt : 0;
+  auto pipeline_step = [&](int it) {
+    const int st = (it - it0) & 1;
     cp_async_wait<0>();
     __syncthreads();
     if (it + 1 < n_it) {
@@ -150,13 +138,87 @@ __global__ void __launch_bounds__(DqCfg<DH>::THREADS, DqCfg<DH>::MIN_BLOCKS)
                                            nkt * C::BN, S, tid);
     }
     cp_async_commit();
-    // this warp's half of the stage's K and V rows
+    return st;
+  };
+
+  if (p.o2) {  // D2' known: no pass A
+    D2[0] = d2s[0];
+    D2[1] = d2s[1];
+    finish_d();
+  } else {
+    // pass A: rowsum(P_2 o dP) over this warp's keys; Q_2 and dO fragments stay in registers
+    // (the dQ accumulators are not live yet)
+    uint32_t qf[DH / 16][4], of[2 * DH / 16][4];
+    for (int it = 0; it < n_kt; ++it) {
+      const int st = pipeline_step(it), kt = n_kt - 1 - it;
+      if (it == 0) {
+#pragma unroll
+        for (int kk = 0; kk < DH / 16; ++kk) ldsm_x4(qf[kk], la.at(sQ, 0, DH / 8 + 2 * kk));
+#pragma unroll
+        for (int kk = 0; kk < 2 * DH / 16; ++kk) ldsm_x4(of[kk], la.at(sDO, 0, 2 * kk));
+      }
+      const uint32_t sK = sb + C::OFF_K + st * C::TILE_KV + kb * C::ROW * 2;
+      const uint32_t sV = sb + C::OFF_V + st * C::TILE_KV + kb * C::ROW * 2;
+      const int c0 = kt * C::BN + kb;
+      const bool masked = c0 + C::BN / 2 - 1 > row0;
+      float s2[NH][4], dp[NH][4];
+#pragma unroll
+      for (int n = 0; n < NH; ++n)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) s2[n][e] = dp[n][e] = 0.f;
+#pragma unroll
+      for (int kk = 0; kk < DH / 16; ++kk)
+#pragma unroll
+        for (int nn = 0; nn < NH / 2; ++nn) {
+          uint32_t b2[4];
+          ldsm_x4(b2, ln.at(sK, nn * 16, DH / 8 + 2 * kk));
+          mma16816(s2[2 * nn], qf[kk], b2[0], b2[1]);
+          mma16816(s2[2 * nn + 1], qf[kk], b2[2], b2[3]);
+        }
+#pragma unroll
+      for (int kk = 0; kk < 2 * DH / 16; ++kk)
+#pragma unroll
+        for (int nn = 0; nn < NH / 2; ++nn) {
+          uint32_t bf[4];
+          ldsm_x4(bf, ln.at(sV, nn * 16, 2 * kk));
+          mma16816(dp[2 * nn], of[kk], bf[0], bf[1]);
+          mma16816(dp[2 * nn + 1], of[kk], bf[2], bf[3]);
+        }
+#pragma unroll
+      for (int n = 0; n < NH; ++n)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          float pr = fast_exp2(fmaf(s2[n][e], p.scale_log2, -lse2[e >> 1]));
+          if (masked && c0 + n * 8 + 2 * t4 + (e & 1) > row0 + g + 8 * (e >> 1)) pr = 0.f;
+          acc[e >> 1] = fmaf(pr, dp[n][e], acc[e >> 1]);
+        }
+    }
+    // end of pass A: D2' = half 0 + half 1 (fixed order); D1 = delta + lambda D2'
+#pragma unroll
+    for (int hh = 0; hh < 2; ++hh) {
+      acc[hh] += __shfl_xor_sync(0xffffffffu, acc[hh], 1);
+      acc[hh] += __shfl_xor_sync(0xffffffffu, acc[hh], 2);
+    }
+    xr[warp * 32 + lane] = make_float2(acc[0], acc[1]);
+    pair_barrier(pair);
+    const float2 x0 = xr[pair * 32 + lane], x1 = xr[(pair + C::WM) * 32 + lane];
+    D2[0] = x0.x + x1.x;
+    D2[1] = x0.y + x1.y;
+    finish_d();
+  }
+
+  // pass B: dS_1 = P_1 o (dP - D1), dS_2 = -lambda P_2 o (dP - D2'); dQ_j += dS_j K_j
+  float dq1[QT][4], dq2[QT][4];
+#pragma unroll
+  for (int n = 0; n < QT; ++n)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) dq1[n][e] = dq2[n][e] = 0.f;
+  for (int it = n_kt; it < n_it; ++it) {
+    const int st = pipeline_step(it), kt = n_kt - 1 - (it - n_kt);
     const uint32_t sK = sb + C::OFF_K + st * C::TILE_KV + kb * C::ROW * 2;
     const uint32_t sV = sb + C::OFF_V + st * C::TILE_KV + kb * C::ROW * 2;
     const int c0 = kt * C::BN + kb;  // first key of this warp
     const bool masked = c0 + C::BN / 2 - 1 > row0;
-
-    // S_2 (and S_1 in pass B) over this warp's keys, and dP = dO V^T over the full 2dh
     float s1[NH][4], s2[NH][4], dp[NH][4];
 #pragma unroll
     for (int n = 0; n < NH; ++n)
@@ -165,17 +227,15 @@ __global__ void __launch_bounds__(DqCfg<DH>::THREADS, DqCfg<DH>::MIN_BLOCKS)
 #pragma unroll
     for (int kk = 0; kk < DH / 16; ++kk) {
       uint32_t a1[4], a2[4];
-      if (pass_b) ldsm_x4(a1, la.at(sQ, 0, 2 * kk));
+      ldsm_x4(a1, la.at(sQ, 0, 2 * kk));
       ldsm_x4(a2, la.at(sQ, 0, DH / 8 + 2 * kk));
 #pragma unroll
       for (int nn = 0; nn < NH / 2; ++nn) {
         uint32_t b1[4], b2[4];
-        if (pass_b) {
-          ldsm_x4(b1, ln.at(sK, nn * 16, 2 * kk));
-          mma16816(s1[2 * nn], a1, b1[0], b1[1]);
-          mma16816(s1[2 * nn + 1], a1, b1[2], b1[3]);
-        }
+        ldsm_x4(b1, ln.at(sK, nn * 16, 2 * kk));
         ldsm_x4(b2, ln.at(sK, nn * 16, DH / 8 + 2 * kk));
+        mma16816(s1[2 * nn], a1, b1[0], b1[1]);
+        mma16816(s1[2 * nn + 1], a1, b1[2], b1[3]);
         mma16816(s2[2 * nn], a2, b2[0], b2[1]);
         mma16816(s2[2 * nn + 1], a2, b2[2], b2[3]);
       }
@@ -192,64 +252,36 @@ __global__ void __launch_bounds__(DqCfg<DH>::THREADS, DqCfg<DH>::MIN_BLOCKS)
         mma16816(dp[2 * nn + 1], af, bf[2], bf[3]);
       }
     }
-
-    if (!pass_b) {
+    uint32_t f1[NH][2], f2[NH][2];
 #pragma unroll
-      for (int n = 0; n < NH; ++n)
+    for (int n = 0; n < NH; ++n) {
+      float d1[4], d2[4];
 #pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          float pr = fast_exp2(fmaf(s2[n][e], p.scale_log2, -lse2[e >> 1]));
-          if (masked && c0 + n * 8 + 2 * t4 + (e & 1) > row0 + g + 8 * (e >> 1)) pr = 0.f;
-          acc[e >> 1] = fmaf(pr, dp[n][e], acc[e >> 1]);
-        }
-      if (it == n_kt - 1) {
-        // end of pass A: D2' = half 0 + half 1 (fixed order); D1 = delta + lambda D2'
-#pragma unroll
-        for (int hh = 0; hh < 2; ++hh) {
-          acc[hh] += __shfl_xor_sync(0xffffffffu, acc[hh], 1);
-          acc[hh] += __shfl_xor_sync(0xffffffffu, acc[hh], 2);
-        }
-        xr[warp * 32 + lane] = make_float2(acc[0], acc[1]);
-        pair_barrier(pair);
-        const float2 x0 = xr[pair * 32 + lane], x1 = xr[(pair + C::WM) * 32 + lane];
-        D2[0] = x0.x + x1.x;
-        D2[1] = x0.y + x1.y;
-        finish_d();
+      for (int e = 0; e < 4; ++e) {
+        float pr1 = fast_exp2(fmaf(s1[n][e], p.scale_log2, -lse1[e >> 1]));
+        float pr2 = fast_exp2(fmaf(s2[n][e], p.scale_log2, -lse2[e >> 1]));
+        if (masked && c0 + n * 8 + 2 * t4 + (e & 1) > row0 + g + 8 * (e >> 1)) pr1 = pr2 = 0.f;
+        d1[e] = pr1 * (dp[n][e] - D1[e >> 1]);
+        d2[e] = -lam * pr2 * (dp[n][e] - D2[e >> 1]);
       }
-    } else {
-      // pass B: dS_1 = P_1 o (dP - D1), dS_2 = -lambda P_2 o (dP - D2'), as bf16 A fragments
-      uint32_t f1[NH][2], f2[NH][2];
+      f1[n][0] = pack_bf16(d1[0], d1[1]);
+      f1[n][1] = pack_bf16(d1[2], d1[3]);
+      f2[n][0] = pack_bf16(d2[0], d2[1]);
+      f2[n][1] = pack_bf16(d2[2], d2[3]);
+    }
 #pragma unroll
-      for (int n = 0; n < NH; ++n) {
-        float d1[4], d2[4];
+    for (int kk = 0; kk < NH / 2; ++kk) {
+      const uint32_t a1[4] = {f1[2 * kk][0], f1[2 * kk][1], f1[2 * kk + 1][0], f1[2 * kk + 1][1]};
+      const uint32_t a2[4] = {f2[2 * kk][0], f2[2 * kk][1], f2[2 * kk + 1][0], f2[2 * kk + 1][1]};
 #pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          float pr1 = fast_exp2(fmaf(s1[n][e], p.scale_log2, -lse1[e >> 1]));
-          float pr2 = fast_exp2(fmaf(s2[n][e], p.scale_log2, -lse2[e >> 1]));
-          if (masked && c0 + n * 8 + 2 * t4 + (e & 1) > row0 + g + 8 * (e >> 1)) pr1 = pr2 = 0.f;
-          d1[e] = pr1 * (dp[n][e] - D1[e >> 1]);
-          d2[e] = -lam * pr2 * (dp[n][e] - D2[e >> 1]);
-        }
-        f1[n][0] = pack_bf16(d1[0], d1[1]);
-        f1[n][1] = pack_bf16(d1[2], d1[3]);
-        f2[n][0] = pack_bf16(d2[0], d2[1]);
-        f2[n][1] = pack_bf16(d2[2], d2[3]);
-      }
-      // dQ_j += dS_j K_j over this warp's keys
-#pragma unroll
-      for (int kk = 0; kk < NH / 2; ++kk) {
-        const uint32_t a1[4] = {f1[2 * kk][0], f1[2 * kk][1], f1[2 * kk + 1][0], f1[2 * kk + 1][1]};
-        const uint32_t a2[4] = {f2[2 * kk][0], f2[2 * kk][1], f2[2 * kk + 1][0], f2[2 * kk + 1][1]};
-#pragma unroll
-        for (int nn = 0; nn < DH / 16; ++nn) {
-          uint32_t b1[4], b2[4];
-          ldsm_x4_t(b1, la.at(sK, kk * 16, 2 * nn));
-          ldsm_x4_t(b2, la.at(sK, kk * 16, DH / 8 + 2 * nn));
-          mma16816(dq1[2 * nn], a1, b1[0], b1[1]);
-          mma16816(dq1[2 * nn + 1], a1, b1[2], b1[3]);
-          mma16816(dq2[2 * nn], a2, b2[0], b2[1]);
-          mma16816(dq2[2 * nn + 1], a2, b2[2], b2[3]);
-        }
+      for (int nn = 0; nn < DH / 16; ++nn) {
+        uint32_t b1[4], b2[4];
+        ldsm_x4_t(b1, la.at(sK, kk * 16, 2 * nn));
+        ldsm_x4_t(b2, la.at(sK, kk * 16, DH / 8 + 2 * nn));
+        mma16816(dq1[2 * nn], a1, b1[0], b1[1]);
+        mma16816(dq1[2 * nn + 1], a1, b1[2], b1[3]);
+        mma16816(dq2[2 * nn], a2, b2[0], b2[1]);
+        mma16816(dq2[2 * nn + 1], a2, b2[2], b2[3]);
       }
     }
   }
