@@ -271,12 +271,38 @@ TEST_P(TensorParallelTwoThreads, MatchesOneModel) {
     EXPECT_EQ(loss2[0], loss2[1]);
     EXPECT_NEAR(loss2[0], loss1, loss_tol * loss1) << attention_kind_name(kind);
     std::printf("%s %s: loss one model %.7f, TP=2 %.7f\n", device_name(dev), attention_kind_name(kind), loss1, loss2[0]);
-    // every gradient, rebuilt from the two shards, against the one model's (bf16 tolerance)
+    // The f32 CPU reference from the same (bf16-rounded) weights, for the GPU's lambda
+    // gradients: dlambda is a sum with heavy cancellation, so its bf16 error is large.
+    std::vector<std::vector<float>> ref;
+    if (dev == Device::CUDA) {
+      auto cpu = make_cpu_ops();
+      Model r(cfg, *cpu, ModelPrecision::uniform(DType::F32), B, S);
+      for (size_t i = 0; i < one.params().size(); ++i) {
+        std::vector<float> w(one.params()[i].value.numel());
+        ops1->download(one.params()[i].value, w.data());
+        cpu->upload(r.params()[i].value, w.data());
+      }
+      r.zero_grads();
+      r.forward_backward(tok.data(), tgt.data(), B, S, 1.0f);
+      for (auto& p : r.params()) {
+        std::vector<float> g(p.grad.numel());
+        cpu->download(p.grad, g.data());
+        ref.push_back(std::move(g));
+      }
+    }
+    auto rel = [](const std::vector<float>& a, const std::vector<float>& b) {
+      double num = 0, den = 0;
+      for (size_t k = 0; k < a.size(); ++k) {
+        num += (double(a[k]) - b[k]) * (double(a[k]) - b[k]);
+        den += double(b[k]) * b[k];
+      }
+      return std::sqrt(num / std::max(den, 1e-30));
+    };
+    // every gradient, rebuilt from the two shards, against the one model's
     for (size_t i = 0; i < one.params().size(); ++i) {
       const Param& p = one.params()[i];
-      std::vector<float> full(p.grad.numel());
+      std::vector<float> full(p.grad.numel()), tp_full(p.grad.numel());
       ops1->download(p.grad, full.data());
-      double num = 0, den = 0;
       for (int r = 0; r < 2; ++r) {
         const Param& q = layout[r][i];
         const int64_t cols = q.full_shape.size() > 1 ? q.full_shape[1] : 1;
@@ -284,13 +310,19 @@ TEST_P(TensorParallelTwoThreads, MatchesOneModel) {
           int64_t at = k;  // index into the full tensor
           if (q.shard_dim == 0) at = q.shard_begin * cols + k;
           if (q.shard_dim == 1) at = (k / q.grad.dim(1)) * cols + q.shard_begin + k % q.grad.dim(1);
-          const double dlt = double(grads[r][i][k]) - full[at];
-          num += dlt * dlt;
-          den += double(full[at]) * full[at];
+          tp_full[at] = grads[r][i][k];
         }
         if (q.shard_dim < 0) break;  // whole on every rank: rank 0's copy covers it
       }
-      EXPECT_LT(std::sqrt(num / std::max(den, 1e-30)), grad_tol) << p.name << " (" << attention_kind_name(kind) << ")";
+      const bool lambda = p.name.find(".lambda_") != std::string::npos;
+      if (dev == Device::CUDA && lambda) {
+        // TP on the GPU no worse than one GPU, both against f32 (test_cuda_model allows 1e-1)
+        const double e_one = rel(full, ref[i]), e_tp = rel(tp_full, ref[i]);
+        std::printf("%s vs f32 CPU: one GPU %.3g, TP=2 on the GPU %.3g\n", p.name.c_str(), e_one, e_tp);
+        EXPECT_LE(e_tp, std::max(1e-1, 2 * e_one)) << p.name;
+      } else {
+        EXPECT_LT(rel(tp_full, full), grad_tol) << p.name << " (" << attention_kind_name(kind) << ")";
+      }
     }
   }
 }
