@@ -21,11 +21,11 @@ if [ "$DEVICE" = cuda ] || { [ "$DEVICE" = auto ] && command -v nvidia-smi >/dev
   STEPS=${STEPS:-2000}
   "$BIN" train --device=cuda --data="$OUT/train" --val_data="$OUT/val" --d_model=768 --n_layers=12 \
     --n_heads=6 --seq=1024 --batch=16 --steps="$STEPS" --lr=1e-3 --warmup=100 --log_every=50 \
-    --eval_every=500 --sample_tokens=400 --sample_prompt="The kernel"
+    --eval_every=500 --sample_tokens=400 --sample_prompt="The kernel" --ckpt_dir=runs/linux-doc-gpu
 else
   # CPU: a ~1M-parameter byte-level model, about five minutes on two cores
   STEPS=${STEPS:-600}
   "$BIN" train --device=cpu --data="$OUT/train" --val_data="$OUT/val" --d_model=128 --n_layers=4 \
     --n_heads=2 --seq=128 --batch=16 --steps="$STEPS" --lr=2e-3 --warmup=50 --log_every=25 \
-    --eval_every=200 --sample_tokens=300 --sample_prompt="The kernel"
+    --eval_every=200 --sample_tokens=300 --sample_prompt="The kernel" --ckpt_dir=runs/linux-doc-cpu
 fi
