@@ -35,27 +35,15 @@ __global__ void cross_entropy_forward_kernel(const T* __restrict__ logits,
   const int64_t r = blockIdx.x;
   const T* x = logits + r * vocab;
   float m = -INFINITY, s = 0.0f;
-  // U vectors per thread in flight: their max first, then one rescale of the running sum.
-  constexpr int U = 4;
-  const int64_t step = int64_t(blockDim.x) * V;
-  for (int64_t c0 = int64_t(threadIdx.x) * V; c0 < vocab; c0 += step * U) {
-    float f[U][V];
-    float cm = -INFINITY;
+  for (int64_t c = int64_t(threadIdx.x) * V; c < vocab; c += int64_t(blockDim.x) * V) {
+    float f[V];
+    load_floats<V>(x + c, f);
+    float cm = f[0];
 #pragma unroll
-    for (int u = 0; u < U; ++u) {
-      const int64_t c = c0 + u * step;
-      if (c < vocab) {
-        load_floats<V>(x + c, f[u]);
-#pragma unroll
-        for (int j = 0; j < V; ++j) cm = fmaxf(cm, f[u][j]);
-      }
-    }
+    for (int j = 1; j < V; ++j) cm = fmaxf(cm, f[j]);
     float cs = 0.0f;
 #pragma unroll
-    for (int u = 0; u < U; ++u)
-      if (c0 + u * step < vocab)
-#pragma unroll
-        for (int j = 0; j < V; ++j) cs += __expf(f[u][j] - cm);
+    for (int j = 0; j < V; ++j) cs += __expf(f[j] - cm);
     merge_max_sum(m, s, cm, cs);
   }
 #pragma unroll

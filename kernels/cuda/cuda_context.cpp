@@ -79,16 +79,17 @@ void* CudaContext::scratch(size_t bytes) {
   return scratch_;
 }
 
+// The slot is reset by a memset (no host round trip): every byte 0x7f, i.e. 0x7f7f7f7f,
+// larger than any position; read_flag() maps it to INT32_MAX.
 int* CudaContext::reset_flag() {
-  static const int kNoError = INT_MAX;
-  DT_CUDA(cudaMemcpyAsync(dev_flag_, &kNoError, sizeof(int), cudaMemcpyHostToDevice, stream_));
+  DT_CUDA(cudaMemsetAsync(dev_flag_, 0x7f, sizeof(int), stream_));
   return dev_flag_;
 }
 
 int CudaContext::read_flag() {
   DT_CUDA(cudaMemcpyAsync(host_flag_, dev_flag_, sizeof(int), cudaMemcpyDeviceToHost, stream_));
   DT_CUDA(cudaStreamSynchronize(stream_));
-  return *host_flag_;
+  return *host_flag_ == 0x7f7f7f7f ? INT_MAX : *host_flag_;
 }
 
 const void* CudaContext::rope_table(int64_t S, int64_t dh, double theta) {

@@ -82,8 +82,9 @@ class CudaContext {
   // scratch() (one op carves all it needs from one call). Growing synchronises the stream.
   void* scratch(size_t bytes);
 
-  // Device error slot for argument checks that only the GPU can do (token ids): reset to
-  // INT32_MAX, kernels atomicMin a bad index into it, read_flag() synchronises and returns it.
+  // Device error slot for argument checks that only the GPU can do (token ids): reset_flag()
+  // enqueues a reset (no host round trip), kernels atomicMin a bad index into it, read_flag()
+  // synchronises and returns it (INT32_MAX: none).
   int* reset_flag();
   int read_flag();
 

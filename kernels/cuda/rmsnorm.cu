@@ -141,9 +141,10 @@ __global__ void __launch_bounds__(kRowWarps * 32)
   }
 }
 
-// Block b owns rows [b R, (b + 1) R); warp w of it rows b R + w, b R + w + 8, ...; each lane
-// keeps dw for its columns in registers; the warps' sums are added in warp order.
-template <int K, typename T, typename W>
+// Block b owns rows [b P, (b + 1) P); warp w of it rows b P + w, b P + w + 8, ..., R of them
+// in flight at a time; each lane keeps dw for its columns in registers; the warps' sums are
+// added in warp order.
+template <int K, int R, typename T, typename W>
 __global__ void __launch_bounds__(kRowWarps * 32)
     rmsnorm_backward_warp_kernel(const T* __restrict__ x, const W* __restrict__ w,
                                  const float* __restrict__ rstd, const T* __restrict__ dy,
@@ -158,39 +159,51 @@ __global__ void __launch_bounds__(kRowWarps * 32)
     for (int j = 0; j < 8; ++j) dwa[k][j] = 0.0f;
   const int64_t r0 = int64_t(blockIdx.x) * rows_per_block;
   const int64_t r1 = r0 + rows_per_block < rows ? r0 + rows_per_block : rows;
-  for (int64_t r = r0 + warp; r < r1; r += kRowWarps) {
-    const float rs = rstd[r];
-    const T* xr = x + r * cols;
-    const T* dyr = dy + r * cols;
-    T* dxr = dx + r * cols;
-    float xv[K][8], dv[K][8], dot = 0;
+  for (int64_t r = r0 + warp; r < r1; r += kRowWarps * R) {
+    float xv[R][K][8], dv[R][K][8], dot[R], rs[R];
 #pragma unroll
-    for (int k = 0; k < K; ++k) {
-      const int c = (k * 32 + lane) * 8;
-      if (c < cols) {
-        float g[8];
-        load_floats<8>(xr + c, xv[k]);
-        load_floats<8>(dyr + c, dv[k]);
-        load_floats<8>(w + c, g);
+    for (int i = 0; i < R; ++i) {
+      const int64_t ri = r + int64_t(i) * kRowWarps;  // warp-uniform
+      dot[i] = 0.0f;
+      rs[i] = 0.0f;
+      if (ri < r1) {
+        rs[i] = rstd[ri];
 #pragma unroll
-        for (int j = 0; j < 8; ++j) dot += dv[k][j] * g[j] * xv[k][j];
+        for (int k = 0; k < K; ++k) {
+          const int c = (k * 32 + lane) * 8;
+          if (c < cols) {
+            float g[8];
+            load_floats<8>(x + ri * cols + c, xv[i][k]);
+            load_floats<8>(dy + ri * cols + c, dv[i][k]);
+            load_floats<8>(w + c, g);
+#pragma unroll
+            for (int j = 0; j < 8; ++j) dot[i] += dv[i][k][j] * g[j] * xv[i][k][j];
+          }
+        }
       }
     }
-    dot = warp_sum(dot);
-    const float m = dot / float(cols);
 #pragma unroll
-    for (int k = 0; k < K; ++k) {
-      const int c = (k * 32 + lane) * 8;
-      if (c < cols) {
-        float g[8], o[8];
-        load_floats<8>(w + c, g);
-        load_floats<8>(dxr + c, o);
+    for (int i = 0; i < R; ++i) dot[i] = warp_sum(dot[i]);
 #pragma unroll
-        for (int j = 0; j < 8; ++j) {
-          o[j] += scale * rs * (dv[k][j] * g[j] - xv[k][j] * rs * rs * m);
-          dwa[k][j] += dv[k][j] * xv[k][j] * rs * scale;
+    for (int i = 0; i < R; ++i) {
+      const int64_t ri = r + int64_t(i) * kRowWarps;
+      if (ri >= r1) continue;
+      const float m = dot[i] / float(cols), q = rs[i];
+      T* dxr = dx + ri * cols;
+#pragma unroll
+      for (int k = 0; k < K; ++k) {
+        const int c = (k * 32 + lane) * 8;
+        if (c < cols) {
+          float g[8], o[8];
+          load_floats<8>(w + c, g);
+          load_floats<8>(dxr + c, o);
+#pragma unroll
+          for (int j = 0; j < 8; ++j) {
+            o[j] += scale * q * (dv[i][k][j] * g[j] - xv[i][k][j] * q * q * m);
+            dwa[k][j] += dv[i][k][j] * xv[i][k][j] * q * scale;
+          }
+          store_floats<8>(dxr + c, o);
         }
-        store_floats<8>(dxr + c, o);
       }
     }
   }
@@ -299,8 +312,10 @@ void rmsnorm_backward(CudaContext& ctx, const Tensor& x, const Tensor& w, const 
       using W = typename decltype(wt)::type;
       const bool launched = warp_path && with_row_vectors(cols, vec, 4, [&](auto kk) {
         constexpr int K = decltype(kk)::value;
-        if constexpr (K <= 4)  // x, dy and dw of 4 vectors per lane: 128 registers
-          rmsnorm_backward_warp_kernel<K, T, W><<<unsigned(nblocks), threads, smem, ctx.stream()>>>(
+        // x, dy and dw: 3 K vectors of registers per row in flight; two rows for narrow ones
+        constexpr int R = K <= 2 ? 2 : 1;
+        if constexpr (K <= 4)
+          rmsnorm_backward_warp_kernel<K, R, T, W><<<unsigned(nblocks), threads, smem, ctx.stream()>>>(
               x.data<T>(), w.data<W>(), rstd.data<float>(), dy.data<T>(), dx.data<T>(), partial,
               rows, int(cols), rows_per_block, scale);
       });
