@@ -162,8 +162,6 @@ int train_main(int argc, char** argv) {
     go.watchdog.step_timeout_s = FLAGS_step_timeout;
     par = ParallelContext::from_mpi_world(go);
     LOG(INFO) << "process grid: tp " << FLAGS_tp << " x dp " << FLAGS_dp << "; " << par->describe();
-    if (!FLAGS_ckpt_dir.empty())
-      throw_error("--ckpt_dir: checkpoints of multi-rank runs (--tp/--dp) are not supported yet");
   }
   const int dp_rank = par ? par->dp_rank() : 0, dp_size = par ? par->dp_size() : 1;
 
@@ -218,7 +216,7 @@ int train_main(int argc, char** argv) {
 
   int64_t start_step = 0;
   if (!resume_dir.empty()) {
-    CheckpointMeta meta = load_checkpoint(resume_dir, model, &opt);
+    CheckpointMeta meta = load_checkpoint(resume_dir, model, &opt, par.get());
     start_step = meta.step;
     if (!meta.data_position.empty()) train->restore_position(meta.data_position);
     LOG(INFO) << "resumed from " << resume_dir << " at step " << start_step;
@@ -243,7 +241,8 @@ int train_main(int argc, char** argv) {
     meta.data_position = train->position();
     meta.extra = {{"tokenizer", tokenizer ? tokenizer->spec() : std::string("")},
                   {"data", FLAGS_data}};
-    LOG(INFO) << "checkpoint written: " << save_checkpoint(FLAGS_ckpt_dir, meta, model, &opt);
+    LOG(INFO) << "checkpoint written: "
+              << save_checkpoint(FLAGS_ckpt_dir, meta, model, &opt, par.get(), train->position());
   };
   if (FLAGS_ckpt_every > 0)
     trainer.on_step = [&](int64_t step, double) {
@@ -251,7 +250,18 @@ int train_main(int argc, char** argv) {
     };
   std::signal(SIGTERM, on_stop_signal);
   std::signal(SIGINT, on_stop_signal);
-  trainer.should_stop = [] { return g_stop_signal != 0; };
+  // Every rank must stop after the same step: under MPI the ranks agree on the flag each step.
+  std::unique_ptr<Ops> host_ops = par ? make_cpu_ops() : nullptr;
+  Tensor stop_flag = par ? host_ops->empty({1}, DType::F32) : Tensor();
+  trainer.should_stop = [&] {
+    if (!par) return g_stop_signal != 0;
+    float mine = g_stop_signal != 0 ? 1.0f : 0.0f;
+    host_ops->upload(stop_flag, &mine);
+    par->world_host().all_reduce(stop_flag);
+    float any;
+    host_ops->download(stop_flag, &any);
+    return any > 0;
+  };
   TrainResult res = trainer.run(start_step);
   const int64_t steps_done = start_step + int64_t(res.losses.size());
   save(steps_done);
