@@ -141,7 +141,7 @@ Model::Model(const ModelConfig& config, Ops& ops, ModelPrecision precision, int6
   dup_ = act({N, F_});
   // The LM head works on row chunks so that [N, V] logits are never held at once.
   Vh_ = T > 1 ? V_ + 1 : V_;
-  head_chunk_ = std::max<int64_t>(1, std::min<int64_t>(N, (int64_t(1) << 22) / Vh_));
+  head_chunk_ = head_chunk_rows(N, Vh_);
   logits_ = act({head_chunk_, Vh_});
   losses_ = stat({head_chunk_});
   lse_head_ = stat({head_chunk_});
@@ -154,6 +154,11 @@ Model::Model(const ModelConfig& config, Ops& ops, ModelPrecision precision, int6
     ops_.upload(ones_, one.data());
     ops_.upload(dummy_col_, col.data());
   }
+}
+
+int64_t Model::head_chunk_rows(int64_t rows, int64_t vocab_cols) {
+  // 2^26 logits a chunk (128 MiB in bf16): large enough that the LM-head GEMM runs near peak.
+  return std::max<int64_t>(1, std::min<int64_t>(rows, (int64_t(1) << 26) / vocab_cols));
 }
 
 int Model::add_param(const std::string& name, Shape full, bool is_matrix, bool is_embedding,

@@ -110,6 +110,10 @@ class Model {
   bool grad_sync() const { return grad_sync_; }
   void set_grads_ready_hook(std::function<void(int64_t flat_offset)> hook) { grads_ready_ = std::move(hook); }
 
+  // Rows of logits the LM head computes at once for `rows` tokens and a (local) vocabulary of
+  // `vocab_cols` columns (the plan tool sizes memory with it).
+  static int64_t head_chunk_rows(int64_t rows, int64_t vocab_cols);
+
   // Lambda of layer l from its current parameters (differential attention only).
   double lambda_value(int64_t layer);
 

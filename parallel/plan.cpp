@@ -9,6 +9,7 @@
 #include <sstream>
 
 #include "core/error.h"
+#include "core/model.h"
 #include "parallel/zero.h"
 
 namespace difftron {
@@ -77,7 +78,7 @@ Plan make_plan(const PlanInput& in) {
   p.grad_bytes = double(p.flat_elements) * in.grad_bytes;
   p.optimizer_bytes = double(p.shard_elements) * (8 + (separate_master ? 4 : 0));
   const int64_t N = in.micro_batch * in.seq;
-  const int64_t chunk = std::max<int64_t>(1, std::min<int64_t>(N, (int64_t(1) << 22) / Vh));
+  const int64_t chunk = Model::head_chunk_rows(N, Vh);
   // per layer: x_in ln1 x_mid ln2 | q (att sub) | k v | gate up act; stats rstd1 rstd2 lse (rstd_sub lambda)
   const double layer_act = double(N) * (4 * d + (diff ? 3 : 2) * q + 2 * kv + 3 * F);
   const double layer_stat = double(N) * (2 + 2 * h) + (diff ? double(N) * h + 1 : 0);
