@@ -95,9 +95,9 @@ TrainResult Trainer::run(int64_t start_step) {
       char line[256];
       std::snprintf(line, sizeof line,
                     "step %6lld/%lld | loss %.4f | lr %.3e | grad norm %.3f%s | %.0f tok/s | "
-                    "%.2f GFLOP/s | elapsed %s | ETA %s",
+                    "%.3g TFLOP/s | elapsed %s | ETA %s",
                     (long long)(step + 1), (long long)o_.steps, loss, st.lr, st.grad_norm,
-                    st.clip_scale < 1 ? " (clipped)" : "", tps, tps * flops_per_token / 1e9,
+                    st.clip_scale < 1 ? " (clipped)" : "", tps, tps * flops_per_token / 1e12,
                     format_duration(total).c_str(), format_duration(eta).c_str());
       LOG(INFO) << line;
       t_window = now;

@@ -214,15 +214,24 @@ class ThreadComm final : public Communicator {
   std::string name_ = "tp";
 };
 
-// On the CPU (always) the same harness checks itself in f32; on the GPU it runs bf16.
-class TensorParallelTwoThreads : public ::testing::TestWithParam<Device> {};
+// TP=2 as two threads against one model: on the CPU (always) and on the GPU in f32, where the
+// sums must agree to rounding; and on the GPU in bf16 mixed precision, the training path.
+struct TpCase {
+  Device dev;
+  DType dtype;
+};
+class TensorParallelTwoThreads : public ::testing::TestWithParam<TpCase> {};
 
 TEST_P(TensorParallelTwoThreads, MatchesOneModel) {
-  const Device dev = GetParam();
+  const Device dev = GetParam().dev;
+  const bool bf16 = GetParam().dtype == DType::BF16;
   if (dev == Device::CUDA && !have_gpu()) GTEST_SKIP() << "needs a GPU";
   auto make_ops = [&] { return dev == Device::CUDA ? make_cuda_ops(0) : make_cpu_ops(); };
-  const ModelPrecision prec = dev == Device::CUDA ? ModelPrecision::cuda_mixed() : ModelPrecision::uniform(DType::F32);
-  const double loss_tol = dev == Device::CUDA ? 2e-3 : 1e-6, grad_tol = dev == Device::CUDA ? 3e-2 : 1e-5;
+  const ModelPrecision prec = bf16 ? ModelPrecision::cuda_mixed() : ModelPrecision::uniform(DType::F32);
+  // f32 on the GPU: the lambda vectors' gradients (a sum with cancellation) differ by 3.1e-5
+  // between one model and two shards on the H200 (2026-11-29), everything else below 1e-5.
+  const double loss_tol = bf16 ? 2e-3 : 1e-6;
+  const double grad_tol = bf16 ? 3e-2 : dev == Device::CUDA ? 1e-4 : 1e-5;
   for (auto kind : {AttentionKind::Differential, AttentionKind::Standard}) {
     const int64_t B = 2, S = 32;
     const ModelConfig cfg = tiny(kind);
@@ -271,25 +280,6 @@ TEST_P(TensorParallelTwoThreads, MatchesOneModel) {
     EXPECT_EQ(loss2[0], loss2[1]);
     EXPECT_NEAR(loss2[0], loss1, loss_tol * loss1) << attention_kind_name(kind);
     std::printf("%s %s: loss one model %.7f, TP=2 %.7f\n", device_name(dev), attention_kind_name(kind), loss1, loss2[0]);
-    // The f32 CPU reference from the same (bf16-rounded) weights, for the GPU's lambda
-    // gradients: dlambda is a sum with heavy cancellation, so its bf16 error is large.
-    std::vector<std::vector<float>> ref;
-    if (dev == Device::CUDA) {
-      auto cpu = make_cpu_ops();
-      Model r(cfg, *cpu, ModelPrecision::uniform(DType::F32), B, S);
-      for (size_t i = 0; i < one.params().size(); ++i) {
-        std::vector<float> w(one.params()[i].value.numel());
-        ops1->download(one.params()[i].value, w.data());
-        cpu->upload(r.params()[i].value, w.data());
-      }
-      r.zero_grads();
-      r.forward_backward(tok.data(), tgt.data(), B, S, 1.0f);
-      for (auto& p : r.params()) {
-        std::vector<float> g(p.grad.numel());
-        cpu->download(p.grad, g.data());
-        ref.push_back(std::move(g));
-      }
-    }
     auto rel = [](const std::vector<float>& a, const std::vector<float>& b) {
       double num = 0, den = 0;
       for (size_t k = 0; k < a.size(); ++k) {
@@ -314,21 +304,21 @@ TEST_P(TensorParallelTwoThreads, MatchesOneModel) {
         }
         if (q.shard_dim < 0) break;  // whole on every rank: rank 0's copy covers it
       }
-      const bool lambda = p.name.find(".lambda_") != std::string::npos;
-      if (dev == Device::CUDA && lambda) {
-        // TP on the GPU no worse than one GPU, both against f32 (test_cuda_model allows 1e-1)
-        const double e_one = rel(full, ref[i]), e_tp = rel(tp_full, ref[i]);
-        std::printf("%s vs f32 CPU: one GPU %.3g, TP=2 on the GPU %.3g\n", p.name.c_str(), e_one, e_tp);
-        EXPECT_LE(e_tp, std::max(1e-1, 2 * e_one)) << p.name;
-      } else {
-        EXPECT_LT(rel(tp_full, full), grad_tol) << p.name << " (" << attention_kind_name(kind) << ")";
-      }
+      // In bf16 the lambda vectors' gradient is a sum with heavy cancellation, dominated by
+      // the rounding of upstream activations, which differs between one model and two shards
+      // (measured 18-36%); the f32 GPU case checks the TP logic for them exactly.
+      if (bf16 && p.name.find(".lambda_") != std::string::npos) continue;
+      EXPECT_LT(rel(tp_full, full), grad_tol) << p.name << " (" << attention_kind_name(kind) << ")";
     }
   }
 }
 
-INSTANTIATE_TEST_SUITE_P(Devices, TensorParallelTwoThreads, ::testing::Values(Device::CPU, Device::CUDA),
-                         [](const auto& info) { return std::string(device_name(info.param)); });
+INSTANTIATE_TEST_SUITE_P(Devices, TensorParallelTwoThreads,
+                         ::testing::Values(TpCase{Device::CPU, DType::F32}, TpCase{Device::CUDA, DType::F32},
+                                           TpCase{Device::CUDA, DType::BF16}),
+                         [](const auto& info) {
+                           return std::string(device_name(info.param.dev)) + "_" + dtype_name(info.param.dtype);
+                         });
 
 }  // namespace
 }  // namespace difftron
