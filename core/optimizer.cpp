@@ -66,26 +66,36 @@ double AdamW::grad_norm() {
   return std::sqrt(ss);
 }
 
+StepStats plan_step(const OptimizerConfig& config, int64_t step, double grad_norm) {
+  StepStats st;
+  st.lr = config.lr_at(step);
+  st.grad_norm = grad_norm;
+  if (!std::isfinite(grad_norm))
+    throw_error("gradient norm is ", grad_norm, " at step ", step,
+                " (the loss diverged: lower --lr or enable --grad_clip)");
+  if (config.grad_clip > 0 && grad_norm > config.grad_clip) st.clip_scale = config.grad_clip / grad_norm;
+  return st;
+}
+
+AdamWParams adamw_params(const OptimizerConfig& config, const StepStats& stats, int64_t step, bool decay) {
+  AdamWParams hp;
+  hp.lr = float(stats.lr);
+  hp.beta1 = float(config.beta1);
+  hp.beta2 = float(config.beta2);
+  hp.eps = float(config.eps);
+  hp.weight_decay = decay ? float(config.weight_decay) : 0.0f;
+  hp.step = step + 1;
+  hp.grad_scale = float(stats.clip_scale);
+  return hp;
+}
+
 StepStats AdamW::step(int64_t step) {
   if (zero_) return zero_->step(step);
-  StepStats st;
-  st.lr = cfg_.lr_at(step);
-  st.grad_norm = grad_norm();
-  if (!std::isfinite(st.grad_norm))
-    throw_error("gradient norm is ", st.grad_norm, " at step ", step,
-                " (the loss diverged: lower --lr or enable --grad_clip)");
-  if (cfg_.grad_clip > 0 && st.grad_norm > cfg_.grad_clip) st.clip_scale = cfg_.grad_clip / st.grad_norm;
+  const StepStats st = plan_step(cfg_, step, grad_norm());
   Ops& ops = model_.ops();
   auto& params = model_.params();
   for (size_t i = 0; i < params.size(); ++i) {
-    AdamWParams hp;
-    hp.lr = float(st.lr);
-    hp.beta1 = float(cfg_.beta1);
-    hp.beta2 = float(cfg_.beta2);
-    hp.eps = float(cfg_.eps);
-    hp.weight_decay = decays(params[i]) ? float(cfg_.weight_decay) : 0.0f;
-    hp.step = step + 1;
-    hp.grad_scale = float(st.clip_scale);
+    const AdamWParams hp = adamw_params(cfg_, st, step, decays(params[i]));
     ops.adamw_step(state_[i].master, params[i].grad, state_[i].m, state_[i].v, hp);
     if (state_[i].master.raw() != params[i].value.raw()) ops.copy(state_[i].master, params[i].value);
   }

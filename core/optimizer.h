@@ -23,6 +23,12 @@ struct StepStats {
 class ParallelContext;
 class ZeroOptimizer;
 
+// The step's schedule and clipping from the global gradient norm: lr, the norm, the clip
+// scale; throws when the norm is not finite (the loss diverged). Shared by AdamW and ZeRO.
+StepStats plan_step(const OptimizerConfig& config, int64_t step, double grad_norm);
+// The AdamW hyper-parameters of one update (weight decay applied only when `decay`).
+AdamWParams adamw_params(const OptimizerConfig& config, const StepStats& stats, int64_t step, bool decay);
+
 class AdamW {
  public:
   // `parallel` null: one process, per-parameter state. Otherwise ZeRO-1 over the context's

@@ -123,22 +123,9 @@ double ZeroOptimizer::grad_norm() {
 
 StepStats ZeroOptimizer::step(int64_t step) {
   finish_grads();
-  StepStats st;
-  st.lr = cfg_.lr_at(step);
-  st.grad_norm = grad_norm();
-  if (!std::isfinite(st.grad_norm))
-    throw_error("gradient norm is ", st.grad_norm, " at step ", step,
-                " (the loss diverged: lower --lr or enable --grad_clip)");
-  if (cfg_.grad_clip > 0 && st.grad_norm > cfg_.grad_clip) st.clip_scale = cfg_.grad_clip / st.grad_norm;
-  AdamWParams hp;
-  hp.lr = float(st.lr);
-  hp.beta1 = float(cfg_.beta1);
-  hp.beta2 = float(cfg_.beta2);
-  hp.eps = float(cfg_.eps);
-  hp.step = step + 1;
-  hp.grad_scale = float(st.clip_scale);
+  const StepStats st = plan_step(cfg_, step, grad_norm());
   for (const Run& r : update_runs_) {
-    hp.weight_decay = r.decay ? float(cfg_.weight_decay) : 0.0f;
+    const AdamWParams hp = adamw_params(cfg_, st, step, r.decay);
     Tensor p = separate_master_ ? master_.flat_slice(r.shard, r.numel) : values_.flat_slice(r.flat, r.numel);
     Tensor m = m_.flat_slice(r.shard, r.numel), v = v_.flat_slice(r.shard, r.numel);
     ops_.adamw_step(p, grads_.flat_slice(r.flat, r.numel), m, v, hp);
