@@ -19,21 +19,9 @@
 #include "kernels/ops.h"
 #include "parallel/grid.h"
 #include "parallel/mpi_comm.h"
+#include "tests/mpi_env.h"
 
 namespace difftron::testing {
-
-class MpiEnv : public ::testing::Environment {
- public:
-  void SetUp() override {
-    int argc = 0;
-    char** argv = nullptr;
-    runtime_ = std::make_unique<MpiRuntime>(&argc, &argv);
-  }
-  void TearDown() override { runtime_.reset(); }
-
- private:
-  std::unique_ptr<MpiRuntime> runtime_;
-};
 
 // Global micro-batch j = (step * accum * dp) + dp_rank * accum + m: a single process with
 // accumulation accum * dp sees the same micro-batches in the same order. Random tokens,

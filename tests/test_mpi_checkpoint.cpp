@@ -21,13 +21,7 @@ constexpr double kLossRelTol = 5e-7;
 constexpr double kWeightTol = 1e-5;
 constexpr int64_t kSteps = 6, kSaveAt = 3;
 
-std::unique_ptr<ParallelContext> grid(int tp, int dp) {
-  GridOptions o;
-  o.tp = tp;
-  o.dp = dp;
-  o.watchdog.collective_timeout_s = 60;
-  return ParallelContext::from_mpi_world(o);
-}
+std::unique_ptr<ParallelContext> grid(int tp, int dp) { return test_grid(tp, dp); }
 
 int world_rank() {
   int r = 0;

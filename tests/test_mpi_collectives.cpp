@@ -14,31 +14,12 @@
 #include "core/rng.h"
 #include "parallel/grid.h"
 #include "parallel/mpi_comm.h"
+#include "tests/mpi_env.h"
 
 namespace difftron {
 namespace {
 
-class MpiEnv : public ::testing::Environment {
- public:
-  void SetUp() override {
-    int argc = 0;
-    char** argv = nullptr;
-    runtime_ = std::make_unique<MpiRuntime>(&argc, &argv);
-  }
-  void TearDown() override { runtime_.reset(); }
-
- private:
-  std::unique_ptr<MpiRuntime> runtime_;
-};
-const auto* const kEnv = ::testing::AddGlobalTestEnvironment(new MpiEnv);
-
-GridOptions grid(int tp, int dp) {
-  GridOptions o;
-  o.tp = tp;
-  o.dp = dp;
-  o.watchdog.collective_timeout_s = 60;  // a broken test fails instead of hanging CI
-  return o;
-}
+const auto* const kEnv = ::testing::AddGlobalTestEnvironment(new testing::MpiEnv);
 
 // Exactly representable in f32 and bf16 (small integers / 4), so sums are exact in any order.
 double exact_value(uint64_t seed, int rank, int64_t i) {
@@ -162,7 +143,7 @@ void check_rank_order(Communicator& c, uint64_t seed) {
 }
 
 TEST(MpiCollectives, WorldOfFourRanks) {
-  auto ctx = ParallelContext::from_mpi_world(grid(1, 4));
+  auto ctx = testing::test_grid(1, 4);
   ASSERT_EQ(ctx->world_size(), 4);
   check_collectives(ctx->world(), 11);
   check_collectives(ctx->dp(), 12);
@@ -170,7 +151,7 @@ TEST(MpiCollectives, WorldOfFourRanks) {
 }
 
 TEST(MpiCollectives, TwoByTwoGridGroups) {
-  auto ctx = ParallelContext::from_mpi_world(grid(2, 2));
+  auto ctx = testing::test_grid(2, 2);
   const int w = ctx->world_rank();
   EXPECT_EQ(ctx->tp_size(), 2);
   EXPECT_EQ(ctx->dp_size(), 2);
@@ -196,7 +177,7 @@ TEST(MpiCollectives, TwoByTwoGridGroups) {
 }
 
 TEST(MpiCollectives, FourWayTensorParallel) {
-  auto ctx = ParallelContext::from_mpi_world(grid(4, 1));
+  auto ctx = testing::test_grid(4, 1);
   EXPECT_EQ(ctx->tp_size(), 4);
   EXPECT_EQ(ctx->dp_size(), 1);
   check_collectives(ctx->tp(), 61);
@@ -204,7 +185,7 @@ TEST(MpiCollectives, FourWayTensorParallel) {
 }
 
 TEST(MpiCollectives, HostHelpers) {
-  auto ctx = ParallelContext::from_mpi_world(grid(2, 2));
+  auto ctx = testing::test_grid(2, 2);
   double x[3] = {1.0 * ctx->world_rank(), 2.0, -0.5};
   all_reduce_host(ctx->world_host(), x, 3);
   EXPECT_EQ(x[0], 0.0 + 1 + 2 + 3);
@@ -213,7 +194,7 @@ TEST(MpiCollectives, HostHelpers) {
 }
 
 TEST(MpiCollectives, BadArgumentsAreReportedWithTheGroup) {
-  auto ctx = ParallelContext::from_mpi_world(grid(2, 2));
+  auto ctx = testing::test_grid(2, 2);
   std::vector<float> a(6), b(2);
   Tensor in = host_tensor(a.data(), 6, DType::F32), out = host_tensor(b.data(), 2, DType::F32);
   try {
@@ -231,7 +212,7 @@ TEST(MpiCollectives, BadArgumentsAreReportedWithTheGroup) {
 
 TEST(MpiCollectives, GridMustMatchTheWorld) {
   try {
-    ParallelContext::from_mpi_world(grid(3, 1));
+    testing::test_grid(3, 1);
     FAIL() << "no error";
   } catch (const Error& e) {
     EXPECT_NE(std::string(e.what()).find("--tp (3) x --dp (1) = 3 must equal the number of MPI ranks (4)"),

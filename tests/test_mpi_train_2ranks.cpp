@@ -23,13 +23,7 @@ constexpr double kLossRelTol = 5e-7;
 constexpr double kWeightTol = 1e-5;
 constexpr double kGradRelTol = 1e-5;
 
-std::unique_ptr<ParallelContext> grid(int tp, int dp) {
-  GridOptions o;
-  o.tp = tp;
-  o.dp = dp;
-  o.watchdog.collective_timeout_s = 60;  // a broken rank fails the test instead of hanging CI
-  return ParallelContext::from_mpi_world(o);
-}
+std::unique_ptr<ParallelContext> grid(int tp, int dp) { return test_grid(tp, dp); }
 
 void report(const char* what, double loss_diff, double weight_diff) {
   int rank = 0;

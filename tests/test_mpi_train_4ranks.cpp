@@ -18,13 +18,7 @@ const auto* const kEnv = ::testing::AddGlobalTestEnvironment(new MpiEnv);
 constexpr double kLossRelTol = 5e-7;
 constexpr double kWeightTol = 1e-5;
 
-std::unique_ptr<ParallelContext> grid(int tp, int dp) {
-  GridOptions o;
-  o.tp = tp;
-  o.dp = dp;
-  o.watchdog.collective_timeout_s = 60;
-  return ParallelContext::from_mpi_world(o);
-}
+std::unique_ptr<ParallelContext> grid(int tp, int dp) { return test_grid(tp, dp); }
 
 void check_run(const char* what, const RunSpec& spec, ParallelContext& ctx, bool first_loss_exact) {
   RunResult ref = run_training(spec, nullptr, ctx.dp_size());

@@ -14,24 +14,13 @@
 #include "kernels/ops.h"
 #include "parallel/grid.h"
 #include "parallel/mpi_comm.h"
+#include "tests/mpi_env.h"
 #include "parallel/zero.h"
 
 namespace difftron {
 namespace {
 
-class MpiEnv : public ::testing::Environment {
- public:
-  void SetUp() override {
-    int argc = 0;
-    char** argv = nullptr;
-    runtime_ = std::make_unique<MpiRuntime>(&argc, &argv);
-  }
-  void TearDown() override { runtime_.reset(); }
-
- private:
-  std::unique_ptr<MpiRuntime> runtime_;
-};
-const auto* const kEnv = ::testing::AddGlobalTestEnvironment(new MpiEnv);
+const auto* const kEnv = ::testing::AddGlobalTestEnvironment(new testing::MpiEnv);
 
 float value_of(uint64_t seed, int64_t i) {
   Rng r(seed * 7777 + uint64_t(i));
@@ -141,30 +130,18 @@ void run_and_compare(ParallelContext& ctx, double clip, int64_t bucket_numel, in
 }
 
 TEST(Zero, FourWayDataParallelEqualsUnshardedAdamW) {
-  GridOptions o;
-  o.tp = 1;
-  o.dp = 4;
-  o.watchdog.collective_timeout_s = 60;
-  auto ctx = ParallelContext::from_mpi_world(o);
+  auto ctx = testing::test_grid(1, 4);
   run_and_compare(*ctx, 0.0, 512, 3);    // no clipping
   run_and_compare(*ctx, 5.0, 256, 3);    // clipped (the norms are far above 5)
 }
 
 TEST(Zero, TwoByTwoGridCountsReplicatedSegmentsOnce) {
-  GridOptions o;
-  o.tp = 2;
-  o.dp = 2;
-  o.watchdog.collective_timeout_s = 60;
-  auto ctx = ParallelContext::from_mpi_world(o);
+  auto ctx = testing::test_grid(2, 2);
   run_and_compare(*ctx, 5.0, 128, 3);
 }
 
 TEST(Zero, BucketsStartOnlyWhenReady) {
-  GridOptions o;
-  o.tp = 1;
-  o.dp = 4;
-  o.watchdog.collective_timeout_s = 60;
-  auto ctx = ParallelContext::from_mpi_world(o);
+  auto ctx = testing::test_grid(1, 4);
   auto ops = make_cpu_ops();
   const int64_t n = 4 * 64 * 4;  // four buckets of 256
   std::vector<FlatSegment> segs{{"w", 0, n, true, false}};
@@ -188,11 +165,7 @@ TEST(Zero, BucketsStartOnlyWhenReady) {
 }
 
 TEST(Zero, RejectsBuffersNotDivisibleByDp) {
-  GridOptions o;
-  o.tp = 1;
-  o.dp = 4;
-  o.watchdog.collective_timeout_s = 60;
-  auto ctx = ParallelContext::from_mpi_world(o);
+  auto ctx = testing::test_grid(1, 4);
   auto ops = make_cpu_ops();
   Tensor values = ops->empty({10}, DType::F32), grads = ops->empty({10}, DType::F32);
   try {
