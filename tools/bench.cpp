@@ -298,6 +298,11 @@ class Bench {
       row("attention_forward (std)", "B8 S2048 H16 kv16 dh128", ms, 0, fwd);
       ms = time_ms([&] { ops_.attention_backward(q, k, vv, out, lse, dout, dq, dk, dv); }, attn_reps);
       row("attention_backward (std)", "B8 S2048 H16 kv16 dh128", ms, 0, 2.5 * fwd);
+      // through Ops above (cuBLAS GEMMs for bf16); the simple SIMT path for comparison
+      ms = time_ms([&] { cuda::attention_simple_forward(ctx_, q, k, vv, out, lse); }, attn_reps);
+      row("attention_forward (std)", "same, simple SIMT kernel", ms, 0, fwd);
+      ms = time_ms([&] { cuda::attention_simple_backward(ctx_, q, k, vv, lse, dout, dq, dk, dv); }, attn_reps);
+      row("attention_backward (std)", "same, simple SIMT kernel", ms, 0, 2.5 * fwd);
     }
   }
 
@@ -384,6 +389,9 @@ int bench_main(int argc, char** argv) {
     m350.n_kv_heads = 8;
     m350.ffn_dim = 2816;
     bench.guarded("step diff-350M", [&] { bench.training_step("diff-350M", m350, 8, 2048); });
+    ModelConfig std350 = m350;  // the baseline of the same size (ANCHORS.md: 195k tokens/s in PyTorch)
+    std350.attention = AttentionKind::Standard;
+    bench.guarded("step std-350M", [&] { bench.training_step("std-350M", std350, 8, 2048); });
   }
   return 0;
 }

@@ -44,6 +44,9 @@ CudaContext::CudaContext(int device) : device_(device) {
   DT_CUBLAS(cublasLtCreate(&lt_));
   workspace_bytes_ = size_t(32) << 20;  // what cuBLASLt recommends for Hopper
   DT_CUDA(cudaMalloc(&workspace_, workspace_bytes_));
+  DT_CUBLAS(cublasCreate(&blas_));
+  DT_CUBLAS(cublasSetStream(blas_, stream_));
+  DT_CUBLAS(cublasSetAtomicsMode(blas_, CUBLAS_ATOMICS_NOT_ALLOWED));  // deterministic
   DT_CUDA(cudaMalloc(reinterpret_cast<void**>(&dev_flag_), sizeof(int)));
   DT_CUDA(cudaMallocHost(reinterpret_cast<void**>(&host_flag_), sizeof(int)));
 }
@@ -52,6 +55,7 @@ CudaContext::~CudaContext() {
   cudaSetDevice(device_);
   if (stream_) cudaStreamSynchronize(stream_);
   plans_.clear();
+  if (blas_) cublasDestroy(blas_);
   if (lt_) cublasLtDestroy(lt_);
   cudaFree(workspace_);
   cudaFree(scratch_);

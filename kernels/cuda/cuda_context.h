@@ -4,6 +4,7 @@
 // Host-only header: compiled by both g++ (cuda_ops.cpp) and nvcc (the kernels).
 #pragma once
 #include <cublasLt.h>
+#include <cublas_v2.h>
 #include <cuda_runtime.h>
 
 #include <cstddef>
@@ -70,6 +71,8 @@ class CudaContext {
   int device() const { return device_; }
   cudaStream_t stream() const { return stream_; }
   cublasLtHandle_t lt() const { return lt_; }
+  // Classic cuBLAS on stream() (strided-batched GEMMs over sub-matrices: attention_gemm.cu).
+  cublasHandle_t blas() const { return blas_; }
   void* workspace() const { return workspace_; }
   size_t workspace_bytes() const { return workspace_bytes_; }
   const cudaDeviceProp& props() const { return props_; }
@@ -99,6 +102,7 @@ class CudaContext {
   cudaDeviceProp props_{};
   cudaStream_t stream_ = nullptr;
   cublasLtHandle_t lt_ = nullptr;
+  cublasHandle_t blas_ = nullptr;
   void* workspace_ = nullptr;
   size_t workspace_bytes_ = 0;
   void* scratch_ = nullptr;

@@ -55,6 +55,15 @@ void diff_attention_simple_backward(CudaContext& ctx, const Tensor& q, const Ten
                                     const Tensor& dout, Tensor& dq, Tensor& dk, Tensor& dv,
                                     Tensor& dlambda);
 
+// attention_gemm.cu: standard causal attention for bf16 through cuBLAS GEMMs over
+// materialised score matrices (tensor cores; the baseline's default on the GPU).
+bool attention_gemm_supported(const Tensor& q, const Tensor& k);
+void attention_gemm_forward(CudaContext& ctx, const Tensor& q, const Tensor& k, const Tensor& v,
+                            Tensor& out, Tensor& lse);
+void attention_gemm_backward(CudaContext& ctx, const Tensor& q, const Tensor& k, const Tensor& v,
+                             const Tensor& out, const Tensor& lse, const Tensor& dout, Tensor& dq,
+                             Tensor& dk, Tensor& dv);
+
 // attention_simple.cu: standard causal attention with GQA, q [B,S,H,dh], k/v [B,S,H_kv,dh],
 // lse [B,H,S] f32; dh <= 256.
 void attention_simple_forward(CudaContext& ctx, const Tensor& q, const Tensor& k, const Tensor& v,

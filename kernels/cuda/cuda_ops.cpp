@@ -412,6 +412,7 @@ class CudaOps final : public Ops {
     check_standard_attention(q, k, v, op);
     check_attention_outputs(q, out, lse, q.dim(0) * q.dim(2) * q.dim(1), op);
     ctx_.activate();
+    if (cuda::attention_gemm_supported(q, k)) return cuda::attention_gemm_forward(ctx_, q, k, v, out, lse);
     cuda::attention_simple_forward(ctx_, q, k, v, out, lse);
   }
 
@@ -422,6 +423,8 @@ class CudaOps final : public Ops {
     check_standard_attention(q, k, v, op);
     check_attention_grads(q, k, v, out, lse, dout, dq, dk, dv, q.dim(0) * q.dim(2) * q.dim(1), op);
     ctx_.activate();
+    if (cuda::attention_gemm_supported(q, k))
+      return cuda::attention_gemm_backward(ctx_, q, k, v, out, lse, dout, dq, dk, dv);
     cuda::attention_simple_backward(ctx_, q, k, v, lse, dout, dq, dk, dv);
   }
 
