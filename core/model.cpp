@@ -156,6 +156,20 @@ Model::Model(const ModelConfig& config, Ops& ops, ModelPrecision precision, int6
   }
 }
 
+void Model::keep_attention_state(bool on) {
+  for (auto& L : layers_) {
+    const int64_t n = on && L.q.defined() && cfg_.attention == AttentionKind::Differential
+                          ? ops_.diff_attention_saved_numel(L.q)
+                          : 0;
+    L.attn_saved = n > 0 ? ops_.empty({n}, DType::BF16) : Tensor();
+  }
+}
+
+Tensor Model::attn_saved(const Layer& L, const Tensor& q) {
+  const int64_t n = ops_.diff_attention_saved_numel(q);
+  return n > 0 && L.attn_saved.defined() ? L.attn_saved.view({n}) : Tensor();
+}
+
 int64_t Model::head_chunk_rows(int64_t rows, int64_t vocab_cols) {
   // 2^26 logits a chunk (128 MiB in bf16): large enough that the LM-head GEMM runs near peak.
   return std::max<int64_t>(1, std::min<int64_t>(rows, (int64_t(1) << 26) / vocab_cols));
@@ -332,7 +346,8 @@ void Model::layer_forward(int64_t l, int64_t B, int64_t S) {
     const double li = ModelConfig::lambda_init(l);
     ops_.diff_lambda_forward(P(L.lq1), P(L.lk1), P(L.lq2), P(L.lk2), li, L.lambda);
     Tensor att = L.att.view({B, S, h, 2 * dh}), lse = L.lse.view({B, h, 2, S});
-    ops_.diff_attention_forward(q, k, v, L.lambda, att, lse);
+    Tensor saved = attn_saved(L, q);
+    ops_.diff_attention_forward(q, k, v, L.lambda, att, lse, saved);
     Tensor att_rows = att.view({N * h, 2 * dh}), sub_rows = L.sub.view({N * h, 2 * dh});
     Tensor rstd_sub = L.rstd_sub.view({N * h});
     ops_.rmsnorm_forward(att_rows, P(L.subln), cfg_.norm_eps, float(1.0 - li), sub_rows, rstd_sub);
@@ -485,8 +500,8 @@ void Model::layer_backward(int64_t l, int64_t B, int64_t S) {
     ops_.fill_zero(datt_rows);
     ops_.rmsnorm_backward(att.view({N * h, 2 * dh}), P(L.subln), L.rstd_sub.view({N * h}),
                           float(1.0 - li), dsub.view({N * h, 2 * dh}), datt_rows, G(L.subln));
-    ops_.diff_attention_backward(q, k, v, L.lambda, att, L.lse.view({B, h, 2, S}), datt, dq, dk, dv,
-                                 dlambda_);
+    ops_.diff_attention_backward(q, k, v, L.lambda, att, L.lse.view({B, h, 2, S}), attn_saved(L, q), datt,
+                                 dq, dk, dv, dlambda_);
     ops_.diff_lambda_backward(P(L.lq1), P(L.lk1), P(L.lq2), P(L.lk2), dlambda_, G(L.lq1), G(L.lk1),
                               G(L.lq2), G(L.lk2));
   } else {

@@ -110,6 +110,13 @@ class Model {
   bool grad_sync() const { return grad_sync_; }
   void set_grads_ready_hook(std::function<void(int64_t flat_offset)> hook) { grads_ready_ = std::move(hook); }
 
+  // Lets the backend keep its saved attention state between forward and backward (the fused
+  // CUDA kernels keep O2n in bf16: about 15% off the attention backward, one more [N, q_dim]
+  // bf16 activation per layer). Off by default: with it, dlambda is computed from the bf16
+  // O2n and its error against the reference grows (measured 2e-3 to 5e-2 relative on small
+  // random cases, docs/PERFORMANCE.md), while dq, dk, dv are unchanged.
+  void keep_attention_state(bool on);
+
   // Rows of logits the LM head computes at once for `rows` tokens and a (local) vocabulary of
   // `vocab_cols` columns (the plan tool sizes memory with it).
   static int64_t head_chunk_rows(int64_t rows, int64_t vocab_cols);
@@ -122,6 +129,7 @@ class Model {
     // parameters (indices into params_)
     int attn_norm, wq, wk, wv, wo, lq1, lk1, lq2, lk2, subln, mlp_norm, w_gate, w_up, w_down;
     // activations saved for backward
+    Tensor attn_saved;  // the backend's saved attention state (Ops::diff_attention_saved_numel)
     Tensor x_in, ln1, rstd1, q, k, v, lambda, att, lse, sub, rstd_sub, x_mid, ln2, rstd2, gate,
         up, act;
   };
@@ -151,6 +159,8 @@ class Model {
   void forward_body(int64_t B, int64_t S);
   void layer_forward(int64_t l, int64_t B, int64_t S);
   void layer_backward(int64_t l, int64_t B, int64_t S);
+  // This layer's saved attention state for a B x S batch (undefined when the backend keeps none).
+  Tensor attn_saved(const Layer& L, const Tensor& q);
   // Loss (and, when grad_scale != 0, dL/d(final norm output) and the head's weight
   // gradient), chunk by chunk over rows so full logits are never stored.
   double head_loss(int64_t N, int64_t n_valid, bool backward, float grad_scale);

@@ -91,13 +91,19 @@ class Ops {
                                     const Tensor& lk2, const Tensor& dlambda, Tensor& dlq1,
                                     Tensor& dlk1, Tensor& dlq2, Tensor& dlk2) = 0;
   // out = (A1 - lambda A2) V per diff head, A_j = causal softmax(Q_j K_j^T / sqrt(dh)).
+  // `saved` is backend-private state the forward may keep for the backward (the fused CUDA
+  // kernels keep O2n = A2 V, sparing the backward a pass): a bf16 tensor of at least
+  // diff_attention_saved_numel(q) elements, or undefined / smaller to keep nothing (the
+  // backward then recomputes). The caller passes the same `saved` to the backward.
+  virtual int64_t diff_attention_saved_numel(const Tensor& q) const { return 0; }
   virtual void diff_attention_forward(const Tensor& q, const Tensor& k, const Tensor& v,
-                                      const Tensor& lambda, Tensor& out, Tensor& lse) = 0;
+                                      const Tensor& lambda, Tensor& out, Tensor& lse,
+                                      Tensor& saved) = 0;
   // dq, dk, dv, dlambda [1] are overwritten.
   virtual void diff_attention_backward(const Tensor& q, const Tensor& k, const Tensor& v,
                                        const Tensor& lambda, const Tensor& out, const Tensor& lse,
-                                       const Tensor& dout, Tensor& dq, Tensor& dk, Tensor& dv,
-                                       Tensor& dlambda) = 0;
+                                       const Tensor& saved, const Tensor& dout, Tensor& dq,
+                                       Tensor& dk, Tensor& dv, Tensor& dlambda) = 0;
 
   // ---- standard causal attention (the baseline Transformer), GQA ------------------------
   virtual void attention_forward(const Tensor& q, const Tensor& k, const Tensor& v, Tensor& out,

@@ -86,8 +86,9 @@ Plan make_plan(const PlanInput& in) {
   const double shared_act = double(N) * (4 * d + 3 * q + 2 * kv + 3 * F) + double(chunk) * Vh +
                             (T > 1 ? double(chunk) + Vh : 0);
   const double shared_stat = double(N) + 1 + 2.0 * chunk + (T > 1 ? double(chunk) : 0);
+  const double layer_saved = diff && in.attention_saved_o2 ? double(N) * q * 2 : 0;  // bf16 O2n
   p.activation_bytes = (L * layer_act + shared_act) * in.act_bytes + (L * layer_stat + shared_stat) * in.stat_bytes +
-                       2.0 * N * 4;  // tokens, targets (i32)
+                       L * layer_saved + 2.0 * N * 4;  // tokens, targets (i32)
 
   // ---- traffic per step
   const int64_t a = in.grad_accum;

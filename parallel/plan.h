@@ -18,6 +18,9 @@ struct PlanInput {
   // Element sizes: the GPU's mixed precision by default (bf16 weights/activations, f32
   // gradients and statistics); CPU training is all 4.
   int64_t param_bytes = 2, act_bytes = 2, grad_bytes = 4, stat_bytes = 4;
+  // The GPU's fused differential attention keeps O2n per layer for the backward ([N, q_dim] in
+  // bf16, Ops::diff_attention_saved_numel); the CPU keeps nothing.
+  bool attention_saved_o2 = false;
 };
 
 // One kind of traffic: `calls` collectives per step, each over `buffer_bytes`, which puts

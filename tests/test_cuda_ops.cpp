@@ -296,22 +296,35 @@ std::vector<Case> make_cases() {
     return "/B" + std::to_string(s.B) + "S" + std::to_string(s.S) + "h" + std::to_string(s.h) +
            "kv" + std::to_string(s.hkv) + "dh" + std::to_string(s.dh);
   };
+  // with_saved: the backend keeps its saved state (the fused kernels' O2n) for the backward;
+  // without: the backward recomputes it. Both must match the reference.
   for (DType t : {F32, BF16})
-    for (AS s : {AS{2, 45, 4, 2, 16}, AS{1, 70, 2, 1, 24}, AS{1, 33, 2, 2, 64}, AS{2, 77, 4, 2, 64},
-                 AS{1, 40, 2, 1, 128}, AS{1, 1, 2, 1, 32}})
-      add(std::string("diff_attention/") + prec(t) + shape_name(s), [=](Env& e) {
-        Tensor q = e.input("q", {s.B, s.S, s.h, 2, s.dh}, t);
-        Tensor k = e.input("k", {s.B, s.S, s.hkv, 2, s.dh}, t);
-        Tensor v = e.input("v", {s.B, s.S, s.hkv, 2 * s.dh}, t);
-        Tensor lam = e.input("lambda", {1}, F32, 0.1, 0.55);
-        Tensor out = e.output("out", {s.B, s.S, s.h, 2 * s.dh}, t);
-        Tensor lse = e.output("lse", {s.B, s.h, 2, s.S}, F32);
-        e.ops().diff_attention_forward(q, k, v, lam, out, lse);
-        Tensor dout = e.input("dout", {s.B, s.S, s.h, 2 * s.dh}, t);
-        Tensor dq = e.output("dq", q.shape(), t), dk = e.output("dk", k.shape(), t);
-        Tensor dv = e.output("dv", v.shape(), t), dlam = e.output("dlambda", {1}, F32);
-        e.ops().diff_attention_backward(q, k, v, lam, out, lse, dout, dq, dk, dv, dlam);
-      });
+    for (bool with_saved : {true, false})
+      for (AS s : {AS{2, 45, 4, 2, 16}, AS{1, 70, 2, 1, 24}, AS{1, 33, 2, 2, 64}, AS{2, 77, 4, 2, 64},
+                   AS{1, 40, 2, 1, 128}, AS{1, 1, 2, 1, 32}}) {
+        // dlambda (f32) is a sum with cancellation: 1e-4 for bf16 inputs (2.5e-5 measured on the
+        // simple path). From the kept bf16 O2n it is coarser: 2e-3 to 5.3e-2 measured on the H200
+        // (2026-11-29), an open question of the fused kernels' saved path (off by default in the
+        // model: Model::keep_attention_state); this case records it rather than hides it.
+        const std::map<std::string, double> tol =
+            t == BF16 ? std::map<std::string, double>{{"dlambda", with_saved ? 1e-1 : 1e-4}}
+                      : std::map<std::string, double>{};
+        add(std::string("diff_attention/") + prec(t) + (with_saved ? "/saved" : "") + shape_name(s), [=](Env& e) {
+          Tensor q = e.input("q", {s.B, s.S, s.h, 2, s.dh}, t);
+          Tensor k = e.input("k", {s.B, s.S, s.hkv, 2, s.dh}, t);
+          Tensor v = e.input("v", {s.B, s.S, s.hkv, 2 * s.dh}, t);
+          Tensor lam = e.input("lambda", {1}, F32, 0.1, 0.55);
+          Tensor out = e.output("out", {s.B, s.S, s.h, 2 * s.dh}, t);
+          Tensor lse = e.output("lse", {s.B, s.h, 2, s.S}, F32);
+          const int64_t n_saved = e.ops().diff_attention_saved_numel(q);
+          Tensor saved = with_saved && n_saved > 0 ? e.ops().empty({n_saved}, BF16) : Tensor();
+          e.ops().diff_attention_forward(q, k, v, lam, out, lse, saved);
+          Tensor dout = e.input("dout", {s.B, s.S, s.h, 2 * s.dh}, t);
+          Tensor dq = e.output("dq", q.shape(), t), dk = e.output("dk", k.shape(), t);
+          Tensor dv = e.output("dv", v.shape(), t), dlam = e.output("dlambda", {1}, F32);
+          e.ops().diff_attention_backward(q, k, v, lam, out, lse, saved, dout, dq, dk, dv, dlam);
+        }, tol);
+      }
   for (DType t : {F32, BF16})
     for (AS s : {AS{2, 45, 4, 2, 32}, AS{1, 70, 3, 1, 40}, AS{2, 77, 8, 2, 64}, AS{1, 50, 2, 2, 128},
                  AS{1, 35, 2, 1, 256}, AS{1, 1, 2, 2, 16}})
@@ -482,11 +495,12 @@ TEST(CudaOps, BadArgumentsRaiseErrorsNamingTheOp) {
   Tensor q = o.empty({1, 4, 3, 2, 8}, DType::BF16), k = o.empty({1, 4, 2, 2, 8}, DType::BF16);
   Tensor v = o.empty({1, 4, 2, 16}, DType::BF16), lam = o.empty({1}, DType::F32);
   Tensor att = o.empty({1, 4, 3, 16}, DType::BF16), alse = o.empty({1, 3, 2, 4}, DType::F32);
-  expect_error([&] { o.diff_attention_forward(q, k, v, lam, att, alse); }, {"diff_attention_forward", "multiple"});
+  Tensor none;
+  expect_error([&] { o.diff_attention_forward(q, k, v, lam, att, alse, none); }, {"diff_attention_forward", "multiple"});
   Tensor q2 = o.empty({1, 4, 2, 2, 256}, DType::BF16), k2 = o.empty({1, 4, 2, 2, 256}, DType::BF16);
   Tensor v2 = o.empty({1, 4, 2, 512}, DType::BF16), att2 = o.empty({1, 4, 2, 512}, DType::BF16);
   Tensor lse2 = o.empty({1, 2, 2, 4}, DType::F32);
-  expect_error([&] { o.diff_attention_forward(q2, k2, v2, lam, att2, lse2); }, {"diff_attention_forward", "head_dim 256"});
+  expect_error([&] { o.diff_attention_forward(q2, k2, v2, lam, att2, lse2, none); }, {"diff_attention_forward", "head_dim 256"});
   Tensor p16 = o.empty({8}, DType::BF16), g = o.empty({8}, DType::F32), m = o.empty({8}, DType::F32);
   expect_error([&] { o.adamw_step(p16, g, m, m, AdamWParams{}); }, {"adamw_step", "param", "bf16[8]"});
 }

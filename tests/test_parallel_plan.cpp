@@ -61,13 +61,13 @@ class CountingOps final : public Ops {
     cpu_->diff_lambda_backward(a, b, c, d, dl, da, db, dc, dd);
   }
   void diff_attention_forward(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& l, Tensor& o,
-                              Tensor& lse) override {
-    cpu_->diff_attention_forward(q, k, v, l, o, lse);
+                              Tensor& lse, Tensor& saved) override {
+    cpu_->diff_attention_forward(q, k, v, l, o, lse, saved);
   }
   void diff_attention_backward(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& l, const Tensor& o,
-                               const Tensor& lse, const Tensor& d, Tensor& dq, Tensor& dk, Tensor& dv,
-                               Tensor& dl) override {
-    cpu_->diff_attention_backward(q, k, v, l, o, lse, d, dq, dk, dv, dl);
+                               const Tensor& lse, const Tensor& saved, const Tensor& d, Tensor& dq, Tensor& dk,
+                               Tensor& dv, Tensor& dl) override {
+    cpu_->diff_attention_backward(q, k, v, l, o, lse, saved, d, dq, dk, dv, dl);
   }
   void attention_forward(const Tensor& q, const Tensor& k, const Tensor& v, Tensor& o, Tensor& lse) override {
     cpu_->attention_forward(q, k, v, o, lse);

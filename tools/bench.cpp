@@ -274,12 +274,20 @@ class Bench {
       Tensor dk = ops_.empty(k.shape(), bf), dv = ops_.empty(vv.shape(), bf), dl = ops_.empty({1}, f32);
       const double fwd = 6.0 * B * h * double(S) * S * dh;
       // through Ops (the fused flash kernels where they apply), then the simple SIMT path
-      double ms = time_ms([&] { ops_.diff_attention_forward(q, k, vv, lam, out, lse); }, attn_reps);
+      // through Ops without and with the backend's saved state (the model keeps it)
+      Tensor none, saved = ops_.empty({std::max<int64_t>(ops_.diff_attention_saved_numel(q), 1)}, bf);
+      double ms = time_ms([&] { ops_.diff_attention_forward(q, k, vv, lam, out, lse, none); }, attn_reps);
       row("diff_attention_forward", "B8 S2048 h8 kv8 dh128 (Ops)", ms, 0, fwd);
       ms = time_ms([&] {
-        ops_.diff_attention_backward(q, k, vv, lam, out, lse, dout, dq, dk, dv, dl);
+        ops_.diff_attention_backward(q, k, vv, lam, out, lse, none, dout, dq, dk, dv, dl);
       }, attn_reps);
       row("diff_attention_backward", "B8 S2048 h8 kv8 dh128 (Ops)", ms, 0, 2.5 * fwd);
+      ms = time_ms([&] { ops_.diff_attention_forward(q, k, vv, lam, out, lse, saved); }, attn_reps);
+      row("diff_attention_forward", "same, keeping O2n (model)", ms, 0, fwd);
+      ms = time_ms([&] {
+        ops_.diff_attention_backward(q, k, vv, lam, out, lse, saved, dout, dq, dk, dv, dl);
+      }, attn_reps);
+      row("diff_attention_backward", "same, using kept O2n (model)", ms, 0, 2.5 * fwd);
       ms = time_ms([&] { cuda::diff_attention_simple_forward(ctx_, q, k, vv, lam, out, lse); }, attn_reps);
       row("diff_attention_forward", "same, simple SIMT kernel", ms, 0, fwd);
       ms = time_ms([&] {

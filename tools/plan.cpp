@@ -27,6 +27,7 @@ DECLARE_int32(tp);
 DECLARE_int32(dp);
 DECLARE_string(device);
 
+DECLARE_bool(keep_attention_state);
 DEFINE_string(preset, "", "paper configuration: 830M, 1.4B, 2.8B, 6.8B, 13.1B or 3B (DESIGN.md section 1); "
               "model flags given explicitly override it");
 DEFINE_double(plan_tp_gbps, 370, "plan: TP bus bandwidth in GB/s (NVLink within a node)");
@@ -94,6 +95,9 @@ int plan_main(int argc, char** argv) {
   in.micro_batch = FLAGS_batch;
   in.grad_accum = FLAGS_grad_accum;
   if (FLAGS_device == "cpu") in.param_bytes = in.act_bytes = in.grad_bytes = in.stat_bytes = 4;
+  // with --keep_attention_state the fused kernels (head_dim 64 or 128) keep O2n per layer
+  in.attention_saved_o2 =
+      FLAGS_keep_attention_state && FLAGS_device != "cpu" && (c.head_dim == 64 || c.head_dim == 128);
   Plan p = make_plan(in);
   std::cout << format_plan(p, FLAGS_plan_tp_gbps, FLAGS_plan_dp_gbps, FLAGS_plan_peak_tflops, FLAGS_plan_mfu);
   return 0;

@@ -232,8 +232,9 @@ class CpuOps final : public Ops {
     return d;
   }
 
+  // The CPU reference keeps no saved state (`saved` is ignored).
   void diff_attention_forward(const Tensor& q, const Tensor& k, const Tensor& v,
-                              const Tensor& lambda, Tensor& out, Tensor& lse) override {
+                              const Tensor& lambda, Tensor& out, Tensor& lse, Tensor&) override {
     auto d = diff_dims(q, k, v, "diff_attention_forward");
     require_numel(out, d.B * d.S * d.h * 2 * d.dh, "diff_attention_forward", "out");
     require_numel(lse, d.B * d.h * 2 * d.S, "diff_attention_forward", "lse");
@@ -246,7 +247,7 @@ class CpuOps final : public Ops {
 
   void diff_attention_backward(const Tensor& q, const Tensor& k, const Tensor& v,
                                const Tensor& lambda, const Tensor& out, const Tensor& lse,
-                               const Tensor& dout, Tensor& dq, Tensor& dk, Tensor& dv,
+                               const Tensor&, const Tensor& dout, Tensor& dq, Tensor& dk, Tensor& dv,
                                Tensor& dlambda) override {
     auto d = diff_dims(q, k, v, "diff_attention_backward");
     require_numel(dq, q.numel(), "diff_attention_backward", "dq");

@@ -348,8 +348,22 @@ class CudaOps final : public Ops {
     numel_is(lambda, 1, op, "lambda");
   }
 
+  // The fused kernels keep O2n = A2 V (the layout of out) for the backward.
+  int64_t diff_attention_saved_numel(const Tensor& q) const override {
+    if (q.dtype() != DType::BF16 || q.ndim() != 5) return 0;
+    const cuda::DiffFlashDims fd{q.dim(0), q.dim(1), q.dim(2), q.dim(2), q.dim(4)};
+    return cuda::diff_flash_supported(fd) ? q.numel() : 0;  // [B,S,h,2,dh] = [B,S,h,2dh]
+  }
+  // O2n storage inside `saved`, or null when the caller gave too little.
+  __nv_bfloat16* o2_of(const Tensor& saved, const Tensor& q) const {
+    const int64_t n = diff_attention_saved_numel(q);
+    if (n == 0 || !saved.defined() || saved.numel() < n) return nullptr;
+    dtype_is(saved, DType::BF16, "diff_attention", "saved");
+    return saved.data<__nv_bfloat16>();
+  }
+
   void diff_attention_forward(const Tensor& q, const Tensor& k, const Tensor& v,
-                              const Tensor& lambda, Tensor& out, Tensor& lse) override {
+                              const Tensor& lambda, Tensor& out, Tensor& lse, Tensor& saved) override {
     const char* op = "diff_attention_forward";
     check_diff_attention(q, k, v, lambda, op);
     check_attention_outputs(q, out, lse, q.dim(0) * q.dim(2) * 2 * q.dim(1), op);
@@ -359,7 +373,7 @@ class CudaOps final : public Ops {
     if (q.dtype() == DType::BF16 && cuda::diff_flash_supported(fd)) {
       cuda::diff_flash_forward(fd, q.data<__nv_bfloat16>(), k.data<__nv_bfloat16>(),
                                v.data<__nv_bfloat16>(), lambda.data<float>(),
-                               out.data<__nv_bfloat16>(), lse.data<float>(), ctx_.stream());
+                               out.data<__nv_bfloat16>(), lse.data<float>(), ctx_.stream(), o2_of(saved, q));
       return;
     }
     cuda::diff_attention_simple_forward(ctx_, q, k, v, lambda, out, lse);
@@ -367,8 +381,8 @@ class CudaOps final : public Ops {
 
   void diff_attention_backward(const Tensor& q, const Tensor& k, const Tensor& v,
                                const Tensor& lambda, const Tensor& out, const Tensor& lse,
-                               const Tensor& dout, Tensor& dq, Tensor& dk, Tensor& dv,
-                               Tensor& dlambda) override {
+                               const Tensor& saved, const Tensor& dout, Tensor& dq, Tensor& dk,
+                               Tensor& dv, Tensor& dlambda) override {
     const char* op = "diff_attention_backward";
     check_diff_attention(q, k, v, lambda, op);
     check_attention_grads(q, k, v, out, lse, dout, dq, dk, dv, q.dim(0) * q.dim(2) * 2 * q.dim(1), op);
@@ -383,7 +397,7 @@ class CudaOps final : public Ops {
                                 out.data<__nv_bfloat16>(), lse.data<float>(),
                                 dout.data<__nv_bfloat16>(), dq.data<__nv_bfloat16>(),
                                 dk.data<__nv_bfloat16>(), dv.data<__nv_bfloat16>(),
-                                dlambda.data<float>(), ctx_.scratch(ws), ws, ctx_.stream());
+                                dlambda.data<float>(), ctx_.scratch(ws), ws, ctx_.stream(), o2_of(saved, q));
       return;
     }
     cuda::diff_attention_simple_backward(ctx_, q, k, v, lambda, lse, dout, dq, dk, dv, dlambda);
