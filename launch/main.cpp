@@ -20,7 +20,7 @@ std::map<std::string, Command>& command_registry() {
 static int usage(std::ostream& os) {
   os << "usage: difftron <command> [--flag=value ...]\n\ncommands:\n";
   for (auto& [name, cmd] : difftron::command_registry())
-    os << "  " << name << std::string(name.size() < 10 ? 10 - name.size() : 1, ' ') << cmd.summary << "\n";
+    os << "  " << name << std::string(name.size() < 16 ? 16 - name.size() : 1, ' ') << cmd.summary << "\n";
   os << "\n`difftron <command> --helpon=<command>` or --help lists a command's flags.\n";
   return 2;
 }
