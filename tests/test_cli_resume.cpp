@@ -97,7 +97,7 @@ TEST(CliResume, TwoRankCheckpointResumesInOneProcessThenOnTensorParallel) {
   if (std::system("command -v mpirun > /dev/null 2>&1") != 0) GTEST_SKIP() << "mpirun not found";
   const fs::path dir = fresh("reshard");
   const std::string ckpt = " --ckpt_dir=" + (dir / "ckpt").string();
-  const std::string mpirun = "timeout 120 mpirun --allow-run-as-root --oversubscribe -x OPENBLAS_NUM_THREADS=1 -np 2 ";
+  const std::string mpirun = "timeout 120 mpirun --allow-run-as-root --oversubscribe -x OPENBLAS_NUM_THREADS=1 -x OMP_NUM_THREADS=1 -np 2 ";
   Result r = run(mpirun + kBin + " train --dp=2 --steps=4" + kModel + ckpt);
   ASSERT_EQ(r.status, 0) << r.output;
   EXPECT_TRUE(fs::exists(dir / "ckpt" / "step_00000004" / "rank_00001.h5")) << r.output;
