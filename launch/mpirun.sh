@@ -21,7 +21,9 @@ if [ ! -x "$bin" ]; then
   echo "mpirun.sh: $bin not found or not executable (build first, or set DIFFTRON_BIN)" >&2
   exit 2
 fi
-args=(-np "$world" --bind-to none -x NCCL_NVLS_ENABLE=0 -x OPENBLAS_NUM_THREADS=1 -x LD_LIBRARY_PATH)
+# one BLAS / OpenMP thread per rank unless asked (ranks share the cores of a node)
+export OMP_NUM_THREADS="${OMP_NUM_THREADS:-1}"
+args=(-np "$world" --bind-to none -x NCCL_NVLS_ENABLE=0 -x OPENBLAS_NUM_THREADS=1 -x OMP_NUM_THREADS -x LD_LIBRARY_PATH)
 [ "$(id -u)" = 0 ] && args+=(--allow-run-as-root)
 [ -n "${HOSTFILE:-}" ] && args+=(--hostfile "$HOSTFILE")
 [ -n "${NP_PER_NODE:-}" ] && args+=(--map-by "ppr:${NP_PER_NODE}:node")
