@@ -3,6 +3,7 @@
 // With --tp / --dp (under mpirun or srun, world = tp x dp ranks) it trains tensor- and
 // ZeRO-1 data-parallel over the process grid of parallel/grid.h; without them it is one
 // process and never touches MPI.
+#include <algorithm>
 #include <atomic>
 #include <csignal>
 #include <cstdio>
@@ -24,6 +25,7 @@
 #include "launch/command.h"
 #include "parallel/grid.h"
 #include "parallel/mpi_comm.h"
+#include "parallel/plan.h"
 #ifdef DIFFTRON_HAVE_CUDA
 #include "kernels/cuda/cuda_ops.h"
 #endif
@@ -74,6 +76,52 @@ DEFINE_double(step_timeout, 0, "seconds a training step may take before the watc
 
 namespace difftron {
 namespace {
+
+// Bytes of host memory the kernel says are available (MemAvailable), or -1 if unknown.
+double host_memory_available() {
+  std::ifstream f("/proc/meminfo");
+  std::string key;
+  double kb;
+  std::string unit;
+  while (f >> key >> kb >> unit)
+    if (key == "MemAvailable:") return kb * 1024.0;
+  return -1;
+}
+
+// On the CPU a too-large --batch x --seq would allocate its way into swap or the OOM killer:
+// refuse it up front with the estimate (the plan model, tested against real allocations).
+// Ranks sharing this node's memory, as the MPI launcher announced them (1 when unknown).
+int ranks_on_this_node() {
+  for (const char* v : {"OMPI_COMM_WORLD_LOCAL_SIZE", "MPI_LOCALNRANKS", "SLURM_NTASKS_PER_NODE"})
+    if (const char* s = std::getenv(v)) return std::max(1, std::atoi(s));
+  return 1;
+}
+
+void check_host_memory(const ModelConfig& cfg, int tp, int dp) {
+  PlanInput in;
+  in.cfg = cfg;
+  in.tp = tp;
+  in.dp = dp;
+  in.seq = FLAGS_seq;
+  in.micro_batch = FLAGS_batch;
+  in.grad_accum = FLAGS_grad_accum;
+  in.param_bytes = in.act_bytes = in.grad_bytes = in.stat_bytes = 4;
+  const Plan p = make_plan(in);
+  const double need = p.weight_bytes + p.grad_bytes + p.optimizer_bytes + p.activation_bytes;
+  const double avail = host_memory_available();
+  const double gib = 1024.0 * 1024.0 * 1024.0;
+  const int local = ranks_on_this_node();
+  if (avail > 0 && need * local > 0.9 * avail) {
+    char msg[512];
+    std::snprintf(msg, sizeof msg,
+                  "this run needs about %.1f GiB of host memory per rank (activations %.1f GiB for --batch=%lld x "
+                  "--seq=%lld), more than 90%% of the %.1f GiB available to the %d rank(s) on this node: lower "
+                  "--batch or --seq (`difftron plan --device=cpu ...` shows the breakdown)",
+                  need / gib, p.activation_bytes / gib, (long long)FLAGS_batch, (long long)FLAGS_seq, avail / gib,
+                  local);
+    throw Error(msg);
+  }
+}
 
 std::atomic<int> g_stop_signal{0};  // set by SIGTERM/SIGINT: finish the step, checkpoint, exit
 extern "C" void on_stop_signal(int sig) { g_stop_signal = sig; }
@@ -203,6 +251,7 @@ int train_main(int argc, char** argv) {
   }
 
   // ---- model + optimizer
+  if (ops->device() == Device::CPU) check_host_memory(cfg, FLAGS_tp, FLAGS_dp);
   Model model(cfg, *ops, precision, FLAGS_batch, FLAGS_seq, par ? model_parallel(*par) : ModelParallel{});
   model.init_weights(FLAGS_seed);
   model.keep_attention_state(FLAGS_keep_attention_state);

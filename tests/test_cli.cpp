@@ -92,3 +92,15 @@ TEST(Cli, ConvertRoundTripAndGenerate) {
 }
 
 }  // namespace
+
+namespace {
+
+TEST(Cli, RunThatCannotFitInHostMemoryIsRefusedUpFront) {
+  auto r = run("train --device=cpu --data=synthetic:copy --d_model=1024 --n_layers=24 --n_heads=8 --seq=65536 "
+               "--batch=64 --steps=1");
+  EXPECT_EQ(r.status, 1) << r.output;
+  EXPECT_TRUE(has(r, "GiB of host memory per rank")) << r.output;
+  EXPECT_TRUE(has(r, "lower --batch or --seq")) << r.output;
+}
+
+}  // namespace
