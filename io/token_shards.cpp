@@ -78,22 +78,23 @@ hid_t check_id(hid_t id, const std::string& path, const char* what) {
   return id;
 }
 
-void write_attr_i64(hid_t obj, const char* name, int64_t v, const std::string& path) {
+// A scalar attribute stored as `file_type`, written from `value` of `mem_type` (replaced if present).
+void write_attr_scalar(hid_t obj, const char* name, hid_t file_type, hid_t mem_type, const void* value,
+                       const std::string& path) {
   if (H5Aexists(obj, name) > 0) check_h5(H5Adelete(obj, name), path, "deleting an attribute");
   Hid space(check_id(H5Screate(H5S_SCALAR), path, "H5Screate"), H5Sclose);
-  Hid a(check_id(H5Acreate2(obj, name, H5T_STD_I64LE, space.get(), H5P_DEFAULT, H5P_DEFAULT),
-                 path, "creating an attribute"),
+  Hid a(check_id(H5Acreate2(obj, name, file_type, space.get(), H5P_DEFAULT, H5P_DEFAULT), path,
+                 "creating an attribute"),
         H5Aclose);
-  check_h5(H5Awrite(a.get(), H5T_NATIVE_INT64, &v), path, "writing an attribute");
+  check_h5(H5Awrite(a.get(), mem_type, value), path, "writing an attribute");
+}
+
+void write_attr_i64(hid_t obj, const char* name, int64_t v, const std::string& path) {
+  write_attr_scalar(obj, name, H5T_STD_I64LE, H5T_NATIVE_INT64, &v, path);
 }
 
 void write_attr_u32(hid_t obj, const char* name, uint32_t v, const std::string& path) {
-  if (H5Aexists(obj, name) > 0) check_h5(H5Adelete(obj, name), path, "deleting an attribute");
-  Hid space(check_id(H5Screate(H5S_SCALAR), path, "H5Screate"), H5Sclose);
-  Hid a(check_id(H5Acreate2(obj, name, H5T_STD_U32LE, space.get(), H5P_DEFAULT, H5P_DEFAULT),
-                 path, "creating an attribute"),
-        H5Aclose);
-  check_h5(H5Awrite(a.get(), H5T_NATIVE_UINT32, &v), path, "writing an attribute");
+  write_attr_scalar(obj, name, H5T_STD_U32LE, H5T_NATIVE_UINT32, &v, path);
 }
 
 // Fixed-length UTF-8 string: no global heap, so with the 1.8+ file format every byte of
