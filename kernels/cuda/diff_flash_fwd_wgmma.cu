@@ -1,0 +1,242 @@
+// Fused differential flash-attention forward on Hopper warpgroup MMAs (wgmma, sm_90a).
+// Same contract as diff_flash_fwd.cu's kernels (diff_flash.h); diff_flash_forward picks this
+// one on compute capability 9.x devices when the build includes sm_90a.
+//
+// Design: a CTA owns BM = 64 query rows of one differential head and has two warpgroups,
+// one per softmax map. Warpgroup j computes S_j = Q_j K_j^T for the CTA's rows (wgmma, both
+// operands from shared memory), runs its own online softmax, and accumulates
+// O_j = P_j V over the whole 2dh-wide V (P_j from registers, V from shared memory). The maps'
+// softmaxes are independent, so the warpgroups never exchange anything inside the loop; they
+// share every K/V tile load, and meet once in the epilogue: warpgroup 2 hands O2/l2 over
+// through shared memory, warpgroup 1 writes O = O1/l1 - lambda O2/l2 (and warpgroup 2 the
+// optional O2n). K/V tiles are double-buffered with cp.async, diagonal tile first.
+#include <cstdlib>
+#include <cstring>
+
+#include "core/error.h"
+#include "kernels/cuda/diff_flash.cuh"
+#include "kernels/cuda/diff_flash_wgmma.h"
+#include "kernels/cuda/wgmma.cuh"
+
+#ifndef DIFF_FLASH_WG64_MIN_BLOCKS
+#define DIFF_FLASH_WG64_MIN_BLOCKS 2  // dh 64: CTAs per SM the registers are budgeted for
+#endif
+
+namespace difftron::cuda {
+namespace flash {
+
+template <int DH>
+struct WgFwdCfg {
+  static constexpr int THREADS = 256;          // two warpgroups: map 1, map 2
+  static constexpr int BM = 64, BN = 64;       // query rows per CTA, keys per tile
+  static constexpr int ROW = 2 * DH;           // bf16 per global row: q (both maps), k, v
+  static constexpr int GROUPS = ROW / 64;      // Tile<64> column groups per row
+  static constexpr int TILE_Q = BM * ROW * 2;  // bytes; map j's groups: j * DH / 64 ...
+  static constexpr int TILE_K = BN * ROW * 2, TILE_V = BN * ROW * 2;
+  static constexpr int OFF_Q = 0, OFF_K = TILE_Q, OFF_V = OFF_K + 2 * TILE_K;
+  static constexpr int SMEM = OFF_V + 2 * TILE_V + 1024;  // + 1024: base alignment slack
+  static constexpr int MIN_BLOCKS = DH == 64 ? DIFF_FLASH_WG64_MIN_BLOCKS : 1;
+  // the epilogue's O2/l2 hand-over (f32, BM x 2dh) reuses the K/V buffers
+  static_assert(BM * ROW * 4 <= 2 * (TILE_K + TILE_V), "hand-over must fit in the K/V buffers");
+};
+
+// Rows [row0, row0 + R) of a [*, COLS] slice of a global matrix into COLS / 64 Tile<64>
+// column groups (group c at byte offset c * R * 128); rows >= n_rows are zero-filled.
+template <int R, int COLS, int THREADS>
+__device__ __forceinline__ void load_groups(uint32_t dst, const bf16* src, int64_t row_stride,
+                                            int row0, int n_rows, int tid) {
+  constexpr int CH = COLS / 8, TOTAL = R * CH;
+  static_assert(TOTAL % THREADS == 0, "tile chunks must divide evenly among threads");
+#pragma unroll
+  for (int x = 0; x < TOTAL / THREADS; ++x) {
+    const int idx = x * THREADS + tid, r = idx / CH, c = idx % CH;
+    const int row = row0 + r;
+    const bool ok = row < n_rows;
+    const bf16* ptr = src + static_cast<int64_t>(ok ? row : 0) * row_stride + c * 8;
+    cp_async_16(dst + (c >> 3) * R * 128 + Tile<64>::off(r, c & 7), ptr, ok ? 16 : 0);
+  }
+}
+
+template <int DH>
+__global__ void __launch_bounds__(WgFwdCfg<DH>::THREADS, WgFwdCfg<DH>::MIN_BLOCKS)
+    diff_flash_fwd_wgmma_kernel(const FwdParams p) {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  namespace w = wgmma;
+  using C = WgFwdCfg<DH>;
+  constexpr int NT = C::BN / 8;   // score n-tiles
+  constexpr int OT = C::ROW / 8;  // output n-tiles (2dh columns)
+  extern __shared__ __align__(128) uint8_t smem_raw[];
+  // wgmma's 128-byte swizzle is anchored to 1024-byte boundaries
+  uint8_t* smem = smem_raw + ((1024 - (smem_addr(smem_raw) & 1023)) & 1023);
+  const uint32_t sb = smem_addr(smem);
+  const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+  const int map = warp >> 2, wl = warp & 3;  // warpgroup = map; warp within the warpgroup
+  const int g = lane >> 2, t4 = lane & 3;
+  const int b = grid_head() / p.h, hd = grid_head() % p.h, kvg = hd / p.group;
+  const int q0 = (grid_tiles() - 1 - grid_tile()) * C::BM;
+  const int S = p.S;
+  const int64_t q_rs = int64_t(p.h) * C::ROW, kv_rs = int64_t(p.h_kv) * C::ROW;
+  const bf16* qg = p.q + (int64_t(b) * S * p.h + hd) * C::ROW;
+  const bf16* kg = p.k + (int64_t(b) * S * p.h_kv + kvg) * C::ROW;
+  const bf16* vg = p.v + (int64_t(b) * S * p.h_kv + kvg) * C::ROW;
+  const int kv_end = min(q0 + C::BM, S);
+  const int n_kt = (kv_end + C::BN - 1) / C::BN;
+
+  load_groups<C::BM, C::ROW, C::THREADS>(sb + C::OFF_Q, qg, q_rs, q0, S, tid);
+  load_groups<C::BN, C::ROW, C::THREADS>(sb + C::OFF_K, kg, kv_rs, (n_kt - 1) * C::BN, S, tid);
+  load_groups<C::BN, C::ROW, C::THREADS>(sb + C::OFF_V, vg, kv_rs, (n_kt - 1) * C::BN, S, tid);
+  cp_async_commit();
+
+  float o[OT][4];
+#pragma unroll
+  for (int n = 0; n < OT; ++n)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) o[n][e] = 0.f;
+  float m[2] = {-INFINITY, -INFINITY}, l[2] = {0.f, 0.f};
+  const int row0 = q0 + wl * 16;  // this warp's first query row
+  const uint32_t sQ = sb + C::OFF_Q + map * (DH / 64) * C::BM * 128;
+
+  for (int it = 0; it < n_kt; ++it) {
+    const int kt = n_kt - 1 - it, st = it & 1;
+    cp_async_wait<0>();
+    w::fence_proxy_async();
+    __syncthreads();  // tile kt landed; every warpgroup is done with the other buffer
+    if (it + 1 < n_kt) {
+      load_groups<C::BN, C::ROW, C::THREADS>(sb + C::OFF_K + (st ^ 1) * C::TILE_K, kg, kv_rs,
+                                             (kt - 1) * C::BN, S, tid);
+      load_groups<C::BN, C::ROW, C::THREADS>(sb + C::OFF_V + (st ^ 1) * C::TILE_V, vg, kv_rs,
+                                             (kt - 1) * C::BN, S, tid);
+    }
+    cp_async_commit();
+    const uint32_t sK = sb + C::OFF_K + st * C::TILE_K + map * (DH / 64) * C::BN * 128;
+    const uint32_t sV = sb + C::OFF_V + st * C::TILE_V;
+
+    float s[NT][4];
+    w::fence();
+#pragma unroll
+    for (int kk = 0; kk < DH / 16; ++kk)
+      w::wgmma_ss<0, 0>(s, w::kmajor_desc(sQ + (kk >> 2) * C::BM * 128, kk & 3),
+                        w::kmajor_desc(sK + (kk >> 2) * C::BN * 128, kk & 3), kk > 0);
+    w::commit();
+    w::wait<0>();
+    w::fence_regs(s);
+
+    const int k0 = kt * C::BN;
+    if (k0 + C::BN - 1 > row0) causal_mask(s, k0, row0, lane);
+    float alpha[2];
+    uint32_t pf[NT][2];
+    softmax_step(s, p.scale_log2, m, l, alpha, pf);
+#pragma unroll
+    for (int n = 0; n < OT; ++n) {
+      o[n][0] *= alpha[0];
+      o[n][1] *= alpha[0];
+      o[n][2] *= alpha[1];
+      o[n][3] *= alpha[1];
+    }
+    w::fence_regs(o);
+    w::fence();
+#pragma unroll
+    for (int kk = 0; kk < C::BN / 16; ++kk) {
+      const uint32_t a[4] = {pf[2 * kk][0], pf[2 * kk][1], pf[2 * kk + 1][0], pf[2 * kk + 1][1]};
+      w::wgmma_rs<1>(o, a, w::mnmajor_desc(sV, C::BN * 128, kk), 1);
+    }
+    w::commit();
+    w::wait<0>();
+    w::fence_regs(o);
+  }
+
+#pragma unroll
+  for (int hh = 0; hh < 2; ++hh) {
+    l[hh] += __shfl_xor_sync(0xffffffffu, l[hh], 1);
+    l[hh] += __shfl_xor_sync(0xffffffffu, l[hh], 2);
+  }
+  const float inv[2] = {l[0] > 0.f ? 1.f / l[0] : 0.f, l[1] > 0.f ? 1.f / l[1] : 0.f};
+#pragma unroll
+  for (int hh = 0; hh < 2; ++hh) {
+    const int row = row0 + g + 8 * hh;
+    if (t4 == 0 && row < S)
+      p.lse[(int64_t(b * p.h + hd) * 2 + map) * S + row] = (m[hh] + __log2f(l[hh])) * kLn2;
+  }
+
+  // Epilogue: warpgroup 2 hands O2n = O2/l2 to warpgroup 1 in its accumulator layout (both
+  // hold the same (row, column) in the same lane: 16-byte, conflict-free), over the K/V buffers.
+  const int64_t out_off = (int64_t(b) * S * p.h + hd) * C::ROW;
+  float4* xo = reinterpret_cast<float4*>(smem + C::OFF_K) + wl * OT * 32 + lane;
+  __syncthreads();  // every warpgroup is done reading K/V
+  if (map == 1) {
+#pragma unroll
+    for (int n = 0; n < OT; ++n)
+      xo[n * 32] = make_float4(o[n][0] * inv[0], o[n][1] * inv[0], o[n][2] * inv[1],
+                               o[n][3] * inv[1]);
+    if (p.o2) {
+#pragma unroll
+      for (int hh = 0; hh < 2; ++hh) {
+        const int row = row0 + g + 8 * hh;
+        if (row >= S) continue;
+        bf16* orow = p.o2 + out_off + int64_t(row) * q_rs + 2 * t4;
+#pragma unroll
+        for (int n = 0; n < OT; ++n)
+          *reinterpret_cast<uint32_t*>(orow + n * 8) =
+              pack_bf16(o[n][2 * hh] * inv[hh], o[n][2 * hh + 1] * inv[hh]);
+      }
+    }
+  }
+  __syncthreads();
+  if (map == 0) {
+    const float lam = *p.lambda;
+#pragma unroll
+    for (int hh = 0; hh < 2; ++hh) {
+      const int row = row0 + g + 8 * hh;
+      if (row >= S) continue;
+      bf16* orow = p.out + out_off + int64_t(row) * q_rs + 2 * t4;
+#pragma unroll
+      for (int n = 0; n < OT; ++n) {
+        const float4 x = xo[n * 32];
+        const float x0 = hh ? x.z : x.x, x1 = hh ? x.w : x.y;
+        *reinterpret_cast<uint32_t*>(orow + n * 8) =
+            pack_bf16(o[n][2 * hh] * inv[hh] - lam * x0, o[n][2 * hh + 1] * inv[hh] - lam * x1);
+      }
+    }
+  }
+#endif
+}
+
+}  // namespace flash
+
+bool diff_flash_wgmma_enabled() {
+#if DIFFTRON_WGMMA
+  const char* env = std::getenv("DIFFTRON_FLASH_WGMMA");
+  if (env && std::strcmp(env, "0") == 0) return false;
+  int dev = 0, major = 0;
+  return cudaGetDevice(&dev) == cudaSuccess &&
+         cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) == cudaSuccess &&
+         major == 9;
+#else
+  return false;
+#endif
+}
+
+namespace {
+template <int DH>
+void launch_fwd_wgmma(const DiffFlashDims& d, const flash::FwdParams& p, cudaStream_t stream) {
+  using C = flash::WgFwdCfg<DH>;
+  auto kernel = flash::diff_flash_fwd_wgmma_kernel<DH>;
+  cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, C::SMEM);
+  if (e != cudaSuccess)
+    throw_error("diff_flash: cannot give the wgmma forward kernel ", C::SMEM,
+                " bytes of shared memory: ", cudaGetErrorString(e));
+  const dim3 grid = flash::tile_grid(int((d.S + C::BM - 1) / C::BM), int(d.B * d.h));
+  kernel<<<grid, C::THREADS, C::SMEM, stream>>>(p);
+  flash::check_launch("wgmma forward");
+}
+}  // namespace
+
+void diff_flash_forward_wgmma(const DiffFlashDims& d, const flash::FwdParams& p,
+                              cudaStream_t stream) {
+  if (d.dh == 64)
+    launch_fwd_wgmma<64>(d, p, stream);
+  else
+    launch_fwd_wgmma<128>(d, p, stream);
+}
+
+}  // namespace difftron::cuda

@@ -1,0 +1,22 @@
+// Internal entry points of the Hopper (wgmma, sm_90a) fused attention kernels, used by the
+// host API in diff_flash_fwd.cu / diff_flash_bwd.cu (public API: diff_flash.h).
+#pragma once
+#include <cuda_runtime.h>
+
+#include "kernels/cuda/diff_flash.h"
+
+namespace difftron::cuda {
+namespace flash {
+struct FwdParams;
+}
+
+// True when this build has the sm_90a kernels, the current device has compute capability 9.x,
+// and the environment variable DIFFTRON_FLASH_WGMMA is not "0" (which selects the mma.sync
+// kernels, e.g. to compare the two in one benchmark run). Read on every call.
+bool diff_flash_wgmma_enabled();
+
+// The forward on wgmma; same contract as diff_flash_forward (dims already checked).
+void diff_flash_forward_wgmma(const DiffFlashDims& d, const flash::FwdParams& p,
+                              cudaStream_t stream);
+
+}  // namespace difftron::cuda
