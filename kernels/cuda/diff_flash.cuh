@@ -12,12 +12,17 @@
 //           delta = dO . O = D1 - lambda D2'        =>  D1 = delta + lambda D2'
 //           dS_1 = P_1 o (dP - D1),   dS_2 = -lambda P_2 o (dP - D2')
 //           dQ_j = s dS_j K_j,  dK_j = s dS_j^T Q_j,  dV = (P_1 - lambda P_2)^T dO   (one product)
-//           dlambda = -sum over rows (b, i, t) of D2'
-// The forward saves only O and the two lse (kernels/ops.h), so D2' (which needs O2n alone) is
-// recomputed in the backward: the dQ kernel runs a first pass over the key tiles computing
-// S_2 and dP (6 dh FLOP per query-key pair), then D1 from delta. Executed MMA work per
-// (query, key) pair: forward 12 dh FLOP (2 QK maps of dh, 2 PV over 2dh), backward 34 dh
-// (dQ kernel: 6 for D2' + 12 for dQ; dK/dV kernel 16), the minimum being 20 dh if O2n were saved.
+//           dlambda = -sum over (b, i, t, u) of P_2 o dP     (= -sum over rows of D2')
+// The forward saves O, the two lse and, optionally (kernels/ops.h `saved`, kept by default in
+// training), O2n in bf16. With O2n, D2' = dO . O2n (bf16 inputs, f32 sum; like the D term
+// FlashAttention takes from its bf16 O); without it the dQ kernel recomputes D2' in a first
+// pass over the key tiles computing S_2 and dP (6 dh FLOP per query-key pair); D1 follows from
+// delta. D2' only enters dS_2 and D1. dlambda never uses it: the dK/dV kernel, which recomputes
+// P_2 and dP per tile anyway, sums P_2 o dP from those f32 values (each query-key pair once),
+// one partial per CTA, so dlambda is equally accurate in both modes (summed from the bf16 O2n
+// it was 2e-3..5e-2 off, docs/PERFORMANCE.md). Executed MMA work per (query, key) pair:
+// forward 12 dh FLOP (2 QK maps of dh, 2 PV over 2dh), backward 34 dh without O2n (dQ kernel:
+// 6 for D2' + 12 for dQ; dK/dV kernel 16), 28 dh with it; the minimum is 20 dh.
 //
 // ---- Kernel design ------------------------------------------------------------------------
 // mma.sync m16n8k16 (bf16 in, f32 accumulate), ldmatrix from XOR-swizzled shared memory,
@@ -340,11 +345,11 @@ struct FwdParams {
 
 struct BwdParams {
   const bf16 *q, *k, *v, *out, *dout;
-  const bf16* o2;   // optional saved O2n: D2' = dO . O2n directly, no pass A
+  const bf16* o2;   // optional saved O2n: D2' = dO . O2n directly, no pass A (not dlambda)
   const float *lambda, *lse;
   bf16 *dq, *dk, *dv;
   float* D;         // [B, h, 2, S]: D1, D2'
-  float* dlam_part; // one partial sum of D2' per dQ CTA
+  float* dlam_part; // one partial sum of P_2 o dP per dK/dV CTA (linear block id), f32
   float* dlambda;
   int S, h, h_kv, group;
   float scale, scale_log2;

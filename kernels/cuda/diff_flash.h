@@ -22,7 +22,7 @@ bool diff_flash_supported(const DiffFlashDims& d, std::string* why = nullptr);
 
 // out = (A1 - lambda A2) V per differential head and lse of both maps (natural log).
 // o2 (optional, layout of out): also writes O2n = A2 V, which lets the backward skip
-// recomputing dO . O2n (the forward's saved state in kernels/ops.h has no room for it).
+// recomputing dO . O2n (the CUDA backend keeps it in the op's `saved` state, kernels/ops.h).
 // Throws difftron::Error for unsupported dims, misaligned pointers or a failed launch.
 void diff_flash_forward(const DiffFlashDims& d, const __nv_bfloat16* q, const __nv_bfloat16* k,
                         const __nv_bfloat16* v, const float* lambda, __nv_bfloat16* out,
@@ -31,9 +31,11 @@ void diff_flash_forward(const DiffFlashDims& d, const __nv_bfloat16* q, const __
 // Bytes of device scratch diff_flash_backward needs for these dims (16-byte aligned start).
 size_t diff_flash_backward_workspace_bytes(const DiffFlashDims& d);
 
-// dq, dk, dv (bf16, overwritten) and dlambda[0] (f32, overwritten) = -sum_rows dO . O2/l2.
-// Deterministic: every reduction runs in a fixed order, no atomics. o2: the forward's optional
-// O2n output (null: recomputed, one extra pass over the key tiles in the dQ kernel).
+// dq, dk, dv (bf16, overwritten) and dlambda[0] (f32, overwritten) = -sum P_2 o (dO V^T) over
+// all query-key pairs (= -sum_rows dO . O2n), summed in f32 from the dK/dV kernel's recomputed
+// P_2 and dP whether or not o2 is given. Deterministic: every reduction runs in a fixed order,
+// no atomics. o2: the forward's optional O2n output, used for D2' = dO . O2n in dS_2 (null:
+// recomputed, one extra pass over the key tiles in the dQ kernel).
 void diff_flash_backward(const DiffFlashDims& d, const __nv_bfloat16* q, const __nv_bfloat16* k,
                          const __nv_bfloat16* v, const float* lambda, const __nv_bfloat16* out,
                          const float* lse, const __nv_bfloat16* dout, __nv_bfloat16* dq,

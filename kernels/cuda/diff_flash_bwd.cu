@@ -1,9 +1,10 @@
 // Fused differential flash-attention backward (issue 4), deterministic (fixed-order sums, no
-// atomics): (1) a query-major kernel that recomputes D2' = rowsum(P_2 o dP) in a first pass,
-// derives D1 = dO.O + lambda D2', writes both for (2), and accumulates dQ_1, dQ_2 in a second
-// pass; (2) a key-major kernel accumulating dK_1, dK_2 and dV over the query tiles of every
-// head of the K/V group; (3) a one-block sum of the per-CTA dlambda partials. Math and the
-// warp-pair design: diff_flash.cuh.
+// atomics): (1) a query-major kernel that takes D2' = rowsum(P_2 o dP) from the forward's
+// saved O2n (dO . O2n) or else recomputes it in a first pass, derives D1 = dO.O + lambda D2',
+// writes both for (2), and accumulates dQ_1, dQ_2 in a second pass; (2) a key-major kernel
+// accumulating dK_1, dK_2 and dV over the query tiles of every head of the K/V group, and the
+// CTA's partial sum of P_2 o dP for dlambda (f32, from its recomputed tiles, never from O2n);
+// (3) a one-block sum of those per-CTA partials. Math and the warp-pair design: diff_flash.cuh.
 #include <cmath>
 #include <string>
 
@@ -12,6 +13,24 @@
 
 namespace difftron::cuda {
 namespace flash {
+
+// Writes the CTA's partial of dlambda's sum P_2 o dP (this thread's share in v) to
+// part[linear block id]: a fixed shuffle tree per warp, then thread 0 adds warps w0..WARPS-1 in
+// order (deterministic). red: WARPS floats of shared memory that no thread uses any more (the
+// caller synchronises before); every thread of the CTA must call it.
+template <int WARPS>
+__device__ __forceinline__ void store_dlambda_partial(float v, int w0, float* red, float* part) {
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+  if (lane == 0) red[warp] = v;
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    float sum = 0.f;
+    for (int w = w0; w < WARPS; ++w) sum += red[w];
+    part[int64_t(blockIdx.y) * gridDim.x + blockIdx.x] = sum;
+  }
+}
 
 // ---- dQ, D1, D2' ------------------------------------------------------------------------
 // Grid: x = b * h + head, y = query tile (longest first). Key-split pairs: warp (pair, half)
@@ -27,7 +46,6 @@ __global__ void __launch_bounds__(DqCfg<DH>::THREADS, DqCfg<DH>::MIN_BLOCKS)
   extern __shared__ __align__(128) uint8_t smem[];
   const uint32_t sb = smem_addr(smem);
   float2* xr = reinterpret_cast<float2*>(smem + C::OFF_XR);
-  float* red = reinterpret_cast<float*>(smem + C::OFF_RED);
 
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
   const int pair = warp % C::WM, half = warp / C::WM, partner = half ? pair : pair + C::WM;
@@ -104,23 +122,14 @@ __global__ void __launch_bounds__(DqCfg<DH>::THREADS, DqCfg<DH>::MIN_BLOCKS)
   const int kb = half * (C::BN / 2);                              // this warp's keys in a tile
   float acc[2] = {0.f, 0.f};  // pass A: partial rowsum(P_2 o dP) over this warp's keys
   float D1[2] = {0.f, 0.f}, D2[2] = {0.f, 0.f};
-  // D1 = delta + lambda D2'; D goes out for the dK/dV kernel, sum D2' for dlambda
+  // D1 = delta + lambda D2'; both go out for the dK/dV kernel (dlambda does not use D2': the
+  // dK/dV kernel sums P_2 o dP itself)
   auto finish_d = [&]() {
-    float part = 0.f;
 #pragma unroll
     for (int hh = 0; hh < 2; ++hh) {
       D1[hh] = fmaf(lam, D2[hh], delta[hh]);
       const int row = row0 + g + 8 * hh;
-      if (row < S) {
-        if (t4 == 0) p.D[(bh * 2 + half) * S + row] = half ? D2[hh] : D1[hh];
-        part += D2[hh];
-      }
-    }
-    if (half == 1) {
-      part = t4 == 0 ? part : 0.f;
-#pragma unroll
-      for (int o = 16; o > 0; o >>= 1) part += __shfl_xor_sync(0xffffffffu, part, o);
-      if (lane == 0) red[pair] = part;
+      if (row < S && t4 == 0) p.D[(bh * 2 + half) * S + row] = half ? D2[hh] : D1[hh];
     }
   };
   // one step of the K/V pipeline: waits for iteration it's tile, prefetches it + 1's; returns
@@ -312,16 +321,14 @@ __global__ void __launch_bounds__(DqCfg<DH>::THREADS, DqCfg<DH>::MIN_BLOCKS)
       *reinterpret_cast<uint32_t*>(drow + n * 8) = pack_bf16(x0 * p.scale, x1 * p.scale);
     }
   }
-  __syncthreads();
-  if (tid == 0) {
-    float sum = 0.f;
-    for (int w = 0; w < C::WM; ++w) sum += red[w];
-    p.dlam_part[int64_t(blockIdx.y) * gridDim.x + blockIdx.x] = sum;  // any fixed order
-  }
 }
 
 // ---- dK, dV -----------------------------------------------------------------------------
 // Grid: x = b * h_kv + group, y = key tile (first tiles see the most queries: launched first).
+// Map-split pairs: warp (pair, map) computes S^T_map of the pair's 16 keys and half of dP^T's
+// 2dh contraction; the partner's half of dP^T and its P_map come through shared memory. The
+// dlambda partial: the P_2 warps (map == 1) sum P_2 o dP (f32 P_2, full f32 dP) over every
+// query tile of every head of the group; each (query, key) product is counted there once.
 template <int DH>
 __global__ void __launch_bounds__(DkvCfg<DH>::THREADS, DkvCfg<DH>::MIN_BLOCKS)
     diff_flash_dkdv_kernel(const BwdParams p) {
@@ -377,6 +384,8 @@ __global__ void __launch_bounds__(DkvCfg<DH>::THREADS, DkvCfg<DH>::MIN_BLOCKS)
   for (int n = 0; n < KT; ++n)
 #pragma unroll
     for (int e = 0; e < 4; ++e) dk[n][e] = dv[n][e] = 0.f;
+  // this thread's sum of P_map o dP; only the P_2 warps' (map == 1) sums are used
+  float dlam = 0.f;
 
   for (int it = 0; it < n_it; ++it) {
     const int st = it & 1;
@@ -460,16 +469,23 @@ __global__ void __launch_bounds__(DkvCfg<DH>::THREADS, DkvCfg<DH>::MIN_BLOCKS)
     pair_barrier(pair);
 
     // dS^T_map = coef P_map o (dP - D_map[t]) as bf16 A fragments; dP = own + partner's half
-    // (the same sum in both warps: float addition commutes)
+    // (the same sum in both warps: float addition commutes). dlam += P_map o dP (both f32;
+    // masked entries have P = 0); the P_1 warps' (map == 0) sums are discarded, no branch
     uint32_t dsw[NT][2];
 #pragma unroll
     for (int n = 0; n < NT; ++n) {
       const float4 w = xd[(partner * NT + n) * 32 + lane];
       const float2 dd = *reinterpret_cast<const float2*>(d_row + n * 8 + 2 * t4);
-      const float d0 = coef * s[n][0] * (dp[n][0] + w.x - dd.x);
-      const float d1 = coef * s[n][1] * (dp[n][1] + w.y - dd.y);
-      const float d2 = coef * s[n][2] * (dp[n][2] + w.z - dd.x);
-      const float d3 = coef * s[n][3] * (dp[n][3] + w.w - dd.y);
+      const float f0 = dp[n][0] + w.x, f1 = dp[n][1] + w.y;
+      const float f2 = dp[n][2] + w.z, f3 = dp[n][3] + w.w;
+      dlam = fmaf(s[n][0], f0, dlam);
+      dlam = fmaf(s[n][1], f1, dlam);
+      dlam = fmaf(s[n][2], f2, dlam);
+      dlam = fmaf(s[n][3], f3, dlam);
+      const float d0 = coef * s[n][0] * (f0 - dd.x);
+      const float d1 = coef * s[n][1] * (f1 - dd.y);
+      const float d2 = coef * s[n][2] * (f2 - dd.x);
+      const float d3 = coef * s[n][3] * (f3 - dd.y);
       dsw[n][0] = pack_bf16(d0, d1);
       dsw[n][1] = pack_bf16(d2, d3);
     }
@@ -515,12 +531,19 @@ __global__ void __launch_bounds__(DkvCfg<DH>::THREADS, DkvCfg<DH>::MIN_BLOCKS)
       *reinterpret_cast<uint32_t*>(vrow + n * 8) = pack_bf16(dv[n][2 * hh], dv[n][2 * hh + 1]);
     }
   }
+  // the CTA's dlambda partial: the P_2 warps (WM..WARPS-1) in order, through the (now idle)
+  // exchange slots once every warp has left the loop
+  __syncthreads();
+  store_dlambda_partial<C::WARPS>(dlam, C::WM, reinterpret_cast<float*>(smem + C::OFF_XD),
+                                  p.dlam_part);
 }
 
 // ---- dK, dV: query-split pairs (dh 64) -----------------------------------------------------
 // Grid as above. Warp (pair, half) owns the pair's 16 keys and queries [half * BM/2,
 // (half + 1) * BM/2) of every query tile, for both maps (S_1^T, S_2^T, dP^T over the full 2dh):
-// no per-tile exchange; the two halves' dK_1, dK_2, dV partials meet once at the end.
+// no per-tile exchange; the two halves' dK_1, dK_2, dV partials meet once at the end. Every
+// warp sums P_2 o dP (f32) over its own queries for the CTA's dlambda partial (the halves'
+// queries are disjoint: each (query, key) product is counted once).
 template <int DH>
 __global__ void __launch_bounds__(DkvQCfg<DH>::THREADS, DkvQCfg<DH>::MIN_BLOCKS)
     diff_flash_dkdv_qsplit_kernel(const BwdParams p) {
@@ -577,6 +600,7 @@ __global__ void __launch_bounds__(DkvQCfg<DH>::THREADS, DkvQCfg<DH>::MIN_BLOCKS)
   for (int n = 0; n < VT; ++n)
 #pragma unroll
     for (int e = 0; e < 4; ++e) dv[n][e] = 0.f;
+  float dlam = 0.f;  // this thread's sum of P_2 o dP (dlambda)
 
   for (int it = 0; it < n_it; ++it) {
     const int st = it & 1;
@@ -643,6 +667,7 @@ __global__ void __launch_bounds__(DkvQCfg<DH>::THREADS, DkvQCfg<DH>::MIN_BLOCKS)
         float p2 = fast_exp2(fmaf(s2[n][e], p.scale_log2, -(odd ? l2.y : l2.x) * kLog2e));
         const int col = t0 + c + (e & 1), row = krow0 + g + 8 * (e >> 1);
         if (masked && (col < row || col >= S)) p1 = p2 = 0.f;
+        dlam = fmaf(p2, dp[n][e], dlam);
         d1[e] = p1 * (dp[n][e] - (odd ? e1.y : e1.x));
         d2[e] = -lam * p2 * (dp[n][e] - (odd ? e2.y : e2.x));
         pc[e] = fmaf(-lam, p2, p1);
@@ -681,8 +706,11 @@ __global__ void __launch_bounds__(DkvQCfg<DH>::THREADS, DkvQCfg<DH>::MIN_BLOCKS)
   }
 
   // the halves' partials meet through the (now idle) Q/dO buffers: half 0 finishes dK_1 and
-  // dV[:, :dh], half 1 dK_2 and dV[:, dh:]; each hands over the other's share
+  // dV[:, :dh], half 1 dK_2 and dV[:, dh:]; each hands over the other's share. First the
+  // CTA's dlambda partial (all warps in order), through the (now idle) statistics rows.
   __syncthreads();
+  store_dlambda_partial<C::WARPS>(dlam, 0, reinterpret_cast<float*>(smem + C::OFF_ST),
+                                  p.dlam_part);
   constexpr int SLOT = KT + VT / 2;
   float4* xo = reinterpret_cast<float4*>(smem + C::OFF_Q);
 #pragma unroll
@@ -722,7 +750,8 @@ __global__ void __launch_bounds__(DkvQCfg<DH>::THREADS, DkvQCfg<DH>::MIN_BLOCKS)
   }
 }
 
-// dlambda[0] = -(sum of the per-CTA partials of D2'), one block, fixed order.
+// dlambda[0] = -(sum of the dK/dV kernel's per-CTA partials of P_2 o dP), one block, fixed
+// order.
 __global__ void diff_flash_dlambda_kernel(const float* part, int n, float* dlambda) {
   __shared__ float sh[256];
   float v = 0.f;
@@ -743,9 +772,16 @@ constexpr size_t kAlign = 256;
 size_t round_up(size_t x) { return (x + kAlign - 1) / kAlign * kAlign; }
 
 size_t d_bytes(const DiffFlashDims& d) { return round_up(size_t(d.B * d.h * 2 * d.S) * 4); }
-int64_t dq_ctas(const DiffFlashDims& d) {
-  const int bm = d.dh == 64 ? flash::DqCfg<64>::BM : flash::DqCfg<128>::BM;
-  return d.B * d.h * ((d.S + bm - 1) / bm);
+// Key rows per CTA of the dK/dV kernel launch_bwd runs for this head_dim.
+constexpr int dkv_bn(int64_t dh) {
+  return dh != 64                 ? flash::DkvCfg<128>::BN
+         : DIFF_FLASH_DKV64_QSPLIT ? flash::DkvQCfg<64>::BN
+                                   : flash::DkvCfg<64>::BN;
+}
+// dK/dV CTAs = dlambda partials (one each).
+int64_t dkv_ctas(const DiffFlashDims& d) {
+  const int bn = dkv_bn(d.dh);
+  return d.B * d.h_kv * ((d.S + bn - 1) / bn);
 }
 
 template <typename K>
@@ -765,6 +801,7 @@ void launch_bwd(const DiffFlashDims& d, const flash::BwdParams& p, cudaStream_t 
   flash::check_launch("backward dQ");
   auto launch_dkdv = [&](auto kernel, auto cfg) {
     using KV = decltype(cfg);
+    static_assert(KV::BN == dkv_bn(DH), "dkv_bn must match the launched dK/dV kernel");
     set_smem(kernel, KV::SMEM, "dK/dV");
     const dim3 gkv = flash::tile_grid(int((d.S + KV::BN - 1) / KV::BN), int(d.B * d.h_kv));
     kernel<<<gkv, KV::THREADS, KV::SMEM, stream>>>(p);
@@ -774,13 +811,14 @@ void launch_bwd(const DiffFlashDims& d, const flash::BwdParams& p, cudaStream_t 
     launch_dkdv(flash::diff_flash_dkdv_qsplit_kernel<DH>, flash::DkvQCfg<DH>{});
   else
     launch_dkdv(flash::diff_flash_dkdv_kernel<DH>, flash::DkvCfg<DH>{});
-  flash::diff_flash_dlambda_kernel<<<1, 256, 0, stream>>>(p.dlam_part, int(dq_ctas(d)), p.dlambda);
+  flash::diff_flash_dlambda_kernel<<<1, 256, 0, stream>>>(p.dlam_part, int(dkv_ctas(d)),
+                                                           p.dlambda);
   flash::check_launch("backward dlambda");
 }
 }  // namespace
 
 size_t diff_flash_backward_workspace_bytes(const DiffFlashDims& d) {
-  return d_bytes(d) + round_up(size_t(dq_ctas(d)) * 4);
+  return d_bytes(d) + round_up(size_t(dkv_ctas(d)) * 4);
 }
 
 void diff_flash_backward(const DiffFlashDims& d, const __nv_bfloat16* q, const __nv_bfloat16* k,
