@@ -778,7 +778,7 @@ constexpr int dkv_bn(int64_t dh) {
          : DIFF_FLASH_DKV64_QSPLIT ? flash::DkvQCfg<64>::BN
                                    : flash::DkvCfg<64>::BN;
 }
-// dK/dV CTAs = dlambda partials (one each).
+// dK/dV CTAs = dlambda partials (one each); the workspace holds this many.
 int64_t dkv_ctas(const DiffFlashDims& d) {
   const int bn = dkv_bn(d.dh);
   return d.B * d.h_kv * ((d.S + bn - 1) / bn);
@@ -799,6 +799,8 @@ void launch_bwd(const DiffFlashDims& d, const flash::BwdParams& p, cudaStream_t 
   const dim3 gq = flash::tile_grid(int((d.S + Q::BM - 1) / Q::BM), int(d.B * d.h));
   flash::diff_flash_dq_kernel<DH><<<gq, Q::THREADS, Q::SMEM, stream>>>(p);
   flash::check_launch("backward dQ");
+  // every dK/dV kernel writes one dlambda partial per CTA of its grid: n_part of them
+  int64_t n_part = 0;
   auto launch_dkdv = [&](auto kernel, auto cfg) {
     using KV = decltype(cfg);
     static_assert(KV::BN == dkv_bn(DH), "dkv_bn must match the launched dK/dV kernel");
@@ -806,13 +808,15 @@ void launch_bwd(const DiffFlashDims& d, const flash::BwdParams& p, cudaStream_t 
     const dim3 gkv = flash::tile_grid(int((d.S + KV::BN - 1) / KV::BN), int(d.B * d.h_kv));
     kernel<<<gkv, KV::THREADS, KV::SMEM, stream>>>(p);
     flash::check_launch("backward dK/dV");
+    n_part = int64_t(gkv.x) * gkv.y;
   };
   if constexpr (DH == 64 && DIFF_FLASH_DKV64_QSPLIT)
     launch_dkdv(flash::diff_flash_dkdv_qsplit_kernel<DH>, flash::DkvQCfg<DH>{});
   else
     launch_dkdv(flash::diff_flash_dkdv_kernel<DH>, flash::DkvCfg<DH>{});
-  flash::diff_flash_dlambda_kernel<<<1, 256, 0, stream>>>(p.dlam_part, int(dkv_ctas(d)),
-                                                           p.dlambda);
+  DT_CHECK(n_part > 0 && n_part <= dkv_ctas(d), "diff_flash: ", n_part,
+           " dlambda partials do not fit the workspace's ", dkv_ctas(d));
+  flash::diff_flash_dlambda_kernel<<<1, 256, 0, stream>>>(p.dlam_part, int(n_part), p.dlambda);
   flash::check_launch("backward dlambda");
 }
 }  // namespace
