@@ -154,6 +154,7 @@ Model::Model(const ModelConfig& config, Ops& ops, ModelPrecision precision, int6
     ops_.upload(ones_, one.data());
     ops_.upload(dummy_col_, col.data());
   }
+  keep_attention_state(true);  // the default: the backend's saved attention state (if any)
 }
 
 void Model::keep_attention_state(bool on) {
@@ -161,6 +162,7 @@ void Model::keep_attention_state(bool on) {
     const int64_t n = on && L.q.defined() && cfg_.attention == AttentionKind::Differential
                           ? ops_.diff_attention_saved_numel(L.q)
                           : 0;
+    if (n > 0 && L.attn_saved.defined() && L.attn_saved.numel() == n) continue;  // kept already
     L.attn_saved = n > 0 ? ops_.empty({n}, DType::BF16) : Tensor();
   }
 }

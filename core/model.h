@@ -112,9 +112,10 @@ class Model {
 
   // Lets the backend keep its saved attention state between forward and backward (the fused
   // CUDA kernels keep O2n in bf16: about 15% off the attention backward, one more [N, q_dim]
-  // bf16 activation per layer). Off by default: with it, dlambda is computed from the bf16
-  // O2n and its error against the reference grows (measured 2e-3 to 5e-2 relative on small
-  // random cases, docs/PERFORMANCE.md), while dq, dk, dv are unchanged.
+  // bf16 activation per layer; the CPU keeps nothing). On by default (the constructor turns it
+  // on); off saves that memory, and the backward then recomputes what it needs. The gradients
+  // agree to bf16 rounding either way (dlambda is summed from recomputed f32 values in both,
+  // docs/PERFORMANCE.md). Forward-only users (generation) may turn it off.
   void keep_attention_state(bool on);
 
   // Rows of logits the LM head computes at once for `rows` tokens and a (local) vocabulary of

@@ -1,14 +1,16 @@
 // The whole model on the GPU in bf16 mixed precision (ModelPrecision::cuda_mixed) against
 // the CPU f32 reference started from the same (bf16-rounded) weights: the loss and every
 // parameter gradient of one micro-batch, for the differential and the baseline model; the
-// loss curve of 20 AdamW steps; and two GPU runs with the same seed giving bit-identical
-// losses. Exits 77 (skipped) when no GPU is present.
+// loss curve of 20 AdamW steps; two GPU runs with the same seed giving bit-identical losses;
+// and the fused attention's kept state (Model::keep_attention_state, on by default) against
+// the path without it. Exits 77 (skipped) when no GPU is present.
 #include <gtest/gtest.h>
 
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <string>
 #include <vector>
 
 #include "core/config.h"
@@ -187,6 +189,61 @@ TEST_P(CudaModel, TrainingFollowsTheCpuAndRepeatsBitForBit) {
       << "two GPU runs with the same seed gave different losses";
   for (int64_t s = 0; s < kSteps; ++s)
     if (g1[s] != g2[s]) std::printf("  step %lld: %.17g vs %.17g\n", (long long)s, g1[s], g2[s]);
+}
+
+// head_dim 64, where the fused flash kernels run and the backend keeps O2n between forward
+// and backward: the default (kept) and keep_attention_state(false) (recomputed) both match the
+// CPU, and each other to bf16 rounding (D2' for dS_2 comes from the bf16 O2n or is recomputed;
+// dlambda is summed from recomputed f32 values either way; the forward's O is the same).
+TEST(CudaModelAttentionState, KeptAndRecomputedMatchTheCpu) {
+  skip_without_gpu();
+  auto gpu_ops = make_cuda_ops(0);
+  auto cpu_ops = make_cpu_ops();
+  ModelConfig cfg = tiny_config(AttentionKind::Differential);
+  cfg.head_dim = 64;
+  Model kept(cfg, *gpu_ops, ModelPrecision::cuda_mixed(), kB, kS);  // the default: kept
+  Model recomputed(cfg, *gpu_ops, ModelPrecision::cuda_mixed(), kB, kS);
+  recomputed.keep_attention_state(false);
+  Model cpu(cfg, *cpu_ops, ModelPrecision::uniform(DType::F32), kB, kS);
+  kept.init_weights(7);
+  recomputed.init_weights(7);
+  copy_weights(kept, cpu);
+  Rng rng(13);
+  Batch b = make_batch(rng, cfg.vocab_size);
+  double loss[3];
+  Model* models[3] = {&kept, &recomputed, &cpu};
+  for (int m = 0; m < 3; ++m) {
+    models[m]->zero_grads();
+    loss[m] = models[m]->forward_backward(b.tokens.data(), b.targets.data(), kB, kS);
+  }
+  std::printf("loss kept %.6f recomputed %.6f cpu %.6f\n", loss[0], loss[1], loss[2]);
+  EXPECT_NEAR(loss[0], loss[1], 1e-5 * loss[2]);
+  EXPECT_NEAR(loss[0], loss[2], 2e-3 * loss[2]);
+  std::vector<double> all[3];
+  for (size_t i = 0; i < kept.params().size(); ++i) {
+    const std::string& name = kept.params()[i].name;
+    std::vector<double> g[3];
+    for (int m = 0; m < 3; ++m) {
+      g[m] = host_values(models[m]->ops(), models[m]->params()[i].grad);
+      all[m].insert(all[m].end(), g[m].begin(), g[m].end());
+    }
+    const double e_kept = rel_err(g[0], g[2]), e_rec = rel_err(g[1], g[2]);
+    const double e_pair = rel_err(g[0], g[1]);
+    // the tolerances of LossAndEveryGradientMatchTheCpu
+    const double tol = name.find(".lambda_") != std::string::npos ? 1e-1 : 3e-2;
+    std::printf("  %-50s rel err kept %.2e recomputed %.2e kept-recomputed %.2e\n", name.c_str(),
+                e_kept, e_rec, e_pair);
+    EXPECT_LE(e_kept, tol) << name << " (kept)";
+    EXPECT_LE(e_rec, tol) << name << " (recomputed)";
+    EXPECT_LE(e_pair, tol) << name << " (kept vs recomputed)";
+  }
+  const double t_kept = rel_err(all[0], all[2]), t_rec = rel_err(all[1], all[2]);
+  const double t_pair = rel_err(all[0], all[1]);
+  std::printf("  all gradients: rel err kept %.2e recomputed %.2e kept-recomputed %.2e\n", t_kept,
+              t_rec, t_pair);
+  EXPECT_LE(t_kept, 1.5e-2);
+  EXPECT_LE(t_rec, 1.5e-2);
+  EXPECT_LE(t_pair, 1.5e-2);
 }
 
 INSTANTIATE_TEST_SUITE_P(Attention, CudaModel,

@@ -273,21 +273,22 @@ class Bench {
       Tensor dout = random({B, S, h, 2 * dh}, bf), dq = ops_.empty(q.shape(), bf);
       Tensor dk = ops_.empty(k.shape(), bf), dv = ops_.empty(vv.shape(), bf), dl = ops_.empty({1}, f32);
       const double fwd = 6.0 * B * h * double(S) * S * dh;
-      // through Ops (the fused flash kernels where they apply), then the simple SIMT path
-      // through Ops without and with the backend's saved state (the model keeps it)
+      // through Ops (the fused flash kernels where they apply) with the backend's saved state
+      // (the model's default, Model::keep_attention_state), then without it (train
+      // --keep_attention_state=false), then the simple SIMT path
       Tensor none, saved = ops_.empty({std::max<int64_t>(ops_.diff_attention_saved_numel(q), 1)}, bf);
-      double ms = time_ms([&] { ops_.diff_attention_forward(q, k, vv, lam, out, lse, none); }, attn_reps);
+      double ms = time_ms([&] { ops_.diff_attention_forward(q, k, vv, lam, out, lse, saved); }, attn_reps);
       row("diff_attention_forward", "B8 S2048 h8 kv8 dh128 (Ops)", ms, 0, fwd);
-      ms = time_ms([&] {
-        ops_.diff_attention_backward(q, k, vv, lam, out, lse, none, dout, dq, dk, dv, dl);
-      }, attn_reps);
-      row("diff_attention_backward", "B8 S2048 h8 kv8 dh128 (Ops)", ms, 0, 2.5 * fwd);
-      ms = time_ms([&] { ops_.diff_attention_forward(q, k, vv, lam, out, lse, saved); }, attn_reps);
-      row("diff_attention_forward", "same, keeping O2n (model)", ms, 0, fwd);
       ms = time_ms([&] {
         ops_.diff_attention_backward(q, k, vv, lam, out, lse, saved, dout, dq, dk, dv, dl);
       }, attn_reps);
-      row("diff_attention_backward", "same, using kept O2n (model)", ms, 0, 2.5 * fwd);
+      row("diff_attention_backward", "B8 S2048 h8 kv8 dh128 (Ops)", ms, 0, 2.5 * fwd);
+      ms = time_ms([&] { ops_.diff_attention_forward(q, k, vv, lam, out, lse, none); }, attn_reps);
+      row("diff_attention_forward", "same, keeping no O2n", ms, 0, fwd);
+      ms = time_ms([&] {
+        ops_.diff_attention_backward(q, k, vv, lam, out, lse, none, dout, dq, dk, dv, dl);
+      }, attn_reps);
+      row("diff_attention_backward", "same, recomputing (no O2n)", ms, 0, 2.5 * fwd);
       ms = time_ms([&] { cuda::diff_attention_simple_forward(ctx_, q, k, vv, lam, out, lse); }, attn_reps);
       row("diff_attention_forward", "same, simple SIMT kernel", ms, 0, fwd);
       ms = time_ms([&] {
@@ -314,7 +315,8 @@ class Bench {
     }
   }
 
-  // Whole training steps (forward + backward + AdamW with f32 masters), random tokens.
+  // Whole training steps (forward + backward + AdamW with f32 masters), random tokens; the
+  // model's defaults (attention state kept, as `train` does by default).
   void training_step(const std::string& name, ModelConfig cfg, int64_t B, int64_t S) {
     cfg.max_seq_len = S;
     Model model(cfg, ops_, ModelPrecision::cuda_mixed(), B, S);

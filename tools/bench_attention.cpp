@@ -1,6 +1,8 @@
 // `difftron bench-attention`: times the fused differential flash-attention kernels
 // (kernels/cuda/diff_flash.h), forward and backward, on random bf16 inputs at the issue-4
-// shapes and an S sweep, and prints ms, TFLOP/s and the ratio to the issue's goal.
+// shapes and an S sweep, and prints ms, TFLOP/s and the ratio to the issue's goal. The main
+// columns time the default path (the forward saves O2n for the backward, as the model does by
+// default); one more column the memory-saving path without O2n.
 // FLOPs (causal, halved): fwd = 6 B h S^2 dh (two QK^T maps of dh + two PV over 2dh = 12 dh per
 // query-key pair, S^2/2 pairs); bwd counted as 2.5 x fwd (the FlashAttention convention).
 #include <algorithm>
@@ -120,11 +122,12 @@ int run(int argc, char** argv) {
   std::printf("bench-attention on %s; FLOPs: fwd = 6 B h S^2 dh (causal), bwd = 2.5 x fwd; "
               "median of %d\n",
               prop.name, FLAGS_attn_reps);
-  std::printf("(O2n: total ms when the forward also saves O2n = A2 V for the backward; simple: the\n"
-              " SIMT path diff_attention_simple.cu, fwd+bwd ms)\n");
+  std::printf("(the forward saves O2n = A2 V for the backward, the default; no-O2n: total ms\n"
+              " without it, the backward recomputing; simple: the SIMT path\n"
+              " diff_attention_simple.cu, fwd+bwd ms)\n");
   std::printf("%-26s %9s %9s %9s %8s %8s %8s %8s %8s %9s %10s\n", "shape B,S,h,h_kv,dh", "fwd ms",
               "bwd ms", "total ms", "fwd TF/s", "bwd TF/s", "all TF/s", "goal ms", "/goal",
-              "O2n ms", "simple ms");
+              "no-O2n ms", "simple ms");
   cuda::CudaContext ctx(0);
   for (const Shape5& s : shapes) {
     cuda::DiffFlashDims d{s.B, s.S, s.h, s.h_kv, s.dh};
@@ -132,10 +135,10 @@ int run(int argc, char** argv) {
     if (!cuda::diff_flash_supported(d, &why)) throw_error("bench-attention: shape: ", why);
     const size_t nq = s.B * s.S * s.h * 2 * s.dh, nk = s.B * s.S * s.h_kv * 2 * s.dh;
     const size_t nl = s.B * s.h * 2 * s.S, ws = cuda::diff_flash_backward_workspace_bytes(d);
-    __nv_bfloat16 *q, *k, *v, *o, *dout, *dq, *dk, *dv;
+    __nv_bfloat16 *q, *k, *v, *o, *o2, *dout, *dq, *dk, *dv;
     float *lse, *lam, *dlam;
     void* w;
-    for (auto* p : {&q, &o, &dout, &dq}) ck(cudaMalloc(p, nq * 2), "cudaMalloc");
+    for (auto* p : {&q, &o, &o2, &dout, &dq}) ck(cudaMalloc(p, nq * 2), "cudaMalloc");
     for (auto* p : {&k, &v, &dk, &dv}) ck(cudaMalloc(p, nk * 2), "cudaMalloc");
     ck(cudaMalloc(&lse, nl * 4), "cudaMalloc");
     ck(cudaMalloc(&lam, 4), "cudaMalloc");
@@ -149,25 +152,24 @@ int run(int argc, char** argv) {
     ck(cudaMemcpy(lam, &lam_h, 4, cudaMemcpyHostToDevice), "upload");
 
     const int reps = FLAGS_attn_reps;
+    // the default path: the forward saves O2n, the backward uses it
     const double fwd = median_ms(
-        [&] { cuda::diff_flash_forward(d, q, k, v, lam, o, lse, nullptr); }, reps);
-    const double bwd = median_ms(
-        [&] {
-          cuda::diff_flash_backward(d, q, k, v, lam, o, lse, dout, dq, dk, dv, dlam, w, ws,
-                                    nullptr);
-        },
-        reps);
-    __nv_bfloat16* o2;
-    ck(cudaMalloc(&o2, nq * 2), "cudaMalloc");
-    const double fwd2 = median_ms(
         [&] { cuda::diff_flash_forward(d, q, k, v, lam, o, lse, nullptr, o2); }, reps);
-    const double bwd2 = median_ms(
+    const double bwd = median_ms(
         [&] {
           cuda::diff_flash_backward(d, q, k, v, lam, o, lse, dout, dq, dk, dv, dlam, w, ws,
                                     nullptr, o2);
         },
         reps);
-    cudaFree(o2);
+    // the memory-saving path: no O2n, the backward recomputes D2'
+    const double fwd2 = median_ms(
+        [&] { cuda::diff_flash_forward(d, q, k, v, lam, o, lse, nullptr); }, reps);
+    const double bwd2 = median_ms(
+        [&] {
+          cuda::diff_flash_backward(d, q, k, v, lam, o, lse, dout, dq, dk, dv, dlam, w, ws,
+                                    nullptr);
+        },
+        reps);
     ck(cudaDeviceSynchronize(), "sync");
     const double f = 6.0 * s.B * s.h * double(s.S) * s.S * s.dh;
     const double ref = reference_ms(s);
@@ -204,8 +206,8 @@ int run(int argc, char** argv) {
                 fwd + bwd, f / fwd * 1e-9, 2.5 * f / bwd * 1e-9, 3.5 * f / (fwd + bwd) * 1e-9, goal,
                 ratio, fwd2 + bwd2, simple);
     std::fflush(stdout);
-    for (void* p : {(void*)q, (void*)k, (void*)v, (void*)o, (void*)dout, (void*)dq, (void*)dk,
-                    (void*)dv, (void*)lse, (void*)lam, (void*)dlam, w})
+    for (void* p : {(void*)q, (void*)k, (void*)v, (void*)o, (void*)o2, (void*)dout, (void*)dq,
+                    (void*)dk, (void*)dv, (void*)lse, (void*)lam, (void*)dlam, w})
       cudaFree(p);
   }
   return 0;

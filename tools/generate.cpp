@@ -44,6 +44,7 @@ int generate_main(int argc, char** argv) {
   ModelPrecision prec = ops->device() == Device::CUDA ? ModelPrecision::cuda_mixed()
                                                       : ModelPrecision::uniform(DType::F32);
   Model model(cfg, *ops, prec, 1, cfg.max_seq_len);
+  model.keep_attention_state(false);  // forward only: no backward to keep state for
   CheckpointMeta meta = load_checkpoint(dir, model, nullptr);
   const std::string spec = meta.extra.value("tokenizer", std::string());
   std::unique_ptr<Tokenizer> tok = spec.empty() ? nullptr : load_tokenizer(spec);

@@ -95,7 +95,8 @@ int plan_main(int argc, char** argv) {
   in.micro_batch = FLAGS_batch;
   in.grad_accum = FLAGS_grad_accum;
   if (FLAGS_device == "cpu") in.param_bytes = in.act_bytes = in.grad_bytes = in.stat_bytes = 4;
-  // with --keep_attention_state the fused kernels (head_dim 64 or 128) keep O2n per layer
+  // with --keep_attention_state (on by default) the fused kernels (head_dim 64 or 128) keep
+  // O2n per layer
   in.attention_saved_o2 =
       FLAGS_keep_attention_state && FLAGS_device != "cpu" && (c.head_dim == 64 || c.head_dim == 128);
   Plan p = make_plan(in);
