@@ -118,9 +118,7 @@ std::string case_name(const ::testing::TestParamInfo<Case>& info) {
 
 class DiffFlash : public ::testing::TestWithParam<Case> {};
 
-TEST_P(DiffFlash, ForwardAndBackwardMatchCpuReference) {
-  require_gpu();
-  const Case c = GetParam();
+void check_case(const Case& c) {
   const DiffFlashDims d{c.B, c.S, c.h, c.h_kv, c.dh};
   ASSERT_TRUE(cuda::diff_flash_supported(d));
   const size_t nq = c.B * c.S * c.h * 2 * c.dh, nk = c.B * c.S * c.h_kv * 2 * c.dh;
@@ -212,6 +210,19 @@ TEST_P(DiffFlash, ForwardAndBackwardMatchCpuReference) {
   // dlambda does not depend on O2n (the dK/dV kernel sums P_2 o dP from recomputed f32 values):
   // with and without it on the same forward outputs, the same bits
   EXPECT_EQ(dglam.get()[0], glam_o2) << "dlambda depends on whether O2n was given";
+}
+
+// Both kernel families: the Hopper wgmma kernels where the build and the GPU have them (the
+// default there), and the mma.sync kernels (DIFFTRON_FLASH_WGMMA=0, every other GPU).
+TEST_P(DiffFlash, ForwardAndBackwardMatchCpuReference) {
+  require_gpu();
+  for (const char* wgmma : {"1", "0"}) {
+    setenv("DIFFTRON_FLASH_WGMMA", wgmma, 1);
+    std::printf(" %s kernels\n", wgmma[0] == '1' ? "default (wgmma where available)" : "mma.sync");
+    SCOPED_TRACE(std::string("DIFFTRON_FLASH_WGMMA=") + wgmma);
+    check_case(GetParam());
+  }
+  unsetenv("DIFFTRON_FLASH_WGMMA");
 }
 
 INSTANTIATE_TEST_SUITE_P(

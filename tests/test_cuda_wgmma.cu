@@ -1,7 +1,8 @@
 // The Hopper wgmma primitives (kernels/cuda/wgmma.cuh) against CPU products on fresh random
 // bf16 inputs, in every form the attention kernels use: S = A B^T with both operands K-major
 // from shared memory (contraction 64 and 128), and O = P V with P from registers and V
-// MN-major (one N = 128 / 256 instruction, or N = 64 per column group). Each case also runs a
+// MN-major (one N = 128 / 256 instruction, or N = 64 per column group), and dQ = dS K with
+// both shared-memory operands MN-major. Each case also runs a
 // deliberately wrong descriptor, which must fail, so that a silently ignored field cannot pass.
 // Exits 77 (ctest SKIP) without an sm_90 GPU.
 #include <cmath>
@@ -62,6 +63,30 @@ __global__ void ss_kernel(const bf16* a, const bf16* b, float* d, int bad) {
     const uint64_t da = bad ? w::desc_sw128(ta + 32 * (kk % 4), 16, 512) : w::kmajor_desc(ta, kk % 4);
     w::wgmma_ss<0, 0>(acc, da, w::kmajor_desc(tb, kk % 4), kk > 0);
   }
+  w::commit();
+  w::wait<0>();
+  w::fence_regs(acc);
+  store_acc(acc, d, 64);
+#endif
+}
+
+// D[64][64] = A^T B with A [K][64] and B [K][64] stored with the contraction index as rows
+// (both operands MN-major, transposed in the instruction), K = 128: the dQ = dS K form.
+__global__ void ss_mn_kernel(const bf16* a, const bf16* b, float* d) {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  namespace w = cuda::wgmma;
+  extern __shared__ __align__(1024) uint8_t smem[];
+  uint8_t* sa = smem;
+  uint8_t* sb = smem + 128 * 128;
+  stage(sa, a, 128, 64);
+  stage(sb, b, 128, 64);
+  w::fence_proxy_async();
+  __syncthreads();
+  float acc[8][4];
+  w::fence();
+  for (int kk = 0; kk < 8; ++kk)
+    w::wgmma_ss<1, 1>(acc, w::mnmajor_desc(smem_addr(sa), 128 * 128, kk),
+                      w::mnmajor_desc(smem_addr(sb), 128 * 128, kk), kk > 0);
   w::commit();
   w::wait<0>();
   w::fence_regs(acc);
@@ -184,6 +209,26 @@ double run_ss(int bad, uint64_t seed) {
   return rel_err(got, ref);
 }
 
+double run_ss_mn(uint64_t seed) {
+  Mat a = random_mat(128 * 64, seed), b = random_mat(128 * 64, seed + 1);
+  std::vector<double> ref(64 * 64, 0.0);
+  for (int i = 0; i < 64; ++i)
+    for (int j = 0; j < 64; ++j)
+      for (int k = 0; k < 128; ++k) ref[i * 64 + j] += a.x[k * 64 + i] * b.x[k * 64 + j];
+  bf16 *da = to_device(a.bf), *db = to_device(b.bf);
+  float* dd = to_device(std::vector<float>(64 * 64, NAN));
+  const int smem = 2 * 128 * 128;
+  cudaFuncSetAttribute(ss_mn_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
+  ss_mn_kernel<<<1, 128, smem>>>(da, db, dd);
+  EXPECT_EQ(cudaDeviceSynchronize(), cudaSuccess);
+  std::vector<float> got(64 * 64);
+  cudaMemcpy(got.data(), dd, got.size() * 4, cudaMemcpyDeviceToHost);
+  cudaFree(da);
+  cudaFree(db);
+  cudaFree(dd);
+  return rel_err(got, ref);
+}
+
 template <int NT>
 double run_rs(int mode, uint64_t seed) {
   const int N = NT * 8;
@@ -215,6 +260,13 @@ TEST(Wgmma, KMajorBothOperands) {
   EXPECT_LT(e64, kTol);
   EXPECT_LT(e128, kTol);
   EXPECT_GT(bad, 1e-2);
+}
+
+TEST(Wgmma, BothOperandsMnMajor) {
+  require_sm90();
+  const double e = run_ss_mn(31);
+  std::printf("wgmma ss, A and B MN-major (K 128): %.2e\n", e);
+  EXPECT_LT(e, kTol);
 }
 
 TEST(Wgmma, RegistersTimesMnMajor) {

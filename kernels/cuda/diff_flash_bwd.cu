@@ -10,6 +10,7 @@
 
 #include "core/error.h"
 #include "kernels/cuda/diff_flash.cuh"
+#include "kernels/cuda/diff_flash_wgmma.h"
 
 namespace difftron::cuda {
 namespace flash {
@@ -810,7 +811,10 @@ void launch_bwd(const DiffFlashDims& d, const flash::BwdParams& p, cudaStream_t 
     flash::check_launch("backward dK/dV");
     n_part = int64_t(gkv.x) * gkv.y;
   };
-  if constexpr (DH == 64 && DIFF_FLASH_DKV64_QSPLIT)
+  if (DH == 64 && diff_flash_wgmma_enabled()) {  // Hopper: diff_flash_bwd_wgmma.cu
+    diff_flash_dkdv_wgmma(d, p, stream);
+    n_part = diff_flash_dkdv_wgmma_ctas(d);
+  } else if constexpr (DH == 64 && DIFF_FLASH_DKV64_QSPLIT)
     launch_dkdv(flash::diff_flash_dkdv_qsplit_kernel<DH>, flash::DkvQCfg<DH>{});
   else
     launch_dkdv(flash::diff_flash_dkdv_kernel<DH>, flash::DkvCfg<DH>{});

@@ -7,6 +7,7 @@
 
 #include "core/error.h"
 #include "kernels/cuda/diff_flash.cuh"
+#include "kernels/cuda/diff_flash_wgmma.h"
 
 namespace difftron::cuda {
 namespace flash {
@@ -383,6 +384,10 @@ void diff_flash_forward(const DiffFlashDims& d, const __nv_bfloat16* q, const __
   if (d.S > 65535LL * flash::FwdCfg<64>::BM) throw_error("diff_flash_forward: S too large");
   flash::FwdParams p{q, k, v, lambda, out, lse, o2, int(d.S), int(d.h), int(d.h_kv),
                      int(d.h / d.h_kv), float(flash::kLog2e / std::sqrt(double(d.dh)))};
+  if (diff_flash_wgmma_enabled()) {
+    diff_flash_forward_wgmma(d, p, stream);
+    return;
+  }
   if (d.dh == 64) {
 #if DIFF_FLASH_FWD64_DUAL
     launch_fwd<flash::FwdDualCfg<64>>(d, flash::diff_flash_fwd_dual_kernel<64>, p, stream);

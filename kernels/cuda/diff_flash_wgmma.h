@@ -8,6 +8,7 @@
 namespace difftron::cuda {
 namespace flash {
 struct FwdParams;
+struct BwdParams;
 }
 
 // True when this build has the sm_90a kernels, the current device has compute capability 9.x,
@@ -18,5 +19,11 @@ bool diff_flash_wgmma_enabled();
 // The forward on wgmma; same contract as diff_flash_forward (dims already checked).
 void diff_flash_forward_wgmma(const DiffFlashDims& d, const flash::FwdParams& p,
                               cudaStream_t stream);
+
+// The dK/dV kernel on wgmma (dh 64 only) with its dlambda partials (one per CTA,
+// diff_flash_dkdv_wgmma_ctas of them); same contract as diff_flash_bwd.cu's dK/dV kernels.
+int diff_flash_dkdv_wgmma_ctas(const DiffFlashDims& d);
+void diff_flash_dkdv_wgmma(const DiffFlashDims& d, const flash::BwdParams& p,
+                           cudaStream_t stream);
 
 }  // namespace difftron::cuda

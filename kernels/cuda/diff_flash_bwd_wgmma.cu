@@ -1,0 +1,246 @@
+// dK, dV (and the dlambda partials) of the fused differential flash attention on Hopper
+// warpgroup MMAs (wgmma, sm_90a), dh 64. Replaces the mma.sync dK/dV kernel of
+// diff_flash_bwd.cu when diff_flash_wgmma_enabled(); the dQ kernel and the dlambda reduction
+// there are shared. Math: diff_flash.cuh.
+//
+// Design: a CTA owns BN = 128 keys of one K/V group and has two warpgroups of 64 keys each;
+// it walks the query tiles (BM = 64) of every head of the group, double-buffering Q, dO and
+// the per-query statistics (lse_1, lse_2, D1, D2') with cp.async. Per tile, a warpgroup
+// computes (keys as the 64 MMA rows, all operands but the probabilities from shared memory):
+//   dP^T = V dO^T                      (one product over 2dh, shared by both maps)
+//   S_1^T = K_1 Q_1^T -> P_1^T, dS_1^T = P_1^T o (dP^T - D1)
+//   dV += P_1^T dO,  dK_1 += dS_1^T Q_1                   (A from registers)
+//   S_2^T = K_2 Q_2^T -> P_2^T, dS_2^T = -lambda P_2^T o (dP^T - D2'), dlambda += P_2 o dP
+//   dV += (-lambda P_2^T) dO,  dK_2 += dS_2^T Q_2
+// The maps run one after the other so that one score tile is live at a time (the 128 f32
+// accumulator registers of dK_1, dK_2 and dV leave room for only one); dV therefore takes two
+// products per tile instead of one over (P_1 - lambda P_2), 20 dh FLOP per (query, key)
+// pair against the mma.sync kernel's 16. Deterministic: no atomics, fixed reduction order.
+#include <cstdint>
+
+#include "core/error.h"
+#include "kernels/cuda/diff_flash_wgmma.cuh"
+#include "kernels/cuda/diff_flash_wgmma.h"
+
+namespace difftron::cuda {
+namespace flash {
+
+struct WgDkvCfg {
+  static constexpr int DH = 64, ROW = 2 * DH;   // bf16 per row of q, k, v, dO
+  static constexpr int THREADS = 256;           // two warpgroups of 64 keys
+  static constexpr int BN = 128, BM = 64;       // keys per CTA, queries per tile
+  static constexpr int TILE_KV = BN * ROW * 2;  // bytes; column groups BN * 128 apart
+  static constexpr int TILE_Q = BM * ROW * 2;   // bytes; column groups BM * 128 apart
+  static constexpr int STAT = 4 * BM * 4;       // lse_1, lse_2, D1, D2' of one query tile
+  static constexpr int OFF_K = 0, OFF_V = TILE_KV, OFF_Q = 2 * TILE_KV;
+  static constexpr int OFF_DO = OFF_Q + 2 * TILE_Q, OFF_ST = OFF_DO + 2 * TILE_Q;
+  static constexpr int OFF_RED = OFF_ST + 2 * STAT;  // 8 floats: per-warp dlambda sums
+  static constexpr int SMEM = OFF_RED + 8 * 4 + 1024;  // + 1024: base alignment slack
+};
+
+__global__ void __launch_bounds__(WgDkvCfg::THREADS, 1)
+    diff_flash_dkdv_wgmma_kernel(const BwdParams p) {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  namespace w = wgmma;
+  using C = WgDkvCfg;
+  constexpr int DH = C::DH;
+  constexpr int NQ = C::BM / 8;   // score n-tiles (queries)
+  constexpr int KT = DH / 8;      // dK_j n-tiles
+  constexpr int VT = C::ROW / 8;  // dV n-tiles
+  extern __shared__ __align__(128) uint8_t smem_raw[];
+  uint8_t* smem = smem_raw + ((1024 - (smem_addr(smem_raw) & 1023)) & 1023);
+  const uint32_t sb = smem_addr(smem);
+
+  const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+  const int wg = warp >> 2, wl = warp & 3;
+  const int g = lane >> 2, t4 = lane & 3;
+  const int b = grid_head() / p.h_kv, kvg = grid_head() % p.h_kv;
+  const int k0 = grid_tile() * C::BN;
+  const int S = p.S;
+  const int64_t q_rs = int64_t(p.h) * C::ROW, kv_rs = int64_t(p.h_kv) * C::ROW;
+  const int64_t kvoff = (int64_t(b) * S * p.h_kv + kvg) * C::ROW;
+  const int n_qt = (S + C::BM - 1) / C::BM, qt_first = k0 / C::BM;
+  const int nq = n_qt - qt_first, n_it = p.group * nq;
+
+  auto load_q = [&](int it, int st) {
+    const int hd = kvg * p.group + it / nq, q0 = (qt_first + it % nq) * C::BM;
+    const int64_t qoff = (int64_t(b) * S * p.h + hd) * C::ROW;
+    load_groups<C::BM, C::ROW, C::THREADS>(sb + C::OFF_Q + st * C::TILE_Q, p.q + qoff, q_rs, q0,
+                                           S, tid);
+    load_groups<C::BM, C::ROW, C::THREADS>(sb + C::OFF_DO + st * C::TILE_Q, p.dout + qoff, q_rs,
+                                           q0, S, tid);
+    static_assert(4 * C::BM == C::THREADS, "one statistic per thread");
+    const int which = tid / C::BM, x = tid % C::BM;
+    const float* base = (which < 2 ? p.lse : p.D) + ((int64_t(b) * p.h + hd) * 2 + (which & 1)) * S;
+    const bool ok = q0 + x < S;
+    cp_async_4(sb + C::OFF_ST + st * C::STAT + tid * 4, base + (ok ? q0 + x : 0), ok ? 4 : 0);
+  };
+  load_groups<C::BN, C::ROW, C::THREADS>(sb + C::OFF_K, p.k + kvoff, kv_rs, k0, S, tid);
+  load_groups<C::BN, C::ROW, C::THREADS>(sb + C::OFF_V, p.v + kvoff, kv_rs, k0, S, tid);
+  load_q(0, 0);
+  cp_async_commit();
+
+  const float lam = *p.lambda;
+  const int kw0 = k0 + wg * 64;       // this warpgroup's first key
+  const int krow0 = kw0 + wl * 16;    // this warp's first key
+  // this warpgroup's 64 rows of K_1 (group 0), K_2 (group 1) and V (groups 0, 1)
+  const uint32_t sK1 = sb + C::OFF_K + wg * 64 * 128, sK2 = sK1 + C::BN * 128;
+  const uint32_t sV = sb + C::OFF_V + wg * 64 * 128;
+  float dk1[KT][4], dk2[KT][4], dv[VT][4];
+#pragma unroll
+  for (int n = 0; n < KT; ++n)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) dk1[n][e] = dk2[n][e] = 0.f;
+#pragma unroll
+  for (int n = 0; n < VT; ++n)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) dv[n][e] = 0.f;
+  float dlam = 0.f;  // this thread's sum of P_2 o dP (dlambda)
+
+  for (int it = 0; it < n_it; ++it) {
+    const int st = it & 1;
+    const int q0 = (qt_first + it % nq) * C::BM;
+    cp_async_wait<0>();
+    w::fence_proxy_async();
+    __syncthreads();  // tile it landed; every warpgroup is done with the other buffer
+    if (it + 1 < n_it) load_q(it + 1, st ^ 1);
+    cp_async_commit();
+    if (q0 + C::BM <= kw0) continue;  // every query of the tile precedes this warpgroup's keys
+    const uint32_t sQ = sb + C::OFF_Q + st * C::TILE_Q, sDO = sb + C::OFF_DO + st * C::TILE_Q;
+    const float* stat = reinterpret_cast<const float*>(smem + C::OFF_ST + st * C::STAT);
+
+    // dP^T = V dO^T and S_1^T = K_1 Q_1^T
+    float dp[NQ][4], s[NQ][4];
+    w::fence();
+#pragma unroll
+    for (int kk = 0; kk < C::ROW / 16; ++kk)
+      w::wgmma_ss<0, 0>(dp, w::kmajor_desc(sV + (kk >> 2) * C::BN * 128, kk & 3),
+                        w::kmajor_desc(sDO + (kk >> 2) * C::BM * 128, kk & 3), kk > 0);
+#pragma unroll
+    for (int kk = 0; kk < DH / 16; ++kk)
+      w::wgmma_ss<0, 0>(s, w::kmajor_desc(sK1, kk), w::kmajor_desc(sQ, kk), kk > 0);
+    w::commit();
+    w::wait<0>();
+    w::fence_regs(dp);
+    w::fence_regs(s);
+
+    // causal / ragged mask: query column t < key row u, or t >= S
+    const bool masked = q0 < krow0 + 15 || q0 + C::BM > S;
+    auto probs = [&](int map, uint32_t (&fp)[NQ][2], uint32_t (&fd)[NQ][2], float pscale) {
+#pragma unroll
+      for (int n = 0; n < NQ; ++n) {
+        const int c = n * 8 + 2 * t4;
+        const float2 ls = *reinterpret_cast<const float2*>(stat + map * C::BM + c);
+        const float2 dd = *reinterpret_cast<const float2*>(stat + (2 + map) * C::BM + c);
+        float pr[4], ds[4];
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const bool odd = e & 1;
+          float pe = fast_exp2(fmaf(s[n][e], p.scale_log2, -(odd ? ls.y : ls.x) * kLog2e));
+          const int col = q0 + c + (e & 1), row = krow0 + g + 8 * (e >> 1);
+          if (masked && (col < row || col >= S)) pe = 0.f;
+          if (map) dlam = fmaf(pe, dp[n][e], dlam);
+          pr[e] = pscale * pe;
+          ds[e] = pr[e] * (dp[n][e] - (odd ? dd.y : dd.x));
+        }
+        fp[n][0] = pack_bf16(pr[0], pr[1]);
+        fp[n][1] = pack_bf16(pr[2], pr[3]);
+        fd[n][0] = pack_bf16(ds[0], ds[1]);
+        fd[n][1] = pack_bf16(ds[2], ds[3]);
+      }
+    };
+    // dV += P^T dO (dO MN-major, 2dh wide), dK_j += dS_j^T Q_j (Q_j MN-major)
+    auto grads = [&](const uint32_t (&fp)[NQ][2], const uint32_t (&fd)[NQ][2],
+                     float (&dk)[KT][4], uint32_t sQj) {
+#pragma unroll
+      for (int kk = 0; kk < C::BM / 16; ++kk) {
+        const uint32_t a[4] = {fp[2 * kk][0], fp[2 * kk][1], fp[2 * kk + 1][0], fp[2 * kk + 1][1]};
+        w::wgmma_rs<1>(dv, a, w::mnmajor_desc(sDO, C::BM * 128, kk), 1);
+      }
+#pragma unroll
+      for (int kk = 0; kk < C::BM / 16; ++kk) {
+        const uint32_t a[4] = {fd[2 * kk][0], fd[2 * kk][1], fd[2 * kk + 1][0], fd[2 * kk + 1][1]};
+        w::wgmma_rs<1>(dk, a, w::mnmajor_desc(sQj, C::BM * 128, kk), 1);
+      }
+    };
+
+    uint32_t fp[NQ][2], fd[NQ][2];
+    probs(0, fp, fd, 1.f);
+    w::fence_regs(dv);
+    w::fence_regs(dk1);
+    w::fence();
+    grads(fp, fd, dk1, sQ);
+    w::commit();
+    // S_2^T = K_2 Q_2^T while map 1's products run
+#pragma unroll
+    for (int kk = 0; kk < DH / 16; ++kk)
+      w::wgmma_ss<0, 0>(s, w::kmajor_desc(sK2, kk), w::kmajor_desc(sQ + C::BM * 128, kk), kk > 0);
+    w::commit();
+    w::wait<0>();
+    w::fence_regs(s);
+    w::fence_regs(dv);
+    w::fence_regs(dk1);
+
+    probs(1, fp, fd, -lam);
+    w::fence_regs(dk2);
+    w::fence();
+    grads(fp, fd, dk2, sQ + C::BM * 128);
+    w::commit();
+    w::wait<0>();
+    w::fence_regs(dv);
+    w::fence_regs(dk2);
+  }
+
+  // the CTA's dlambda partial (fixed order over the warps)
+  float* red = reinterpret_cast<float*>(smem + C::OFF_RED);
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) dlam += __shfl_xor_sync(0xffffffffu, dlam, o);
+  if (lane == 0) red[warp] = dlam;
+  __syncthreads();
+  if (tid == 0) {
+    float sum = 0.f;
+    for (int i = 0; i < C::THREADS / 32; ++i) sum += red[i];
+    p.dlam_part[int64_t(blockIdx.y) * gridDim.x + blockIdx.x] = sum;
+  }
+
+  // dK_j = scale dS_j^T Q_j, dV: straight from the accumulators
+#pragma unroll
+  for (int hh = 0; hh < 2; ++hh) {
+    const int row = krow0 + g + 8 * hh;
+    if (row >= S) continue;
+    bf16* krow = p.dk + kvoff + int64_t(row) * kv_rs + 2 * t4;
+    bf16* vrow = p.dv + kvoff + int64_t(row) * kv_rs + 2 * t4;
+#pragma unroll
+    for (int n = 0; n < KT; ++n) {
+      *reinterpret_cast<uint32_t*>(krow + n * 8) =
+          pack_bf16(dk1[n][2 * hh] * p.scale, dk1[n][2 * hh + 1] * p.scale);
+      *reinterpret_cast<uint32_t*>(krow + DH + n * 8) =
+          pack_bf16(dk2[n][2 * hh] * p.scale, dk2[n][2 * hh + 1] * p.scale);
+    }
+#pragma unroll
+    for (int n = 0; n < VT; ++n)
+      *reinterpret_cast<uint32_t*>(vrow + n * 8) = pack_bf16(dv[n][2 * hh], dv[n][2 * hh + 1]);
+  }
+#endif
+}
+
+}  // namespace flash
+
+int diff_flash_dkdv_wgmma_ctas(const DiffFlashDims& d) {
+  return int(d.B * d.h_kv * ((d.S + flash::WgDkvCfg::BN - 1) / flash::WgDkvCfg::BN));
+}
+
+void diff_flash_dkdv_wgmma(const DiffFlashDims& d, const flash::BwdParams& p,
+                           cudaStream_t stream) {
+  using C = flash::WgDkvCfg;
+  auto kernel = flash::diff_flash_dkdv_wgmma_kernel;
+  cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, C::SMEM);
+  if (e != cudaSuccess)
+    throw_error("diff_flash: cannot give the wgmma dK/dV kernel ", C::SMEM,
+                " bytes of shared memory: ", cudaGetErrorString(e));
+  const dim3 grid = flash::tile_grid(int((d.S + C::BN - 1) / C::BN), int(d.B * d.h_kv));
+  kernel<<<grid, C::THREADS, C::SMEM, stream>>>(p);
+  flash::check_launch("wgmma backward dK/dV");
+}
+
+}  // namespace difftron::cuda
