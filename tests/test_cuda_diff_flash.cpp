@@ -212,17 +212,25 @@ void check_case(const Case& c) {
   EXPECT_EQ(dglam.get()[0], glam_o2) << "dlambda depends on whether O2n was given";
 }
 
-// Both kernel families: the Hopper wgmma kernels where the build and the GPU have them (the
-// default there), and the mma.sync kernels (DIFFTRON_FLASH_WGMMA=0, every other GPU).
+// Every kernel path: on sm_90 builds and GPUs the wgmma kernels (the default; with the saved
+// O2n at dh 64 that is the fused-dQ backward with float atomics), the same with
+// DIFFTRON_FLASH_DETERMINISTIC=1 (wgmma dK/dV + the dQ kernel), and the mma.sync kernels
+// (DIFFTRON_FLASH_WGMMA=0, every other GPU).
 TEST_P(DiffFlash, ForwardAndBackwardMatchCpuReference) {
   require_gpu();
-  for (const char* wgmma : {"1", "0"}) {
-    setenv("DIFFTRON_FLASH_WGMMA", wgmma, 1);
-    std::printf(" %s kernels\n", wgmma[0] == '1' ? "default (wgmma where available)" : "mma.sync");
-    SCOPED_TRACE(std::string("DIFFTRON_FLASH_WGMMA=") + wgmma);
+  struct Mode {
+    const char *name, *wgmma, *deterministic;
+  };
+  for (const Mode& m : {Mode{"default", "1", "0"}, Mode{"deterministic", "1", "1"},
+                        Mode{"mma.sync", "0", "1"}}) {
+    setenv("DIFFTRON_FLASH_WGMMA", m.wgmma, 1);
+    setenv("DIFFTRON_FLASH_DETERMINISTIC", m.deterministic, 1);
+    std::printf(" %s kernels\n", m.name);
+    SCOPED_TRACE(std::string("kernels: ") + m.name);
     check_case(GetParam());
   }
   unsetenv("DIFFTRON_FLASH_WGMMA");
+  unsetenv("DIFFTRON_FLASH_DETERMINISTIC");
 }
 
 INSTANTIATE_TEST_SUITE_P(

@@ -353,6 +353,7 @@ struct BwdParams {
   float* dlambda;
   int S, h, h_kv, group;
   float scale, scale_log2;
+  float* dq_acc = nullptr;  // fused-dQ path (diff_flash_bwd_wgmma.cu): f32 [B, S, h, 2dh], zeroed
 };
 
 void check_launch(const char* what);

@@ -6,6 +6,8 @@
 // CTA's partial sum of P_2 o dP for dlambda (f32, from its recomputed tiles, never from O2n);
 // (3) a one-block sum of those per-CTA partials. Math and the warp-pair design: diff_flash.cuh.
 #include <cmath>
+#include <cstdlib>
+#include <cstring>
 #include <string>
 
 #include "core/error.h"
@@ -793,6 +795,15 @@ void set_smem(K kernel, int bytes, const char* what) {
                 " bytes of shared memory: ", cudaGetErrorString(e));
 }
 
+// dlambda from the n_part per-CTA partials of the dK/dV kernel that ran (room for max_part).
+void launch_dlambda(const flash::BwdParams& p, int64_t n_part, int64_t max_part,
+                    cudaStream_t stream) {
+  DT_CHECK(n_part > 0 && n_part <= max_part, "diff_flash: ", n_part,
+           " dlambda partials do not fit the workspace's ", max_part);
+  flash::diff_flash_dlambda_kernel<<<1, 256, 0, stream>>>(p.dlam_part, int(n_part), p.dlambda);
+  flash::check_launch("backward dlambda");
+}
+
 template <int DH>
 void launch_bwd(const DiffFlashDims& d, const flash::BwdParams& p, cudaStream_t stream) {
   using Q = flash::DqCfg<DH>;
@@ -818,15 +829,23 @@ void launch_bwd(const DiffFlashDims& d, const flash::BwdParams& p, cudaStream_t 
     launch_dkdv(flash::diff_flash_dkdv_qsplit_kernel<DH>, flash::DkvQCfg<DH>{});
   else
     launch_dkdv(flash::diff_flash_dkdv_kernel<DH>, flash::DkvCfg<DH>{});
-  DT_CHECK(n_part > 0 && n_part <= dkv_ctas(d), "diff_flash: ", n_part,
-           " dlambda partials do not fit the workspace's ", dkv_ctas(d));
-  flash::diff_flash_dlambda_kernel<<<1, 256, 0, stream>>>(p.dlam_part, int(n_part), p.dlambda);
-  flash::check_launch("backward dlambda");
+  launch_dlambda(p, n_part, dkv_ctas(d), stream);
+}
+
+// The fused-dQ backward (diff_flash_bwd_wgmma.cu) runs for dh 64 on the wgmma kernels when
+// the forward saved O2n, unless DIFFTRON_FLASH_DETERMINISTIC=1 asks for bitwise repeatability.
+bool fused_dq_possible(const DiffFlashDims& d) { return d.dh == 64 && diff_flash_wgmma_enabled(); }
+bool deterministic_asked() {
+  const char* env = std::getenv("DIFFTRON_FLASH_DETERMINISTIC");
+  return env && std::strcmp(env, "1") == 0;
+}
+size_t dq_acc_bytes(const DiffFlashDims& d) {
+  return fused_dq_possible(d) ? round_up(size_t(d.B * d.S * d.h * 2 * d.dh) * 4) : 0;
 }
 }  // namespace
 
 size_t diff_flash_backward_workspace_bytes(const DiffFlashDims& d) {
-  return d_bytes(d) + round_up(size_t(dkv_ctas(d)) * 4);
+  return d_bytes(d) + round_up(size_t(dkv_ctas(d)) * 4) + dq_acc_bytes(d);
 }
 
 void diff_flash_backward(const DiffFlashDims& d, const __nv_bfloat16* q, const __nv_bfloat16* k,
@@ -851,10 +870,16 @@ void diff_flash_backward(const DiffFlashDims& d, const __nv_bfloat16* q, const _
                      int(d.S), int(d.h), int(d.h_kv), int(d.h / d.h_kv),
                      float(1.0 / std::sqrt(double(d.dh))),
                      float(flash::kLog2e / std::sqrt(double(d.dh)))};
-  if (d.dh == 64)
+  if (o2 && fused_dq_possible(d) && !deterministic_asked()) {
+    p.dq_acc = reinterpret_cast<float*>(static_cast<char*>(workspace) + d_bytes(d) +
+                                        round_up(size_t(dkv_ctas(d)) * 4));
+    diff_flash_bwd_fused_dq(d, p, stream);
+    launch_dlambda(p, diff_flash_dkdv_wgmma_ctas(d), dkv_ctas(d), stream);
+  } else if (d.dh == 64) {
     launch_bwd<64>(d, p, stream);
-  else
+  } else {
     launch_bwd<128>(d, p, stream);
+  }
 }
 
 }  // namespace difftron::cuda

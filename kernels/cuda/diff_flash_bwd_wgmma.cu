@@ -35,9 +35,14 @@ struct WgDkvCfg {
   static constexpr int OFF_K = 0, OFF_V = TILE_KV, OFF_Q = 2 * TILE_KV;
   static constexpr int OFF_DO = OFF_Q + 2 * TILE_Q, OFF_ST = OFF_DO + 2 * TILE_Q;
   static constexpr int OFF_RED = OFF_ST + 2 * STAT;  // 8 floats: per-warp dlambda sums
-  static constexpr int SMEM = OFF_RED + 8 * 4 + 1024;  // + 1024: base alignment slack
+  static constexpr int OFF_DS = OFF_RED + 1024;      // fused dQ: dS_1^T, dS_2^T [BN][BM] bf16
+  static constexpr int TILE_DS = BN * BM * 2;
+  static constexpr int SMEM = OFF_DS + 2 * TILE_DS + 1024;  // + 1024: base alignment slack
 };
 
+// FUSE_DQ: also dQ_j += dS_j K_j over the CTA's 128 keys (warpgroup j takes map j, dS from
+// shared memory), added into p.dq_acc with float atomics (not deterministic).
+template <bool FUSE_DQ>
 __global__ void __launch_bounds__(WgDkvCfg::THREADS, 1)
     diff_flash_dkdv_wgmma_kernel(const BwdParams p) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
@@ -105,7 +110,8 @@ __global__ void __launch_bounds__(WgDkvCfg::THREADS, 1)
     __syncthreads();  // tile it landed; every warpgroup is done with the other buffer
     if (it + 1 < n_it) load_q(it + 1, st ^ 1);
     cp_async_commit();
-    if (q0 + C::BM <= kw0) continue;  // every query of the tile precedes this warpgroup's keys
+    // every query of the tile precedes this warpgroup's keys (the fused dQ needs its zero dS)
+    if (!FUSE_DQ && q0 + C::BM <= kw0) continue;
     const uint32_t sQ = sb + C::OFF_Q + st * C::TILE_Q, sDO = sb + C::OFF_DO + st * C::TILE_Q;
     const float* stat = reinterpret_cast<const float*>(smem + C::OFF_ST + st * C::STAT);
 
@@ -147,6 +153,12 @@ __global__ void __launch_bounds__(WgDkvCfg::THREADS, 1)
         fp[n][1] = pack_bf16(pr[2], pr[3]);
         fd[n][0] = pack_bf16(ds[0], ds[1]);
         fd[n][1] = pack_bf16(ds[2], ds[3]);
+        if (FUSE_DQ) {  // dS_map^T rows (keys) of this warp into the Tile<64> [BN][BM]
+          uint8_t* ds_tile = smem + C::OFF_DS + map * C::TILE_DS + 4 * t4;
+          const int r = wg * 64 + wl * 16 + g;
+          *reinterpret_cast<uint32_t*>(ds_tile + Tile<64>::off(r, n)) = fd[n][0];
+          *reinterpret_cast<uint32_t*>(ds_tile + Tile<64>::off(r + 8, n)) = fd[n][1];
+        }
       }
     };
     // dV += P^T dO (dO MN-major, 2dh wide), dK_j += dS_j^T Q_j (Q_j MN-major)
@@ -189,6 +201,34 @@ __global__ void __launch_bounds__(WgDkvCfg::THREADS, 1)
     w::wait<0>();
     w::fence_regs(dv);
     w::fence_regs(dk2);
+
+    if constexpr (FUSE_DQ) {
+      // dQ_wg = dS_wg K_wg over the CTA's 128 keys: both operands MN-major (keys as rows)
+      w::fence_proxy_async();
+      __syncthreads();  // both warpgroups' dS rows are in shared memory
+      float dq[KT][4];
+      const uint32_t sDS = sb + C::OFF_DS + wg * C::TILE_DS;
+      const uint32_t sKj = sb + C::OFF_K + wg * C::BN * 128;
+      w::fence();
+#pragma unroll
+      for (int kk = 0; kk < C::BN / 16; ++kk)
+        w::wgmma_ss<1, 1>(dq, w::mnmajor_desc(sDS, C::BN * 128, kk),
+                          w::mnmajor_desc(sKj, C::BN * 128, kk), kk > 0);
+      w::commit();
+      w::wait<0>();
+      w::fence_regs(dq);
+      const int hd = kvg * p.group + it / nq;
+#pragma unroll
+      for (int hh = 0; hh < 2; ++hh) {
+        const int row = q0 + wl * 16 + g + 8 * hh;
+        if (row >= S) continue;
+        float* acc = p.dq_acc + ((int64_t(b) * S + row) * p.h + hd) * C::ROW + wg * DH + 2 * t4;
+#pragma unroll
+        for (int n = 0; n < KT; ++n)
+          atomicAdd(reinterpret_cast<float2*>(acc + n * 8),
+                    make_float2(dq[n][2 * hh], dq[n][2 * hh + 1]));
+      }
+    }
   }
 
   // the CTA's dlambda partial (fixed order over the warps)
@@ -224,6 +264,48 @@ __global__ void __launch_bounds__(WgDkvCfg::THREADS, 1)
 #endif
 }
 
+
+// D1 = dO . O + lambda D2', D2' = dO . O2n for every row (b, t, head): one warp per row.
+template <int DH>
+__global__ void diff_flash_bwd_prep_kernel(const BwdParams p, int64_t rows) {
+  constexpr int PER = 2 * DH / 32;  // bf16 per lane
+  const int64_t r = int64_t(blockIdx.x) * (blockDim.x / 32) + threadIdx.x / 32;
+  if (r >= rows) return;
+  const int lane = threadIdx.x & 31;
+  const int64_t off = r * 2 * DH + lane * PER;
+  float d0 = 0.f, d2 = 0.f;
+#pragma unroll
+  for (int i = 0; i < PER; i += 2) {
+    const float2 go = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(p.dout + off + i));
+    const float2 o = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(p.out + off + i));
+    const float2 o2 = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(p.o2 + off + i));
+    d0 = fmaf(go.x, o.x, fmaf(go.y, o.y, d0));
+    d2 = fmaf(go.x, o2.x, fmaf(go.y, o2.y, d2));
+  }
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) {
+    d0 += __shfl_xor_sync(0xffffffffu, d0, o);
+    d2 += __shfl_xor_sync(0xffffffffu, d2, o);
+  }
+  if (lane == 0) {
+    const int64_t bt = r / p.h, hd = r % p.h, b = bt / p.S, t = bt % p.S;
+    float* D = p.D + (b * p.h + hd) * 2 * p.S + t;
+    D[0] = fmaf(*p.lambda, d2, d0);
+    D[p.S] = d2;
+  }
+}
+
+// dq = bf16(scale * dq_acc)
+__global__ void diff_flash_dq_convert_kernel(const float4* acc, float scale, __nv_bfloat162* dq,
+                                             int64_t n4) {
+  for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < n4;
+       i += int64_t(gridDim.x) * blockDim.x) {
+    const float4 a = acc[i];
+    dq[2 * i] = __floats2bfloat162_rn(a.x * scale, a.y * scale);
+    dq[2 * i + 1] = __floats2bfloat162_rn(a.z * scale, a.w * scale);
+  }
+}
+
 }  // namespace flash
 
 int diff_flash_dkdv_wgmma_ctas(const DiffFlashDims& d) {
@@ -233,7 +315,8 @@ int diff_flash_dkdv_wgmma_ctas(const DiffFlashDims& d) {
 void diff_flash_dkdv_wgmma(const DiffFlashDims& d, const flash::BwdParams& p,
                            cudaStream_t stream) {
   using C = flash::WgDkvCfg;
-  auto kernel = flash::diff_flash_dkdv_wgmma_kernel;
+  auto kernel = p.dq_acc ? flash::diff_flash_dkdv_wgmma_kernel<true>
+                         : flash::diff_flash_dkdv_wgmma_kernel<false>;
   cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, C::SMEM);
   if (e != cudaSuccess)
     throw_error("diff_flash: cannot give the wgmma dK/dV kernel ", C::SMEM,
@@ -241,6 +324,24 @@ void diff_flash_dkdv_wgmma(const DiffFlashDims& d, const flash::BwdParams& p,
   const dim3 grid = flash::tile_grid(int((d.S + C::BN - 1) / C::BN), int(d.B * d.h_kv));
   kernel<<<grid, C::THREADS, C::SMEM, stream>>>(p);
   flash::check_launch("wgmma backward dK/dV");
+}
+
+void diff_flash_bwd_fused_dq(const DiffFlashDims& d, const flash::BwdParams& p,
+                             cudaStream_t stream) {
+  const int64_t rows = d.B * d.S * d.h, n = rows * 2 * d.dh;
+  const unsigned blocks = unsigned((rows + 7) / 8);
+  if (d.dh == 64)
+    flash::diff_flash_bwd_prep_kernel<64><<<blocks, 256, 0, stream>>>(p, rows);
+  else
+    flash::diff_flash_bwd_prep_kernel<128><<<blocks, 256, 0, stream>>>(p, rows);
+  flash::check_launch("backward D");
+  cudaError_t e = cudaMemsetAsync(p.dq_acc, 0, size_t(n) * 4, stream);
+  if (e != cudaSuccess) throw_error("diff_flash: clearing the dQ accumulator: ", cudaGetErrorString(e));
+  diff_flash_dkdv_wgmma(d, p, stream);
+  flash::diff_flash_dq_convert_kernel<<<1024, 256, 0, stream>>>(
+      reinterpret_cast<const float4*>(p.dq_acc), p.scale,
+      reinterpret_cast<__nv_bfloat162*>(p.dq), n / 4);
+  flash::check_launch("backward dQ convert");
 }
 
 }  // namespace difftron::cuda

@@ -26,4 +26,10 @@ int diff_flash_dkdv_wgmma_ctas(const DiffFlashDims& d);
 void diff_flash_dkdv_wgmma(const DiffFlashDims& d, const flash::BwdParams& p,
                            cudaStream_t stream);
 
+// The fused-dQ backward (dh 64, needs the saved O2n and p.dq_acc): D1, D2' from dO, O, O2n;
+// the dK/dV kernel also accumulating dQ with float atomics; dq = bf16(scale dq_acc). Faster
+// but not bitwise repeatable; chosen by diff_flash_backward unless DIFFTRON_FLASH_DETERMINISTIC=1.
+void diff_flash_bwd_fused_dq(const DiffFlashDims& d, const flash::BwdParams& p,
+                             cudaStream_t stream);
+
 }  // namespace difftron::cuda
