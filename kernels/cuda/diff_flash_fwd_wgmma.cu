@@ -17,6 +17,9 @@
 #include "kernels/cuda/diff_flash_wgmma.cuh"
 #include "kernels/cuda/diff_flash_wgmma.h"
 
+#ifndef DIFF_FLASH_WG_FWD_BN
+#define DIFF_FLASH_WG_FWD_BN 64  // keys per K/V tile
+#endif
 #ifndef DIFF_FLASH_WG64_MIN_BLOCKS
 #define DIFF_FLASH_WG64_MIN_BLOCKS 2  // dh 64: CTAs per SM the registers are budgeted for
 #endif
@@ -27,7 +30,7 @@ namespace flash {
 template <int DH>
 struct WgFwdCfg {
   static constexpr int THREADS = 256;          // two warpgroups: map 1, map 2
-  static constexpr int BM = 64, BN = 64;       // query rows per CTA, keys per tile
+  static constexpr int BM = 64, BN = DIFF_FLASH_WG_FWD_BN;  // query rows per CTA, keys per tile
   static constexpr int ROW = 2 * DH;           // bf16 per global row: q (both maps), k, v
   static constexpr int GROUPS = ROW / 64;      // Tile<64> column groups per row
   static constexpr int TILE_Q = BM * ROW * 2;  // bytes; map j's groups: j * DH / 64 ...
