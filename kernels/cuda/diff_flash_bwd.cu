@@ -822,7 +822,7 @@ void launch_bwd(const DiffFlashDims& d, const flash::BwdParams& p, cudaStream_t 
     flash::check_launch("backward dK/dV");
     n_part = int64_t(gkv.x) * gkv.y;
   };
-  if (DH == 64 && diff_flash_wgmma_enabled()) {  // Hopper: diff_flash_bwd_wgmma.cu
+  if (diff_flash_wgmma_enabled()) {  // Hopper: diff_flash_bwd_wgmma.cu
     diff_flash_dkdv_wgmma(d, p, stream);
     n_part = diff_flash_dkdv_wgmma_ctas(d);
   } else if constexpr (DH == 64 && DIFF_FLASH_DKV64_QSPLIT)
@@ -832,9 +832,9 @@ void launch_bwd(const DiffFlashDims& d, const flash::BwdParams& p, cudaStream_t 
   launch_dlambda(p, n_part, dkv_ctas(d), stream);
 }
 
-// The fused-dQ backward (diff_flash_bwd_wgmma.cu) runs for dh 64 on the wgmma kernels when
+// The fused-dQ backward (diff_flash_bwd_wgmma.cu) runs on the wgmma kernels when
 // the forward saved O2n, unless DIFFTRON_FLASH_DETERMINISTIC=1 asks for bitwise repeatability.
-bool fused_dq_possible(const DiffFlashDims& d) { return d.dh == 64 && diff_flash_wgmma_enabled(); }
+bool fused_dq_possible(const DiffFlashDims&) { return diff_flash_wgmma_enabled(); }
 bool deterministic_asked() {
   const char* env = std::getenv("DIFFTRON_FLASH_DETERMINISTIC");
   return env && std::strcmp(env, "1") == 0;

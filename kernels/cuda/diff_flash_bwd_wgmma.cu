@@ -293,6 +293,224 @@ __global__ void __launch_bounds__(WgDkvCfg::THREADS, WgDkvCfg::MIN_BLOCKS)
 }
 
 
+// ---- dh 128 -------------------------------------------------------------------------------
+// dK_j (64 keys x dh) and the 2dh-wide dV (64 keys x 256) of both maps do not fit one
+// warpgroup's registers, so a CTA owns 64 keys and its warpgroup j owns map j: S_j^T, P_j^T,
+// dS_j^T, dK_j, and dV's column half j. Both warpgroups compute the full dP^T = V dO^T (the
+// dh 256 contraction, duplicated: cheaper than exchanging f32 partial sums) and hand each
+// other their scaled probabilities (P_1^T, -lambda P_2^T, bf16) through shared memory, so that
+//   dV[:, half j] += P_j^T dO[:, half j] (A from registers) + P_other^T dO[:, half j] (A from
+//   shared memory).
+// 24 dh FLOP per (query, key) pair (28 with the fused dQ_j = dS_j K_j).
+struct WgDkv128Cfg {
+  static constexpr int DH = 128, ROW = 2 * DH;  // bf16 per row: 4 Tile<64> column groups
+  static constexpr int THREADS = 256;           // warpgroup j: map j
+  static constexpr int BN = 64, BM = 64;        // keys per CTA, queries per tile
+  static constexpr int TILE_KV = BN * ROW * 2;  // 32 KB; column groups BN * 128 apart
+  static constexpr int TILE_Q = BM * ROW * 2;   // 32 KB; column groups BM * 128 apart
+  static constexpr int STAT = 4 * BM * 4;
+  static constexpr int TILE_P = BN * BM * 2;    // one map's P^T (or dS^T), rows = keys
+  static constexpr int OFF_K = 0, OFF_V = TILE_KV, OFF_Q = 2 * TILE_KV;
+  static constexpr int OFF_DO = OFF_Q + 2 * TILE_Q, OFF_ST = OFF_DO + 2 * TILE_Q;
+  static constexpr int OFF_PX = OFF_ST + 2 * STAT, OFF_DS = OFF_PX + 2 * TILE_P;
+  static constexpr int OFF_RED = OFF_DS + 2 * TILE_P;
+  static constexpr int SMEM = OFF_RED + 8 * 4;  // no alignment slack: the base must be 1024-aligned
+};
+
+template <bool FUSE_DQ>
+__global__ void __launch_bounds__(WgDkv128Cfg::THREADS, 1)
+    diff_flash_dkdv128_wgmma_kernel(const BwdParams p) {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  namespace w = wgmma;
+  using C = WgDkv128Cfg;
+  constexpr int DH = C::DH;
+  constexpr int NQ = C::BM / 8;  // score n-tiles (queries)
+  constexpr int HT = DH / 8;     // n-tiles of dK_j, of dV's half, of dQ_j
+  extern __shared__ __align__(1024) uint8_t smem[];
+  const uint32_t sb = smem_addr(smem);
+  if ((sb & 1023) != 0) __trap();  // wgmma's 128-byte swizzle is anchored to 1024 bytes
+
+  const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+  const int map = warp >> 2, wl = warp & 3;
+  const int g = lane >> 2, t4 = lane & 3;
+  const int b = grid_head() / p.h_kv, kvg = grid_head() % p.h_kv;
+  const int k0 = grid_tile() * C::BN;
+  const int S = p.S;
+  const int64_t q_rs = int64_t(p.h) * C::ROW, kv_rs = int64_t(p.h_kv) * C::ROW;
+  const int64_t kvoff = (int64_t(b) * S * p.h_kv + kvg) * C::ROW;
+  const int n_qt = (S + C::BM - 1) / C::BM, qt_first = k0 / C::BM;
+  const int nq = n_qt - qt_first, n_it = p.group * nq;
+
+  auto load_q = [&](int it, int st) {
+    const int hd = kvg * p.group + it / nq, q0 = (qt_first + it % nq) * C::BM;
+    const int64_t qoff = (int64_t(b) * S * p.h + hd) * C::ROW;
+    load_groups<C::BM, C::ROW, C::THREADS>(sb + C::OFF_Q + st * C::TILE_Q, p.q + qoff, q_rs, q0,
+                                           S, tid);
+    load_groups<C::BM, C::ROW, C::THREADS>(sb + C::OFF_DO + st * C::TILE_Q, p.dout + qoff, q_rs,
+                                           q0, S, tid);
+    static_assert(4 * C::BM == C::THREADS, "one statistic per thread");
+    const int which = tid / C::BM, x = tid % C::BM;
+    const float* base = (which < 2 ? p.lse : p.D) + ((int64_t(b) * p.h + hd) * 2 + (which & 1)) * S;
+    const bool ok = q0 + x < S;
+    cp_async_4(sb + C::OFF_ST + st * C::STAT + tid * 4, base + (ok ? q0 + x : 0), ok ? 4 : 0);
+  };
+  load_groups<C::BN, C::ROW, C::THREADS>(sb + C::OFF_K, p.k + kvoff, kv_rs, k0, S, tid);
+  load_groups<C::BN, C::ROW, C::THREADS>(sb + C::OFF_V, p.v + kvoff, kv_rs, k0, S, tid);
+  load_q(0, 0);
+  cp_async_commit();
+
+  const float lam = *p.lambda;
+  const float pscale = map ? -lam : 1.f;
+  const int krow0 = k0 + wl * 16;
+  const uint32_t sKj = sb + C::OFF_K + 2 * map * C::BN * 128;  // K_j: groups 2j, 2j + 1
+  const uint32_t sV = sb + C::OFF_V;
+  float dk[HT][4], dv[HT][4];  // dK_j; dV[:, map half]
+#pragma unroll
+  for (int n = 0; n < HT; ++n)
+#pragma unroll
+    for (int e = 0; e < 4; ++e) dk[n][e] = dv[n][e] = 0.f;
+  float dlam = 0.f;
+
+  for (int it = 0; it < n_it; ++it) {
+    const int st = it & 1;
+    const int q0 = (qt_first + it % nq) * C::BM;
+    cp_async_wait<0>();
+    w::fence_proxy_async();
+    __syncthreads();  // tile it landed; the other buffer and the P / dS slots are free
+    if (it + 1 < n_it) load_q(it + 1, st ^ 1);
+    cp_async_commit();
+    const uint32_t sQ = sb + C::OFF_Q + st * C::TILE_Q, sDO = sb + C::OFF_DO + st * C::TILE_Q;
+    const float* stat = reinterpret_cast<const float*>(smem + C::OFF_ST + st * C::STAT);
+
+    // dP^T = V dO^T (contraction 2dh = 4 groups), S_j^T = K_j Q_j^T (2 groups)
+    float dp[NQ][4], sc[NQ][4];
+    w::fence();
+#pragma unroll
+    for (int kk = 0; kk < C::ROW / 16; ++kk)
+      w::wgmma_ss<0, 0>(dp, w::kmajor_desc(sV + (kk >> 2) * C::BN * 128, kk & 3),
+                        w::kmajor_desc(sDO + (kk >> 2) * C::BM * 128, kk & 3), kk > 0);
+#pragma unroll
+    for (int kk = 0; kk < DH / 16; ++kk)
+      w::wgmma_ss<0, 0>(sc, w::kmajor_desc(sKj + (kk >> 2) * C::BN * 128, kk & 3),
+                        w::kmajor_desc(sQ + (2 * map + (kk >> 2)) * C::BM * 128, kk & 3),
+                        kk > 0);
+    w::commit();
+    w::wait<0>();
+    w::fence_regs(dp);
+    w::fence_regs(sc);
+
+    // P_j^T (scaled by 1 or -lambda), dS_j^T; both also to shared memory (P for the partner's
+    // dV half, dS for the fused dQ)
+    const bool masked = q0 < krow0 + 15 || q0 + C::BM > S;
+    uint32_t fp[NQ][2], fd[NQ][2];
+    uint8_t* px = smem + C::OFF_PX + map * C::TILE_P + 4 * t4;
+    uint8_t* pd = smem + C::OFF_DS + map * C::TILE_P + 4 * t4;
+    const int r = wl * 16 + g;
+#pragma unroll
+    for (int n = 0; n < NQ; ++n) {
+      const int c = n * 8 + 2 * t4;
+      const float2 ls = *reinterpret_cast<const float2*>(stat + map * C::BM + c);
+      const float2 dd = *reinterpret_cast<const float2*>(stat + (2 + map) * C::BM + c);
+      float pr[4], ds[4];
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const bool odd = e & 1;
+        float pe = fast_exp2(fmaf(sc[n][e], p.scale_log2, -(odd ? ls.y : ls.x) * kLog2e));
+        const int col = q0 + c + (e & 1), row = krow0 + g + 8 * (e >> 1);
+        if (masked && (col < row || col >= S)) pe = 0.f;
+        if (map) dlam = fmaf(pe, dp[n][e], dlam);
+        pr[e] = pscale * pe;
+        ds[e] = pr[e] * (dp[n][e] - (odd ? dd.y : dd.x));
+      }
+      fp[n][0] = pack_bf16(pr[0], pr[1]);
+      fp[n][1] = pack_bf16(pr[2], pr[3]);
+      fd[n][0] = pack_bf16(ds[0], ds[1]);
+      fd[n][1] = pack_bf16(ds[2], ds[3]);
+      *reinterpret_cast<uint32_t*>(px + Tile<64>::off(r, n)) = fp[n][0];
+      *reinterpret_cast<uint32_t*>(px + Tile<64>::off(r + 8, n)) = fp[n][1];
+      if (FUSE_DQ) {
+        *reinterpret_cast<uint32_t*>(pd + Tile<64>::off(r, n)) = fd[n][0];
+        *reinterpret_cast<uint32_t*>(pd + Tile<64>::off(r + 8, n)) = fd[n][1];
+      }
+    }
+    w::fence_proxy_async();
+    __syncthreads();  // both maps' P^T are in shared memory
+
+    // dV[:, half j] += P_j^T dO_j + P_other^T dO_j; dK_j += dS_j^T Q_j
+    const uint32_t sDOj = sDO + 2 * map * C::BM * 128, sQj = sQ + 2 * map * C::BM * 128;
+    const uint32_t sPo = sb + C::OFF_PX + (map ^ 1) * C::TILE_P;
+    w::fence_regs(dv);
+    w::fence_regs(dk);
+    w::fence();
+#pragma unroll
+    for (int kk = 0; kk < C::BM / 16; ++kk) {
+      const uint32_t a[4] = {fp[2 * kk][0], fp[2 * kk][1], fp[2 * kk + 1][0], fp[2 * kk + 1][1]};
+      w::wgmma_rs<1>(dv, a, w::mnmajor_desc(sDOj, C::BM * 128, kk), 1);
+    }
+#pragma unroll
+    for (int kk = 0; kk < C::BM / 16; ++kk)
+      w::wgmma_ss<0, 1>(dv, w::kmajor_desc(sPo, kk), w::mnmajor_desc(sDOj, C::BM * 128, kk), 1);
+#pragma unroll
+    for (int kk = 0; kk < C::BM / 16; ++kk) {
+      const uint32_t a[4] = {fd[2 * kk][0], fd[2 * kk][1], fd[2 * kk + 1][0], fd[2 * kk + 1][1]};
+      w::wgmma_rs<1>(dk, a, w::mnmajor_desc(sQj, C::BM * 128, kk), 1);
+    }
+    w::commit();
+    w::wait<0>();
+    w::fence_regs(dv);
+    w::fence_regs(dk);
+
+    if constexpr (FUSE_DQ) {  // dQ_j = dS_j K_j over the CTA's 64 keys (own map's dS only)
+      float dq[HT][4];
+      w::fence();
+#pragma unroll
+      for (int kk = 0; kk < C::BN / 16; ++kk)
+        w::wgmma_ss<1, 1>(dq, w::mnmajor_desc(sb + C::OFF_DS + map * C::TILE_P, C::BN * 128, kk),
+                          w::mnmajor_desc(sKj, C::BN * 128, kk), kk > 0);
+      w::commit();
+      w::wait<0>();
+      w::fence_regs(dq);
+      const int hd = kvg * p.group + it / nq;
+#pragma unroll
+      for (int hh = 0; hh < 2; ++hh) {
+        const int row = q0 + wl * 16 + g + 8 * hh;
+        if (row >= S) continue;
+        float* acc = p.dq_acc + ((int64_t(b) * S + row) * p.h + hd) * C::ROW + map * DH + 2 * t4;
+#pragma unroll
+        for (int n = 0; n < HT; ++n)
+          atomicAdd(reinterpret_cast<float2*>(acc + n * 8),
+                    make_float2(dq[n][2 * hh], dq[n][2 * hh + 1]));
+      }
+    }
+  }
+
+  float* red = reinterpret_cast<float*>(smem + C::OFF_RED);
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) dlam += __shfl_xor_sync(0xffffffffu, dlam, o);
+  if (lane == 0) red[warp] = dlam;
+  __syncthreads();
+  if (tid == 0) {
+    float sum = 0.f;
+    for (int i = 0; i < C::THREADS / 32; ++i) sum += red[i];
+    p.dlam_part[int64_t(blockIdx.y) * gridDim.x + blockIdx.x] = sum;
+  }
+
+#pragma unroll
+  for (int hh = 0; hh < 2; ++hh) {
+    const int row = krow0 + g + 8 * hh;
+    if (row >= S) continue;
+    bf16* krow = p.dk + kvoff + int64_t(row) * kv_rs + map * DH + 2 * t4;
+    bf16* vrow = p.dv + kvoff + int64_t(row) * kv_rs + map * DH + 2 * t4;
+#pragma unroll
+    for (int n = 0; n < HT; ++n) {
+      *reinterpret_cast<uint32_t*>(krow + n * 8) =
+          pack_bf16(dk[n][2 * hh] * p.scale, dk[n][2 * hh + 1] * p.scale);
+      *reinterpret_cast<uint32_t*>(vrow + n * 8) = pack_bf16(dv[n][2 * hh], dv[n][2 * hh + 1]);
+    }
+  }
+#endif
+}
+
 // D1 = dO . O + lambda D2', D2' = dO . O2n for every row (b, t, head): one warp per row.
 template <int DH>
 __global__ void diff_flash_bwd_prep_kernel(const BwdParams p, int64_t rows) {
@@ -337,14 +555,14 @@ __global__ void diff_flash_dq_convert_kernel(const float4* acc, float scale, __n
 }  // namespace flash
 
 int diff_flash_dkdv_wgmma_ctas(const DiffFlashDims& d) {
-  return int(d.B * d.h_kv * ((d.S + flash::WgDkvCfg::BN - 1) / flash::WgDkvCfg::BN));
+  const int bn = d.dh == 64 ? flash::WgDkvCfg::BN : flash::WgDkv128Cfg::BN;
+  return int(d.B * d.h_kv * ((d.S + bn - 1) / bn));
 }
 
-void diff_flash_dkdv_wgmma(const DiffFlashDims& d, const flash::BwdParams& p,
-                           cudaStream_t stream) {
-  using C = flash::WgDkvCfg;
-  auto kernel = p.dq_acc ? flash::diff_flash_dkdv_wgmma_kernel<true>
-                         : flash::diff_flash_dkdv_wgmma_kernel<false>;
+namespace {
+template <typename C, typename K>
+void launch_dkdv(const DiffFlashDims& d, K kernel, const flash::BwdParams& p,
+                 cudaStream_t stream) {
   cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, C::SMEM);
   if (e != cudaSuccess)
     throw_error("diff_flash: cannot give the wgmma dK/dV kernel ", C::SMEM,
@@ -352,6 +570,19 @@ void diff_flash_dkdv_wgmma(const DiffFlashDims& d, const flash::BwdParams& p,
   const dim3 grid = flash::tile_grid(int((d.S + C::BN - 1) / C::BN), int(d.B * d.h_kv));
   kernel<<<grid, C::THREADS, C::SMEM, stream>>>(p);
   flash::check_launch("wgmma backward dK/dV");
+}
+}  // namespace
+
+void diff_flash_dkdv_wgmma(const DiffFlashDims& d, const flash::BwdParams& p,
+                           cudaStream_t stream) {
+  if (d.dh == 64)
+    launch_dkdv<flash::WgDkvCfg>(d, p.dq_acc ? flash::diff_flash_dkdv_wgmma_kernel<true>
+                                             : flash::diff_flash_dkdv_wgmma_kernel<false>,
+                                 p, stream);
+  else
+    launch_dkdv<flash::WgDkv128Cfg>(d, p.dq_acc ? flash::diff_flash_dkdv128_wgmma_kernel<true>
+                                                : flash::diff_flash_dkdv128_wgmma_kernel<false>,
+                                    p, stream);
 }
 
 void diff_flash_bwd_fused_dq(const DiffFlashDims& d, const flash::BwdParams& p,
