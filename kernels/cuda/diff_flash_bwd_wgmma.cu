@@ -25,40 +25,30 @@
 namespace difftron::cuda {
 namespace flash {
 
-#ifndef DIFF_FLASH_WG_DKV_WGS
-// warpgroups per CTA: 2 (128 keys, Q/dO tiles shared and double-buffered, one CTA per SM) or
-// 1 (64 keys, single-buffered, two independent CTAs per SM)
-#define DIFF_FLASH_WG_DKV_WGS 2
-#endif
-
-template <int WGS>
-struct WgDkvCfgT {
+struct WgDkvCfg {
   static constexpr int DH = 64, ROW = 2 * DH;   // bf16 per row of q, k, v, dO
-  static constexpr int THREADS = 128 * WGS;     // warpgroups of 64 keys
-  static constexpr int BN = 64 * WGS, BM = 64;  // keys per CTA, queries per tile
-  static constexpr int STAGES = WGS == 2 ? 2 : 1;
-  static constexpr int MIN_BLOCKS = WGS == 2 ? 1 : 2;
+  static constexpr int THREADS = 256;           // two warpgroups of 64 keys
+  static constexpr int BN = 128, BM = 64;       // keys per CTA, queries per tile
   static constexpr int TILE_KV = BN * ROW * 2;  // bytes; column groups BN * 128 apart
   static constexpr int TILE_Q = BM * ROW * 2;   // bytes; column groups BM * 128 apart
   static constexpr int STAT = 4 * BM * 4;       // lse_1, lse_2, D1, D2' of one query tile
   static constexpr int OFF_K = 0, OFF_V = TILE_KV, OFF_Q = 2 * TILE_KV;
-  static constexpr int OFF_DO = OFF_Q + STAGES * TILE_Q, OFF_ST = OFF_DO + STAGES * TILE_Q;
-  static constexpr int OFF_RED = OFF_ST + STAGES * STAT;  // per-warp dlambda sums
+  static constexpr int OFF_DO = OFF_Q + 2 * TILE_Q, OFF_ST = OFF_DO + 2 * TILE_Q;
+  static constexpr int OFF_RED = OFF_ST + 2 * STAT;  // per-warp dlambda sums
   static constexpr int OFF_DS = OFF_RED + 1024;      // fused dQ: dS_1^T, dS_2^T [BN][BM] bf16
   static constexpr int TILE_DS = BN * BM * 2;
   static constexpr int SMEM = OFF_DS + 2 * TILE_DS + 1024;  // + 1024: base alignment slack
 };
-using WgDkvCfg = WgDkvCfgT<DIFF_FLASH_WG_DKV_WGS>;
 
 // FUSE_DQ: also dQ_j += dS_j K_j over the CTA's 128 keys (warpgroup j takes map j, dS from
 // shared memory), added into p.dq_acc with float atomics (not deterministic).
 template <bool FUSE_DQ>
-__global__ void __launch_bounds__(WgDkvCfg::THREADS, WgDkvCfg::MIN_BLOCKS)
+__global__ void __launch_bounds__(WgDkvCfg::THREADS, 1)
     diff_flash_dkdv_wgmma_kernel(const BwdParams p) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
   namespace w = wgmma;
   using C = WgDkvCfg;
-  constexpr int DH = C::DH, WGS = C::THREADS / 128;
+  constexpr int DH = C::DH;
   constexpr int NQ = C::BM / 8;   // score n-tiles (queries)
   constexpr int KT = DH / 8;      // dK_j n-tiles
   constexpr int VT = C::ROW / 8;  // dV n-tiles
@@ -84,15 +74,11 @@ __global__ void __launch_bounds__(WgDkvCfg::THREADS, WgDkvCfg::MIN_BLOCKS)
                                            S, tid);
     load_groups<C::BM, C::ROW, C::THREADS>(sb + C::OFF_DO + st * C::TILE_Q, p.dout + qoff, q_rs,
                                            q0, S, tid);
-    static_assert(4 * C::BM % C::THREADS == 0, "statistics must divide among the threads");
-#pragma unroll
-    for (int i = tid; i < 4 * C::BM; i += C::THREADS) {
-      const int which = i / C::BM, x = i % C::BM;
-      const float* base =
-          (which < 2 ? p.lse : p.D) + ((int64_t(b) * p.h + hd) * 2 + (which & 1)) * S;
-      const bool ok = q0 + x < S;
-      cp_async_4(sb + C::OFF_ST + st * C::STAT + i * 4, base + (ok ? q0 + x : 0), ok ? 4 : 0);
-    }
+    static_assert(4 * C::BM == C::THREADS, "one statistic per thread");
+    const int which = tid / C::BM, x = tid % C::BM;
+    const float* base = (which < 2 ? p.lse : p.D) + ((int64_t(b) * p.h + hd) * 2 + (which & 1)) * S;
+    const bool ok = q0 + x < S;
+    cp_async_4(sb + C::OFF_ST + st * C::STAT + tid * 4, base + (ok ? q0 + x : 0), ok ? 4 : 0);
   };
   load_groups<C::BN, C::ROW, C::THREADS>(sb + C::OFF_K, p.k + kvoff, kv_rs, k0, S, tid);
   load_groups<C::BN, C::ROW, C::THREADS>(sb + C::OFF_V, p.v + kvoff, kv_rs, k0, S, tid);
@@ -117,17 +103,15 @@ __global__ void __launch_bounds__(WgDkvCfg::THREADS, WgDkvCfg::MIN_BLOCKS)
   float dlam = 0.f;  // this thread's sum of P_2 o dP (dlambda)
 
   for (int it = 0; it < n_it; ++it) {
-    const int st = C::STAGES == 2 ? it & 1 : 0;
+    const int st = it & 1;
     const int q0 = (qt_first + it % nq) * C::BM;
     cp_async_wait<0>();
     w::fence_proxy_async();
     __syncthreads();  // tile it landed; every warpgroup is done with the other buffer
-    if (C::STAGES == 2) {
-      if (it + 1 < n_it) load_q(it + 1, st ^ 1);
-      cp_async_commit();
-      // every query of the tile precedes this warpgroup's keys (the fused dQ needs its zero dS)
-      if (!FUSE_DQ && q0 + C::BM <= kw0) continue;
-    }
+    if (it + 1 < n_it) load_q(it + 1, st ^ 1);
+    cp_async_commit();
+    // every query of the tile precedes this warpgroup's keys (the fused dQ needs its zero dS)
+    if (!FUSE_DQ && q0 + C::BM <= kw0) continue;
     const uint32_t sQ = sb + C::OFF_Q + st * C::TILE_Q, sDO = sb + C::OFF_DO + st * C::TILE_Q;
     const float* stat = reinterpret_cast<const float*>(smem + C::OFF_ST + st * C::STAT);
 
@@ -218,43 +202,32 @@ __global__ void __launch_bounds__(WgDkvCfg::THREADS, WgDkvCfg::MIN_BLOCKS)
     w::fence_regs(dv);
     w::fence_regs(dk2);
 
-    if (C::STAGES == 1) {  // single buffer: Q, dO and the statistics are free now
-      if (FUSE_DQ) w::fence_proxy_async();
-      __syncthreads();
-      if (it + 1 < n_it) load_q(it + 1, 0);
-      cp_async_commit();
-    }
     if constexpr (FUSE_DQ) {
-      // dQ_j = dS_j K_j over the CTA's keys, both operands MN-major (keys as rows); with two
-      // warpgroups, warpgroup j takes map j, with one it takes both
-      if (C::STAGES == 2) {
-        w::fence_proxy_async();
-        __syncthreads();  // both warpgroups' dS rows are in shared memory
-      }
+      // dQ_j = dS_j K_j over the CTA's 128 keys (warpgroup j takes map j), both operands
+      // MN-major (keys as rows)
+      w::fence_proxy_async();
+      __syncthreads();  // both warpgroups' dS rows are in shared memory
       const int hd = kvg * p.group + it / nq;
+      float dq[KT][4];
+      const uint32_t sDS = sb + C::OFF_DS + wg * C::TILE_DS;
+      const uint32_t sKj = sb + C::OFF_K + wg * C::BN * 128;
+      w::fence();
 #pragma unroll
-      for (int mj = (WGS == 2 ? wg : 0); mj < (WGS == 2 ? wg + 1 : 2); ++mj) {
-        float dq[KT][4];
-        const uint32_t sDS = sb + C::OFF_DS + mj * C::TILE_DS;
-        const uint32_t sKj = sb + C::OFF_K + mj * C::BN * 128;
-        w::fence();
+      for (int kk = 0; kk < C::BN / 16; ++kk)
+        w::wgmma_ss<1, 1>(dq, w::mnmajor_desc(sDS, C::BN * 128, kk),
+                          w::mnmajor_desc(sKj, C::BN * 128, kk), kk > 0);
+      w::commit();
+      w::wait<0>();
+      w::fence_regs(dq);
 #pragma unroll
-        for (int kk = 0; kk < C::BN / 16; ++kk)
-          w::wgmma_ss<1, 1>(dq, w::mnmajor_desc(sDS, C::BN * 128, kk),
-                            w::mnmajor_desc(sKj, C::BN * 128, kk), kk > 0);
-        w::commit();
-        w::wait<0>();
-        w::fence_regs(dq);
+      for (int hh = 0; hh < 2; ++hh) {
+        const int row = q0 + wl * 16 + g + 8 * hh;
+        if (row >= S) continue;
+        float* acc = p.dq_acc + ((int64_t(b) * S + row) * p.h + hd) * C::ROW + wg * DH + 2 * t4;
 #pragma unroll
-        for (int hh = 0; hh < 2; ++hh) {
-          const int row = q0 + wl * 16 + g + 8 * hh;
-          if (row >= S) continue;
-          float* acc = p.dq_acc + ((int64_t(b) * S + row) * p.h + hd) * C::ROW + mj * DH + 2 * t4;
-#pragma unroll
-          for (int n = 0; n < KT; ++n)
-            atomicAdd(reinterpret_cast<float2*>(acc + n * 8),
-                      make_float2(dq[n][2 * hh], dq[n][2 * hh + 1]));
-        }
+        for (int n = 0; n < KT; ++n)
+          atomicAdd(reinterpret_cast<float2*>(acc + n * 8),
+                    make_float2(dq[n][2 * hh], dq[n][2 * hh + 1]));
       }
     }
   }
