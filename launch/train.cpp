@@ -7,6 +7,7 @@
 #include <atomic>
 #include <csignal>
 #include <cstdio>
+#include <cstdlib>
 #include <fstream>
 #include <iostream>
 
@@ -69,6 +70,11 @@ DEFINE_bool(keep_attention_state, true,
             "GPU: keep the fused attention's O2n for the backward: one extra [B,S,h,2dh] bf16 "
             "activation per layer, takes ~12-15% off the attention backward; false saves that memory "
             "(gradients equal to bf16 rounding, docs/PERFORMANCE.md)");
+DEFINE_bool(deterministic, false,
+            "GPU: bitwise repeatable steps. By default the Hopper fused attention backward adds "
+            "dQ with float atomics (fastest; last-bit differences between runs); this selects "
+            "its fixed-order path (sets DIFFTRON_FLASH_DETERMINISTIC=1; ~20% slower attention "
+            "backward)");
 DEFINE_int32(tp, 1, "tensor-parallel ranks (consecutive ranks, one node); world size = tp x dp");
 DEFINE_int32(dp, 1, "data-parallel (ZeRO-1) ranks; world size = tp x dp");
 DEFINE_double(collective_timeout, 600, "seconds a collective may take before the watchdog ends the job (0: never)");
@@ -256,6 +262,7 @@ int train_main(int argc, char** argv) {
   Model model(cfg, *ops, precision, FLAGS_batch, FLAGS_seq, par ? model_parallel(*par) : ModelParallel{});
   model.init_weights(FLAGS_seed);
   model.keep_attention_state(FLAGS_keep_attention_state);
+  if (FLAGS_deterministic) setenv("DIFFTRON_FLASH_DETERMINISTIC", "1", 1);
   OptimizerConfig oc;
   oc.lr = FLAGS_lr;
   oc.min_lr_ratio = FLAGS_min_lr_ratio;

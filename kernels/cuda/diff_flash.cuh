@@ -25,6 +25,11 @@
 // 6 for D2' + 12 for dQ; dK/dV kernel 16), 28 dh with it; the minimum is 20 dh.
 //
 // ---- Kernel design ------------------------------------------------------------------------
+// Hopper (sm_90a): diff_flash_fwd_wgmma.cu / diff_flash_bwd_wgmma.cu, warpgroup MMAs
+// (wgmma.cuh); their design is described at the top of each file. The rest of this comment
+// and of this header is about the mma.sync kernels (diff_flash_fwd.cu, diff_flash_bwd.cu),
+// which run on every other GPU; the wgmma kernels share the PTX wrappers, Tile<64>, the
+// softmax step and the parameter structs below.
 // mma.sync m16n8k16 (bf16 in, f32 accumulate), ldmatrix from XOR-swizzled shared memory,
 // cp.async double buffering (one __syncthreads per tile). A warp owns 16 rows of a tile; the
 // accumulators of the 2dh-wide outputs (O, dV) and of both maps would not fit one warp's
@@ -108,7 +113,7 @@ struct FwdDualCfg {
   static constexpr int MIN_BLOCKS = 2;
 };
 
-// dQ kernel (+ D1, D2' and the dlambda partial sums): query-major, key-split pairs (each
+// dQ kernel (+ D1, D2'): query-major, key-split pairs (each
 // warp of a pair takes half of every key tile for both maps; the dQ partials meet once).
 template <int DH>
 struct DqCfg {
@@ -120,8 +125,7 @@ struct DqCfg {
   static constexpr int OFF_Q = 0, OFF_DO = TILE_Q, OFF_K = OFF_DO + TILE_Q;
   static constexpr int OFF_V = OFF_K + 2 * TILE_KV;
   static constexpr int OFF_XR = OFF_V + 2 * TILE_KV;      // float2 per lane and warp
-  static constexpr int OFF_RED = OFF_XR + WARPS * 32 * 8;  // float per warp
-  static constexpr int SMEM = OFF_RED + WARPS * 4;
+  static constexpr int SMEM = OFF_XR + WARPS * 32 * 8;
   static constexpr int MIN_BLOCKS = 1;
   // the final dQ exchange (one map's partial per warp) reuses the K/V buffers
   static_assert(WARPS * DH * 16 * 4 <= 4 * TILE_KV, "dQ exchange must fit in the K/V buffers");

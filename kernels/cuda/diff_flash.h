@@ -2,6 +2,9 @@
 // device pointers, bf16 in / fp32 accumulate, causal, GQA, dh 64 or 128. Layouts are those of
 // kernels/ops.h (q [B,S,h,2,dh], k [B,S,h_kv,2,dh], v [B,S,h_kv,2dh], out [B,S,h,2dh],
 // lse [B,h,2,S] f32, lambda [1] f32 on the device). Math and kernel design: diff_flash.cuh.
+// Two kernel families: Hopper wgmma kernels (diff_flash_*_wgmma.cu; builds with sm_90a on
+// compute capability 9.x devices, unless DIFFTRON_FLASH_WGMMA=0) and mma.sync kernels
+// (diff_flash_fwd.cu, diff_flash_bwd.cu) everywhere else.
 #pragma once
 #include <cstddef>
 #include <cstdint>
@@ -33,9 +36,12 @@ size_t diff_flash_backward_workspace_bytes(const DiffFlashDims& d);
 
 // dq, dk, dv (bf16, overwritten) and dlambda[0] (f32, overwritten) = -sum P_2 o (dO V^T) over
 // all query-key pairs (= -sum_rows dO . O2n), summed in f32 from the dK/dV kernel's recomputed
-// P_2 and dP whether or not o2 is given. Deterministic: every reduction runs in a fixed order,
-// no atomics. o2: the forward's optional O2n output, used for D2' = dO . O2n in dS_2 (null:
-// recomputed, one extra pass over the key tiles in the dQ kernel).
+// P_2 and dP whether or not o2 is given. o2: the forward's optional O2n output, used for
+// D2' = dO . O2n in dS_2 (null: recomputed, one extra pass over the key tiles in the dQ kernel).
+// Determinism: with o2 on the wgmma kernels, dQ is accumulated with f32 atomics in the dK/dV
+// kernel (the fastest path; dq may differ in the last bits between runs); everything else, and
+// every path when the environment has DIFFTRON_FLASH_DETERMINISTIC=1 (`train --deterministic`),
+// runs its reductions in a fixed order without atomics and is bitwise repeatable.
 void diff_flash_backward(const DiffFlashDims& d, const __nv_bfloat16* q, const __nv_bfloat16* k,
                          const __nv_bfloat16* v, const float* lambda, const __nv_bfloat16* out,
                          const float* lse, const __nv_bfloat16* dout, __nv_bfloat16* dq,
