@@ -299,8 +299,13 @@ __device__ __forceinline__ void causal_mask(float (&s)[NT][4], int col0, int row
 // One online-softmax step in log2 units (sl2 = scale * log2 e): updates the running max m and
 // this thread's partial row sums l of rows g, g + 8, returns the factor alpha that rescales the
 // old state, and the probabilities as bf16 pairs pf[n] = {row g, row g + 8} (A-fragment order).
-template <int NT>
-__device__ __forceinline__ void softmax_step(const float (&s)[NT][4], float sl2, float (&m)[2],
+// LAZY: the max the probabilities are taken against only moves when the tile's max exceeds it by
+// more than kLazyLog2 (probabilities up to 2^8: exact in the f32 sums, and bf16 keeps its
+// relative precision), decided per warp; alpha is then 1 for both rows. Returns whether the max
+// moved, i.e. whether the caller must rescale its outputs by alpha (always true without LAZY).
+constexpr float kLazyLog2 = 8.f;
+template <int NT, bool LAZY = false>
+__device__ __forceinline__ bool softmax_step(const float (&s)[NT][4], float sl2, float (&m)[2],
                                              float (&l)[2], float (&alpha)[2],
                                              uint32_t (&pf)[NT][2]) {
   float mx[2] = {-INFINITY, -INFINITY};
@@ -309,15 +314,27 @@ __device__ __forceinline__ void softmax_step(const float (&s)[NT][4], float sl2,
     mx[0] = fmaxf(mx[0], fmaxf(s[n][0], s[n][1]));
     mx[1] = fmaxf(mx[1], fmaxf(s[n][2], s[n][3]));
   }
-  float mu[2];
+  bool move = !LAZY;
 #pragma unroll
   for (int hh = 0; hh < 2; ++hh) {
     mx[hh] = fmaxf(mx[hh], __shfl_xor_sync(0xffffffffu, mx[hh], 1));
     mx[hh] = fmaxf(mx[hh], __shfl_xor_sync(0xffffffffu, mx[hh], 2));
-    const float mn = fmaxf(m[hh], mx[hh] * sl2);
-    mu[hh] = mn == -INFINITY ? 0.f : mn;  // a row with no key yet: keep exp2 finite
-    alpha[hh] = fast_exp2(m[hh] - mu[hh]);
-    m[hh] = mn;
+    mx[hh] *= sl2;
+    if (LAZY) move |= mx[hh] > m[hh] + kLazyLog2;  // true for a row's first unmasked key
+  }
+  if (LAZY) move = __any_sync(0xffffffffu, move);
+  float mu[2];
+#pragma unroll
+  for (int hh = 0; hh < 2; ++hh) {
+    if (move) {
+      const float mn = fmaxf(m[hh], mx[hh]);
+      mu[hh] = mn == -INFINITY ? 0.f : mn;  // a row with no key yet: keep exp2 finite
+      alpha[hh] = fast_exp2(m[hh] - mu[hh]);
+      m[hh] = mn;
+    } else {
+      mu[hh] = m[hh] == -INFINITY ? 0.f : m[hh];
+      alpha[hh] = 1.f;
+    }
   }
   float rs[2] = {0.f, 0.f};
 #pragma unroll
@@ -333,6 +350,7 @@ __device__ __forceinline__ void softmax_step(const float (&s)[NT][4], float sl2,
   }
   l[0] = l[0] * alpha[0] + rs[0];
   l[1] = l[1] * alpha[1] + rs[1];
+  return move;
 }
 
 // ---- kernel parameters -----------------------------------------------------------------

@@ -25,6 +25,101 @@
 namespace difftron::cuda {
 namespace flash {
 
+// ---- shared by the dh 64 and dh 128 kernels -------------------------------------------------
+// Which keys a dK/dV CTA owns and which query tiles it walks (every head of its K/V group,
+// from the first tile that reaches its keys), and the loads of both.
+template <typename C>
+struct DkvWalk {
+  int b, kvg, k0, S, qt_first, nq, n_it;
+  int64_t q_rs, kv_rs, kvoff;
+  __device__ explicit DkvWalk(const BwdParams& p)
+      : b(grid_head() / p.h_kv), kvg(grid_head() % p.h_kv), k0(grid_tile() * C::BN), S(p.S),
+        qt_first(k0 / C::BM), nq((p.S + C::BM - 1) / C::BM - qt_first), n_it(p.group * nq),
+        q_rs(int64_t(p.h) * C::ROW), kv_rs(int64_t(p.h_kv) * C::ROW),
+        kvoff((int64_t(b) * p.S * p.h_kv + kvg) * C::ROW) {}
+  __device__ int head(const BwdParams& p, int it) const { return kvg * p.group + it / nq; }
+  __device__ int q0(int it) const { return (qt_first + it % nq) * C::BM; }
+  // K and V of the CTA's keys (column groups BN * 128 bytes apart)
+  __device__ void load_kv(uint32_t sb, const BwdParams& p, int tid) const {
+    load_groups<C::BN, C::ROW, C::THREADS>(sb + C::OFF_K, p.k + kvoff, kv_rs, k0, S, tid);
+    load_groups<C::BN, C::ROW, C::THREADS>(sb + C::OFF_V, p.v + kvoff, kv_rs, k0, S, tid);
+  }
+  // Q, dO and the statistics (lse_1, lse_2, D1, D2') of query tile `it` into stage st
+  __device__ void load_q(uint32_t sb, const BwdParams& p, int it, int st, int tid) const {
+    const int hd = head(p, it), t0 = q0(it);
+    const int64_t qoff = (int64_t(b) * S * p.h + hd) * C::ROW;
+    load_groups<C::BM, C::ROW, C::THREADS>(sb + C::OFF_Q + st * C::TILE_Q, p.q + qoff, q_rs, t0,
+                                           S, tid);
+    load_groups<C::BM, C::ROW, C::THREADS>(sb + C::OFF_DO + st * C::TILE_Q, p.dout + qoff, q_rs,
+                                           t0, S, tid);
+    static_assert(4 * C::BM == C::THREADS, "one statistic per thread");
+    const int which = tid / C::BM, x = tid % C::BM;
+    const float* base = (which < 2 ? p.lse : p.D) + ((int64_t(b) * p.h + hd) * 2 + (which & 1)) * S;
+    const bool ok = t0 + x < S;
+    cp_async_4(sb + C::OFF_ST + st * C::STAT + tid * 4, base + (ok ? t0 + x : 0), ok ? 4 : 0);
+  }
+};
+
+// One map's probabilities and dS for a warp's 16 keys x NQ * 8 queries (accumulator layout,
+// keys as rows): P^T = exp(S^T - lse) (zero where the query precedes the key or is past S),
+// fp = pscale P^T and fd = pscale P^T o (dP^T - D) as bf16 A fragments; dlam (map 2 only, else
+// null) += P o dP. stat: the tile's statistics; map picks lse_map and D_map.
+template <int NQ, int BM>
+__device__ __forceinline__ void probs_ds(const float (&s)[NQ][4], const float (&dp)[NQ][4],
+                                         const float* stat, int map, float pscale, float scale_log2,
+                                         bool masked, int q0, int krow0, int S, int lane,
+                                         float* dlam, uint32_t (&fp)[NQ][2], uint32_t (&fd)[NQ][2]) {
+  const int g = lane >> 2, t4 = lane & 3;
+#pragma unroll
+  for (int n = 0; n < NQ; ++n) {
+    const int c = n * 8 + 2 * t4;
+    const float2 ls = *reinterpret_cast<const float2*>(stat + map * BM + c);
+    const float2 dd = *reinterpret_cast<const float2*>(stat + (2 + map) * BM + c);
+    float pr[4], ds[4];
+#pragma unroll
+    for (int e = 0; e < 4; ++e) {
+      const bool odd = e & 1;
+      float pe = fast_exp2(fmaf(s[n][e], scale_log2, -(odd ? ls.y : ls.x) * kLog2e));
+      const int col = q0 + c + (e & 1), row = krow0 + g + 8 * (e >> 1);
+      if (masked && (col < row || col >= S)) pe = 0.f;
+      if (dlam) *dlam = fmaf(pe, dp[n][e], *dlam);
+      pr[e] = pscale * pe;
+      ds[e] = pr[e] * (dp[n][e] - (odd ? dd.y : dd.x));
+    }
+    fp[n][0] = pack_bf16(pr[0], pr[1]);
+    fp[n][1] = pack_bf16(pr[2], pr[3]);
+    fd[n][0] = pack_bf16(ds[0], ds[1]);
+    fd[n][1] = pack_bf16(ds[2], ds[3]);
+  }
+}
+
+// A warp's bf16 fragments (rows r, r + 8; NQ * 8 columns) into a Tile<64> with rows = keys.
+template <int NQ>
+__device__ __forceinline__ void store_rows(uint8_t* tile, int r, const uint32_t (&f)[NQ][2],
+                                           int lane) {
+  uint8_t* t = tile + 4 * (lane & 3);
+#pragma unroll
+  for (int n = 0; n < NQ; ++n) {
+    *reinterpret_cast<uint32_t*>(t + Tile<64>::off(r, n)) = f[n][0];
+    *reinterpret_cast<uint32_t*>(t + Tile<64>::off(r + 8, n)) = f[n][1];
+  }
+}
+
+// The CTA's dlambda partial: the threads' sums added in a fixed order (red: a float per warp).
+template <int THREADS>
+__device__ __forceinline__ void store_dlambda_partial(float dlam, float* red, float* part) {
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+#pragma unroll
+  for (int o = 16; o > 0; o >>= 1) dlam += __shfl_xor_sync(0xffffffffu, dlam, o);
+  if (lane == 0) red[warp] = dlam;
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    float sum = 0.f;
+    for (int i = 0; i < THREADS / 32; ++i) sum += red[i];
+    part[int64_t(blockIdx.y) * gridDim.x + blockIdx.x] = sum;
+  }
+}
+
 struct WgDkvCfg {
   static constexpr int DH = 64, ROW = 2 * DH;   // bf16 per row of q, k, v, dO
   static constexpr int THREADS = 256;           // two warpgroups of 64 keys
@@ -59,34 +154,14 @@ __global__ void __launch_bounds__(WgDkvCfg::THREADS, 1)
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
   const int wg = warp >> 2, wl = warp & 3;
   const int g = lane >> 2, t4 = lane & 3;
-  const int b = grid_head() / p.h_kv, kvg = grid_head() % p.h_kv;
-  const int k0 = grid_tile() * C::BN;
-  const int S = p.S;
-  const int64_t q_rs = int64_t(p.h) * C::ROW, kv_rs = int64_t(p.h_kv) * C::ROW;
-  const int64_t kvoff = (int64_t(b) * S * p.h_kv + kvg) * C::ROW;
-  const int n_qt = (S + C::BM - 1) / C::BM, qt_first = k0 / C::BM;
-  const int nq = n_qt - qt_first, n_it = p.group * nq;
-
-  auto load_q = [&](int it, int st) {
-    const int hd = kvg * p.group + it / nq, q0 = (qt_first + it % nq) * C::BM;
-    const int64_t qoff = (int64_t(b) * S * p.h + hd) * C::ROW;
-    load_groups<C::BM, C::ROW, C::THREADS>(sb + C::OFF_Q + st * C::TILE_Q, p.q + qoff, q_rs, q0,
-                                           S, tid);
-    load_groups<C::BM, C::ROW, C::THREADS>(sb + C::OFF_DO + st * C::TILE_Q, p.dout + qoff, q_rs,
-                                           q0, S, tid);
-    static_assert(4 * C::BM == C::THREADS, "one statistic per thread");
-    const int which = tid / C::BM, x = tid % C::BM;
-    const float* base = (which < 2 ? p.lse : p.D) + ((int64_t(b) * p.h + hd) * 2 + (which & 1)) * S;
-    const bool ok = q0 + x < S;
-    cp_async_4(sb + C::OFF_ST + st * C::STAT + tid * 4, base + (ok ? q0 + x : 0), ok ? 4 : 0);
-  };
-  load_groups<C::BN, C::ROW, C::THREADS>(sb + C::OFF_K, p.k + kvoff, kv_rs, k0, S, tid);
-  load_groups<C::BN, C::ROW, C::THREADS>(sb + C::OFF_V, p.v + kvoff, kv_rs, k0, S, tid);
-  load_q(0, 0);
+  const DkvWalk<C> wk(p);
+  const int S = p.S, n_it = wk.n_it;
+  wk.load_kv(sb, p, tid);
+  wk.load_q(sb, p, 0, 0, tid);
   cp_async_commit();
 
   const float lam = *p.lambda;
-  const int kw0 = k0 + wg * 64;       // this warpgroup's first key
+  const int kw0 = wk.k0 + wg * 64;    // this warpgroup's first key
   const int krow0 = kw0 + wl * 16;    // this warp's first key
   // this warpgroup's 64 rows of K_1 (group 0), K_2 (group 1) and V (groups 0, 1)
   const uint32_t sK1 = sb + C::OFF_K + wg * 64 * 128, sK2 = sK1 + C::BN * 128;
@@ -104,11 +179,11 @@ __global__ void __launch_bounds__(WgDkvCfg::THREADS, 1)
 
   for (int it = 0; it < n_it; ++it) {
     const int st = it & 1;
-    const int q0 = (qt_first + it % nq) * C::BM;
+    const int q0 = wk.q0(it);
     cp_async_wait<0>();
     w::fence_proxy_async();
     __syncthreads();  // tile it landed; every warpgroup is done with the other buffer
-    if (it + 1 < n_it) load_q(it + 1, st ^ 1);
+    if (it + 1 < n_it) wk.load_q(sb, p, it + 1, st ^ 1, tid);
     cp_async_commit();
     // every query of the tile precedes this warpgroup's keys (the fused dQ needs its zero dS)
     if (!FUSE_DQ && q0 + C::BM <= kw0) continue;
@@ -132,35 +207,8 @@ __global__ void __launch_bounds__(WgDkvCfg::THREADS, 1)
 
     // causal / ragged mask: query column t < key row u, or t >= S
     const bool masked = q0 < krow0 + 15 || q0 + C::BM > S;
-    auto probs = [&](int map, uint32_t (&fp)[NQ][2], uint32_t (&fd)[NQ][2], float pscale) {
-#pragma unroll
-      for (int n = 0; n < NQ; ++n) {
-        const int c = n * 8 + 2 * t4;
-        const float2 ls = *reinterpret_cast<const float2*>(stat + map * C::BM + c);
-        const float2 dd = *reinterpret_cast<const float2*>(stat + (2 + map) * C::BM + c);
-        float pr[4], ds[4];
-#pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          const bool odd = e & 1;
-          float pe = fast_exp2(fmaf(s[n][e], p.scale_log2, -(odd ? ls.y : ls.x) * kLog2e));
-          const int col = q0 + c + (e & 1), row = krow0 + g + 8 * (e >> 1);
-          if (masked && (col < row || col >= S)) pe = 0.f;
-          if (map) dlam = fmaf(pe, dp[n][e], dlam);
-          pr[e] = pscale * pe;
-          ds[e] = pr[e] * (dp[n][e] - (odd ? dd.y : dd.x));
-        }
-        fp[n][0] = pack_bf16(pr[0], pr[1]);
-        fp[n][1] = pack_bf16(pr[2], pr[3]);
-        fd[n][0] = pack_bf16(ds[0], ds[1]);
-        fd[n][1] = pack_bf16(ds[2], ds[3]);
-        if (FUSE_DQ) {  // dS_map^T rows (keys) of this warp into the Tile<64> [BN][BM]
-          uint8_t* ds_tile = smem + C::OFF_DS + map * C::TILE_DS + 4 * t4;
-          const int r = wg * 64 + wl * 16 + g;
-          *reinterpret_cast<uint32_t*>(ds_tile + Tile<64>::off(r, n)) = fd[n][0];
-          *reinterpret_cast<uint32_t*>(ds_tile + Tile<64>::off(r + 8, n)) = fd[n][1];
-        }
-      }
-    };
+    uint8_t* ds_rows = smem + C::OFF_DS;  // fused dQ: dS_j^T at map j's Tile<64> [BN][BM]
+    const int r = wg * 64 + wl * 16 + g;  // this warp's first key row within the CTA
     // dV += P^T dO (dO MN-major, 2dh wide), dK_j += dS_j^T Q_j (Q_j MN-major)
     auto grads = [&](const uint32_t (&fp)[NQ][2], const uint32_t (&fd)[NQ][2],
                      float (&dk)[KT][4], uint32_t sQj) {
@@ -177,7 +225,9 @@ __global__ void __launch_bounds__(WgDkvCfg::THREADS, 1)
     };
 
     uint32_t fp[NQ][2], fd[NQ][2];
-    probs(0, fp, fd, 1.f);
+    probs_ds<NQ, C::BM>(s, dp, stat, 0, 1.f, p.scale_log2, masked, q0, krow0, S, lane, nullptr,
+                        fp, fd);
+    if (FUSE_DQ) store_rows(ds_rows, r, fd, lane);
     w::fence_regs(dv);
     w::fence_regs(dk1);
     w::fence();
@@ -193,7 +243,9 @@ __global__ void __launch_bounds__(WgDkvCfg::THREADS, 1)
     w::fence_regs(dv);
     w::fence_regs(dk1);
 
-    probs(1, fp, fd, -lam);
+    probs_ds<NQ, C::BM>(s, dp, stat, 1, -lam, p.scale_log2, masked, q0, krow0, S, lane, &dlam,
+                        fp, fd);
+    if (FUSE_DQ) store_rows(ds_rows + C::TILE_DS, r, fd, lane);
     w::fence_regs(dk2);
     w::fence();
     grads(fp, fd, dk2, sQ + C::BM * 128);
@@ -207,7 +259,7 @@ __global__ void __launch_bounds__(WgDkvCfg::THREADS, 1)
       // MN-major (keys as rows)
       w::fence_proxy_async();
       __syncthreads();  // both warpgroups' dS rows are in shared memory
-      const int hd = kvg * p.group + it / nq;
+      const int hd = wk.head(p, it);
       float dq[KT][4];
       const uint32_t sDS = sb + C::OFF_DS + wg * C::TILE_DS;
       const uint32_t sKj = sb + C::OFF_K + wg * C::BN * 128;
@@ -223,7 +275,7 @@ __global__ void __launch_bounds__(WgDkvCfg::THREADS, 1)
       for (int hh = 0; hh < 2; ++hh) {
         const int row = q0 + wl * 16 + g + 8 * hh;
         if (row >= S) continue;
-        float* acc = p.dq_acc + ((int64_t(b) * S + row) * p.h + hd) * C::ROW + wg * DH + 2 * t4;
+        float* acc = p.dq_acc + ((int64_t(wk.b) * S + row) * p.h + hd) * C::ROW + wg * DH + 2 * t4;
 #pragma unroll
         for (int n = 0; n < KT; ++n)
           atomicAdd(reinterpret_cast<float2*>(acc + n * 8),
@@ -232,25 +284,15 @@ __global__ void __launch_bounds__(WgDkvCfg::THREADS, 1)
     }
   }
 
-  // the CTA's dlambda partial (fixed order over the warps)
-  float* red = reinterpret_cast<float*>(smem + C::OFF_RED);
-#pragma unroll
-  for (int o = 16; o > 0; o >>= 1) dlam += __shfl_xor_sync(0xffffffffu, dlam, o);
-  if (lane == 0) red[warp] = dlam;
-  __syncthreads();
-  if (tid == 0) {
-    float sum = 0.f;
-    for (int i = 0; i < C::THREADS / 32; ++i) sum += red[i];
-    p.dlam_part[int64_t(blockIdx.y) * gridDim.x + blockIdx.x] = sum;
-  }
+  store_dlambda_partial<C::THREADS>(dlam, reinterpret_cast<float*>(smem + C::OFF_RED), p.dlam_part);
 
   // dK_j = scale dS_j^T Q_j, dV: straight from the accumulators
 #pragma unroll
   for (int hh = 0; hh < 2; ++hh) {
     const int row = krow0 + g + 8 * hh;
     if (row >= S) continue;
-    bf16* krow = p.dk + kvoff + int64_t(row) * kv_rs + 2 * t4;
-    bf16* vrow = p.dv + kvoff + int64_t(row) * kv_rs + 2 * t4;
+    bf16* krow = p.dk + wk.kvoff + int64_t(row) * wk.kv_rs + 2 * t4;
+    bf16* vrow = p.dv + wk.kvoff + int64_t(row) * wk.kv_rs + 2 * t4;
 #pragma unroll
     for (int n = 0; n < KT; ++n) {
       *reinterpret_cast<uint32_t*>(krow + n * 8) =
@@ -306,35 +348,15 @@ __global__ void __launch_bounds__(WgDkv128Cfg::THREADS, 1)
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
   const int map = warp >> 2, wl = warp & 3;
   const int g = lane >> 2, t4 = lane & 3;
-  const int b = grid_head() / p.h_kv, kvg = grid_head() % p.h_kv;
-  const int k0 = grid_tile() * C::BN;
-  const int S = p.S;
-  const int64_t q_rs = int64_t(p.h) * C::ROW, kv_rs = int64_t(p.h_kv) * C::ROW;
-  const int64_t kvoff = (int64_t(b) * S * p.h_kv + kvg) * C::ROW;
-  const int n_qt = (S + C::BM - 1) / C::BM, qt_first = k0 / C::BM;
-  const int nq = n_qt - qt_first, n_it = p.group * nq;
-
-  auto load_q = [&](int it, int st) {
-    const int hd = kvg * p.group + it / nq, q0 = (qt_first + it % nq) * C::BM;
-    const int64_t qoff = (int64_t(b) * S * p.h + hd) * C::ROW;
-    load_groups<C::BM, C::ROW, C::THREADS>(sb + C::OFF_Q + st * C::TILE_Q, p.q + qoff, q_rs, q0,
-                                           S, tid);
-    load_groups<C::BM, C::ROW, C::THREADS>(sb + C::OFF_DO + st * C::TILE_Q, p.dout + qoff, q_rs,
-                                           q0, S, tid);
-    static_assert(4 * C::BM == C::THREADS, "one statistic per thread");
-    const int which = tid / C::BM, x = tid % C::BM;
-    const float* base = (which < 2 ? p.lse : p.D) + ((int64_t(b) * p.h + hd) * 2 + (which & 1)) * S;
-    const bool ok = q0 + x < S;
-    cp_async_4(sb + C::OFF_ST + st * C::STAT + tid * 4, base + (ok ? q0 + x : 0), ok ? 4 : 0);
-  };
-  load_groups<C::BN, C::ROW, C::THREADS>(sb + C::OFF_K, p.k + kvoff, kv_rs, k0, S, tid);
-  load_groups<C::BN, C::ROW, C::THREADS>(sb + C::OFF_V, p.v + kvoff, kv_rs, k0, S, tid);
-  load_q(0, 0);
+  const DkvWalk<C> wk(p);
+  const int S = p.S, n_it = wk.n_it;
+  wk.load_kv(sb, p, tid);
+  wk.load_q(sb, p, 0, 0, tid);
   cp_async_commit();
 
   const float lam = *p.lambda;
   const float pscale = map ? -lam : 1.f;
-  const int krow0 = k0 + wl * 16;
+  const int krow0 = wk.k0 + wl * 16;
   const uint32_t sKj = sb + C::OFF_K + 2 * map * C::BN * 128;  // K_j: groups 2j, 2j + 1
   const uint32_t sV = sb + C::OFF_V;
   float dk[HT][4], dv[HT][4];  // dK_j; dV[:, map half]
@@ -346,11 +368,11 @@ __global__ void __launch_bounds__(WgDkv128Cfg::THREADS, 1)
 
   for (int it = 0; it < n_it; ++it) {
     const int st = it & 1;
-    const int q0 = (qt_first + it % nq) * C::BM;
+    const int q0 = wk.q0(it);
     cp_async_wait<0>();
     w::fence_proxy_async();
     __syncthreads();  // tile it landed; the other buffer and the P / dS slots are free
-    if (it + 1 < n_it) load_q(it + 1, st ^ 1);
+    if (it + 1 < n_it) wk.load_q(sb, p, it + 1, st ^ 1, tid);
     cp_async_commit();
     const uint32_t sQ = sb + C::OFF_Q + st * C::TILE_Q, sDO = sb + C::OFF_DO + st * C::TILE_Q;
     const float* stat = reinterpret_cast<const float*>(smem + C::OFF_ST + st * C::STAT);
@@ -376,36 +398,10 @@ __global__ void __launch_bounds__(WgDkv128Cfg::THREADS, 1)
     // dV half, dS for the fused dQ)
     const bool masked = q0 < krow0 + 15 || q0 + C::BM > S;
     uint32_t fp[NQ][2], fd[NQ][2];
-    uint8_t* px = smem + C::OFF_PX + map * C::TILE_P + 4 * t4;
-    uint8_t* pd = smem + C::OFF_DS + map * C::TILE_P + 4 * t4;
-    const int r = wl * 16 + g;
-#pragma unroll
-    for (int n = 0; n < NQ; ++n) {
-      const int c = n * 8 + 2 * t4;
-      const float2 ls = *reinterpret_cast<const float2*>(stat + map * C::BM + c);
-      const float2 dd = *reinterpret_cast<const float2*>(stat + (2 + map) * C::BM + c);
-      float pr[4], ds[4];
-#pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const bool odd = e & 1;
-        float pe = fast_exp2(fmaf(sc[n][e], p.scale_log2, -(odd ? ls.y : ls.x) * kLog2e));
-        const int col = q0 + c + (e & 1), row = krow0 + g + 8 * (e >> 1);
-        if (masked && (col < row || col >= S)) pe = 0.f;
-        if (map) dlam = fmaf(pe, dp[n][e], dlam);
-        pr[e] = pscale * pe;
-        ds[e] = pr[e] * (dp[n][e] - (odd ? dd.y : dd.x));
-      }
-      fp[n][0] = pack_bf16(pr[0], pr[1]);
-      fp[n][1] = pack_bf16(pr[2], pr[3]);
-      fd[n][0] = pack_bf16(ds[0], ds[1]);
-      fd[n][1] = pack_bf16(ds[2], ds[3]);
-      *reinterpret_cast<uint32_t*>(px + Tile<64>::off(r, n)) = fp[n][0];
-      *reinterpret_cast<uint32_t*>(px + Tile<64>::off(r + 8, n)) = fp[n][1];
-      if (FUSE_DQ) {
-        *reinterpret_cast<uint32_t*>(pd + Tile<64>::off(r, n)) = fd[n][0];
-        *reinterpret_cast<uint32_t*>(pd + Tile<64>::off(r + 8, n)) = fd[n][1];
-      }
-    }
+    probs_ds<NQ, C::BM>(sc, dp, stat, map, pscale, p.scale_log2, masked, q0, krow0, S, lane,
+                        map ? &dlam : nullptr, fp, fd);
+    store_rows(smem + C::OFF_PX + map * C::TILE_P, wl * 16 + g, fp, lane);
+    if (FUSE_DQ) store_rows(smem + C::OFF_DS + map * C::TILE_P, wl * 16 + g, fd, lane);
     w::fence_proxy_async();
     __syncthreads();  // both maps' P^T are in shared memory
 
@@ -443,12 +439,12 @@ __global__ void __launch_bounds__(WgDkv128Cfg::THREADS, 1)
       w::commit();
       w::wait<0>();
       w::fence_regs(dq);
-      const int hd = kvg * p.group + it / nq;
+      const int hd = wk.head(p, it);
 #pragma unroll
       for (int hh = 0; hh < 2; ++hh) {
         const int row = q0 + wl * 16 + g + 8 * hh;
         if (row >= S) continue;
-        float* acc = p.dq_acc + ((int64_t(b) * S + row) * p.h + hd) * C::ROW + map * DH + 2 * t4;
+        float* acc = p.dq_acc + ((int64_t(wk.b) * S + row) * p.h + hd) * C::ROW + map * DH + 2 * t4;
 #pragma unroll
         for (int n = 0; n < HT; ++n)
           atomicAdd(reinterpret_cast<float2*>(acc + n * 8),
@@ -457,23 +453,14 @@ __global__ void __launch_bounds__(WgDkv128Cfg::THREADS, 1)
     }
   }
 
-  float* red = reinterpret_cast<float*>(smem + C::OFF_RED);
-#pragma unroll
-  for (int o = 16; o > 0; o >>= 1) dlam += __shfl_xor_sync(0xffffffffu, dlam, o);
-  if (lane == 0) red[warp] = dlam;
-  __syncthreads();
-  if (tid == 0) {
-    float sum = 0.f;
-    for (int i = 0; i < C::THREADS / 32; ++i) sum += red[i];
-    p.dlam_part[int64_t(blockIdx.y) * gridDim.x + blockIdx.x] = sum;
-  }
+  store_dlambda_partial<C::THREADS>(dlam, reinterpret_cast<float*>(smem + C::OFF_RED), p.dlam_part);
 
 #pragma unroll
   for (int hh = 0; hh < 2; ++hh) {
     const int row = krow0 + g + 8 * hh;
     if (row >= S) continue;
-    bf16* krow = p.dk + kvoff + int64_t(row) * kv_rs + map * DH + 2 * t4;
-    bf16* vrow = p.dv + kvoff + int64_t(row) * kv_rs + map * DH + 2 * t4;
+    bf16* krow = p.dk + wk.kvoff + int64_t(row) * wk.kv_rs + map * DH + 2 * t4;
+    bf16* vrow = p.dv + wk.kvoff + int64_t(row) * wk.kv_rs + map * DH + 2 * t4;
 #pragma unroll
     for (int n = 0; n < HT; ++n) {
       *reinterpret_cast<uint32_t*>(krow + n * 8) =

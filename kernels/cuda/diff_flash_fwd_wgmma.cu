@@ -42,61 +42,6 @@ struct WgFwdCfg {
   static_assert(BM * ROW * 4 <= 2 * (TILE_K + TILE_V), "hand-over must fit in the K/V buffers");
 };
 
-// The online-softmax step of softmax_step (diff_flash.cuh) with lazy rescaling: the running
-// max a row's probabilities are taken against only moves when the tile's max exceeds it by more
-// than kLazyLog2 (log2 units, probabilities up to 2^8 - exact in f32 sums, no precision lost in
-// bf16), decided per warp. Returns whether it moved, i.e. whether the caller must rescale
-// its outputs by alpha; most tiles after the first few do not.
-constexpr float kLazyLog2 = 8.f;
-template <int NT>
-__device__ __forceinline__ bool softmax_step_lazy(const float (&s)[NT][4], float sl2,
-                                                  float (&m)[2], float (&l)[2],
-                                                  float (&alpha)[2], uint32_t (&pf)[NT][2]) {
-  float mx[2] = {-INFINITY, -INFINITY};
-#pragma unroll
-  for (int n = 0; n < NT; ++n) {
-    mx[0] = fmaxf(mx[0], fmaxf(s[n][0], s[n][1]));
-    mx[1] = fmaxf(mx[1], fmaxf(s[n][2], s[n][3]));
-  }
-  bool move = false;
-#pragma unroll
-  for (int hh = 0; hh < 2; ++hh) {
-    mx[hh] = fmaxf(mx[hh], __shfl_xor_sync(0xffffffffu, mx[hh], 1));
-    mx[hh] = fmaxf(mx[hh], __shfl_xor_sync(0xffffffffu, mx[hh], 2));
-    mx[hh] *= sl2;
-    move |= mx[hh] > m[hh] + kLazyLog2;  // always true for a row's first unmasked key
-  }
-  move = __any_sync(0xffffffffu, move);
-  float mu[2];
-#pragma unroll
-  for (int hh = 0; hh < 2; ++hh) {
-    if (move) {
-      const float mn = fmaxf(m[hh], mx[hh]);
-      mu[hh] = mn == -INFINITY ? 0.f : mn;  // a row with no key yet: keep exp2 finite
-      alpha[hh] = fast_exp2(m[hh] - mu[hh]);
-      m[hh] = mn;
-    } else {
-      mu[hh] = m[hh] == -INFINITY ? 0.f : m[hh];
-      alpha[hh] = 1.f;
-    }
-  }
-  float rs[2] = {0.f, 0.f};
-#pragma unroll
-  for (int n = 0; n < NT; ++n) {
-    const float p0 = fast_exp2(fmaf(s[n][0], sl2, -mu[0]));
-    const float p1 = fast_exp2(fmaf(s[n][1], sl2, -mu[0]));
-    const float p2 = fast_exp2(fmaf(s[n][2], sl2, -mu[1]));
-    const float p3 = fast_exp2(fmaf(s[n][3], sl2, -mu[1]));
-    rs[0] += p0 + p1;
-    rs[1] += p2 + p3;
-    pf[n][0] = pack_bf16(p0, p1);
-    pf[n][1] = pack_bf16(p2, p3);
-  }
-  l[0] = l[0] * alpha[0] + rs[0];
-  l[1] = l[1] * alpha[1] + rs[1];
-  return move;
-}
-
 template <int DH>
 __global__ void __launch_bounds__(WgFwdCfg<DH>::THREADS, WgFwdCfg<DH>::MIN_BLOCKS)
     diff_flash_fwd_wgmma_kernel(const FwdParams p) {
@@ -165,7 +110,7 @@ __global__ void __launch_bounds__(WgFwdCfg<DH>::THREADS, WgFwdCfg<DH>::MIN_BLOCK
     if (k0 + C::BN - 1 > row0) causal_mask(s, k0, row0, lane);
     float alpha[2];
     uint32_t pf[NT][2];
-    if (softmax_step_lazy(s, p.scale_log2, m, l, alpha, pf)) {
+    if (softmax_step<NT, true>(s, p.scale_log2, m, l, alpha, pf)) {  // lazy rescaling
 #pragma unroll
       for (int n = 0; n < OT; ++n) {
         o[n][0] *= alpha[0];
