@@ -105,6 +105,22 @@ __device__ __forceinline__ void store_rows(uint8_t* tile, int r, const uint32_t 
   }
 }
 
+// base[row * row_stride + column] += a warp's accumulator tile d (rows row0 + g, row0 + g + 8 of
+// the mma layout, NT n-tiles of 8 columns), rows >= S skipped; f32 atomics (float2).
+template <int NT>
+__device__ __forceinline__ void atomic_add_rows(float* base, int64_t row_stride, int row0, int S,
+                                                const float (&d)[NT][4], int lane) {
+#pragma unroll
+  for (int hh = 0; hh < 2; ++hh) {
+    const int row = row0 + (lane >> 2) + 8 * hh;
+    if (row >= S) continue;
+    float* acc = base + row * row_stride + 2 * (lane & 3);
+#pragma unroll
+    for (int n = 0; n < NT; ++n)
+      atomicAdd(reinterpret_cast<float2*>(acc + n * 8), make_float2(d[n][2 * hh], d[n][2 * hh + 1]));
+  }
+}
+
 // The CTA's dlambda partial: the threads' sums added in a fixed order (red: a float per warp).
 template <int THREADS>
 __device__ __forceinline__ void store_dlambda_partial(float dlam, float* red, float* part) {
@@ -271,16 +287,8 @@ __global__ void __launch_bounds__(WgDkvCfg::THREADS, 1)
       w::commit();
       w::wait<0>();
       w::fence_regs(dq);
-#pragma unroll
-      for (int hh = 0; hh < 2; ++hh) {
-        const int row = q0 + wl * 16 + g + 8 * hh;
-        if (row >= S) continue;
-        float* acc = p.dq_acc + ((int64_t(wk.b) * S + row) * p.h + hd) * C::ROW + wg * DH + 2 * t4;
-#pragma unroll
-        for (int n = 0; n < KT; ++n)
-          atomicAdd(reinterpret_cast<float2*>(acc + n * 8),
-                    make_float2(dq[n][2 * hh], dq[n][2 * hh + 1]));
-      }
+      atomic_add_rows(p.dq_acc + (int64_t(wk.b) * S * p.h + hd) * C::ROW + wg * DH,
+                      int64_t(p.h) * C::ROW, q0 + wl * 16, S, dq, lane);
     }
   }
 
@@ -440,16 +448,8 @@ __global__ void __launch_bounds__(WgDkv128Cfg::THREADS, 1)
       w::wait<0>();
       w::fence_regs(dq);
       const int hd = wk.head(p, it);
-#pragma unroll
-      for (int hh = 0; hh < 2; ++hh) {
-        const int row = q0 + wl * 16 + g + 8 * hh;
-        if (row >= S) continue;
-        float* acc = p.dq_acc + ((int64_t(wk.b) * S + row) * p.h + hd) * C::ROW + map * DH + 2 * t4;
-#pragma unroll
-        for (int n = 0; n < HT; ++n)
-          atomicAdd(reinterpret_cast<float2*>(acc + n * 8),
-                    make_float2(dq[n][2 * hh], dq[n][2 * hh + 1]));
-      }
+      atomic_add_rows(p.dq_acc + (int64_t(wk.b) * S * p.h + hd) * C::ROW + map * DH,
+                      int64_t(p.h) * C::ROW, q0 + wl * 16, S, dq, lane);
     }
   }
 
