@@ -1,10 +1,15 @@
-// dK, dV (and the dlambda partials) of the fused differential flash attention on Hopper
-// warpgroup MMAs (wgmma, sm_90a), dh 64. Replaces the mma.sync dK/dV kernel of
-// diff_flash_bwd.cu when diff_flash_wgmma_enabled(); the dQ kernel and the dlambda reduction
-// there are shared. Math: diff_flash.cuh.
+// The backward of the fused differential flash attention on Hopper warpgroup MMAs (wgmma,
+// sm_90a), dh 64 and 128: key-major kernels computing dK_1, dK_2, dV and the dlambda partials,
+// and, in the default fused mode (the forward saved O2n), dQ as well. Math: diff_flash.cuh.
+// diff_flash_backward (diff_flash_bwd.cu) picks them when diff_flash_wgmma_enabled():
+// - fused (default with O2n): diff_flash_bwd_prep_kernel (D1, D2' per row), the dK/dV kernel
+//   with FUSE_DQ (dQ_j = dS_j K_j added into an f32 accumulator with atomics: not bitwise
+//   repeatable), diff_flash_dq_convert_kernel, then the shared dlambda reduction;
+// - deterministic (no O2n, or DIFFTRON_FLASH_DETERMINISTIC=1): the mma.sync dQ kernel (which
+//   also writes D1, D2'), the dK/dV kernel without dQ, the dlambda reduction.
 //
-// Design: a CTA owns BN = 128 keys of one K/V group and has two warpgroups of 64 keys each;
-// it walks the query tiles (BM = 64) of every head of the group, double-buffering Q, dO and
+// dh 64 design: a CTA owns BN = 128 keys of one K/V group and has two warpgroups of 64 keys
+// each; it walks the query tiles (BM = 64) of every head of the group, double-buffering Q, dO and
 // the per-query statistics (lse_1, lse_2, D1, D2') with cp.async. Per tile, a warpgroup
 // computes (keys as the 64 MMA rows, all operands but the probabilities from shared memory):
 //   dP^T = V dO^T                      (one product over 2dh, shared by both maps)
@@ -12,10 +17,11 @@
 //   dV += P_1^T dO,  dK_1 += dS_1^T Q_1                   (A from registers)
 //   S_2^T = K_2 Q_2^T -> P_2^T, dS_2^T = -lambda P_2^T o (dP^T - D2'), dlambda += P_2 o dP
 //   dV += (-lambda P_2^T) dO,  dK_2 += dS_2^T Q_2
+//   fused: dS_j^T to shared memory; warpgroup j: dQ_j += dS_j K_j over the CTA's 128 keys
 // The maps run one after the other so that one score tile is live at a time (the 128 f32
 // accumulator registers of dK_1, dK_2 and dV leave room for only one); dV therefore takes two
-// products per tile instead of one over (P_1 - lambda P_2), 20 dh FLOP per (query, key)
-// pair against the mma.sync kernel's 16. Deterministic: no atomics, fixed reduction order.
+// products per tile instead of one over (P_1 - lambda P_2): 20 dh FLOP per (query, key) pair
+// (24 with the fused dQ) against the mma.sync kernel's 16. dh 128: see WgDkv128Cfg.
 #include <cstdint>
 
 #include "core/error.h"

@@ -32,7 +32,6 @@ struct WgFwdCfg {
   static constexpr int THREADS = 256;          // two warpgroups: map 1, map 2
   static constexpr int BM = 64, BN = DIFF_FLASH_WG_FWD_BN;  // query rows per CTA, keys per tile
   static constexpr int ROW = 2 * DH;           // bf16 per global row: q (both maps), k, v
-  static constexpr int GROUPS = ROW / 64;      // Tile<64> column groups per row
   static constexpr int TILE_Q = BM * ROW * 2;  // bytes; map j's groups: j * DH / 64 ...
   static constexpr int TILE_K = BN * ROW * 2, TILE_V = BN * ROW * 2;
   static constexpr int OFF_Q = 0, OFF_K = TILE_Q, OFF_V = OFF_K + 2 * TILE_K;
