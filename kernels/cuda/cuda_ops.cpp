@@ -426,6 +426,14 @@ class CudaOps final : public Ops {
     check_standard_attention(q, k, v, op);
     check_attention_outputs(q, out, lse, q.dim(0) * q.dim(2) * q.dim(1), op);
     ctx_.activate();
+    // Hopper: the fused flash kernels (heads in pairs, diff_flash.h); else cuBLAS GEMMs
+    const cuda::DiffFlashDims sd{q.dim(0), q.dim(1), q.dim(2), k.dim(2), q.dim(3)};
+    if (q.dtype() == DType::BF16 && cuda::std_flash_supported(sd, false)) {
+      cuda::std_flash_forward(sd, q.data<__nv_bfloat16>(), k.data<__nv_bfloat16>(),
+                              v.data<__nv_bfloat16>(), out.data<__nv_bfloat16>(), lse.data<float>(),
+                              ctx_.stream());
+      return;
+    }
     if (cuda::attention_gemm_supported(q, k)) return cuda::attention_gemm_forward(ctx_, q, k, v, out, lse);
     cuda::attention_simple_forward(ctx_, q, k, v, out, lse);
   }
@@ -437,6 +445,16 @@ class CudaOps final : public Ops {
     check_standard_attention(q, k, v, op);
     check_attention_grads(q, k, v, out, lse, dout, dq, dk, dv, q.dim(0) * q.dim(2) * q.dim(1), op);
     ctx_.activate();
+    const cuda::DiffFlashDims sd{q.dim(0), q.dim(1), q.dim(2), k.dim(2), q.dim(3)};
+    if (q.dtype() == DType::BF16 && cuda::std_flash_supported(sd, true)) {
+      const size_t ws = cuda::std_flash_backward_workspace_bytes(sd);
+      cuda::std_flash_backward(sd, q.data<__nv_bfloat16>(), k.data<__nv_bfloat16>(),
+                               v.data<__nv_bfloat16>(), out.data<__nv_bfloat16>(), lse.data<float>(),
+                               dout.data<__nv_bfloat16>(), dq.data<__nv_bfloat16>(),
+                               dk.data<__nv_bfloat16>(), dv.data<__nv_bfloat16>(), ctx_.scratch(ws),
+                               ws, ctx_.stream());
+      return;
+    }
     if (cuda::attention_gemm_supported(q, k))
       return cuda::attention_gemm_backward(ctx_, q, k, v, out, lse, dout, dq, dk, dv);
     cuda::attention_simple_backward(ctx_, q, k, v, lse, dout, dq, dk, dv);

@@ -49,4 +49,21 @@ void diff_flash_backward(const DiffFlashDims& d, const __nv_bfloat16* q, const _
                          size_t workspace_bytes, cudaStream_t stream,
                          const __nv_bfloat16* o2 = nullptr);
 
+// ---- standard causal attention on the same Hopper kernels -----------------------------------
+// The baseline Transformer's attention: q, k, v, out [B, S, H, dh] (no GQA: H_kv == H), lse
+// [B, H, S] f32, bf16. Heads 2i and 2i + 1 run as the two maps of one differential head, each
+// with its own V columns and output; no lambda. d = {B, S, H, H_kv, dh}. Supported when
+// diff_flash_wgmma_enabled(), H even, H_kv == H and dh 64 or 128 (the backward: dh 64, and not
+// when DIFFTRON_FLASH_DETERMINISTIC=1: its dQ is summed with f32 atomics); otherwise callers
+// take another path (false, with the reason in *why).
+bool std_flash_supported(const DiffFlashDims& d, bool backward, std::string* why = nullptr);
+void std_flash_forward(const DiffFlashDims& d, const __nv_bfloat16* q, const __nv_bfloat16* k,
+                       const __nv_bfloat16* v, __nv_bfloat16* out, float* lse, cudaStream_t stream);
+size_t std_flash_backward_workspace_bytes(const DiffFlashDims& d);
+void std_flash_backward(const DiffFlashDims& d, const __nv_bfloat16* q, const __nv_bfloat16* k,
+                        const __nv_bfloat16* v, const __nv_bfloat16* out, const float* lse,
+                        const __nv_bfloat16* dout, __nv_bfloat16* dq, __nv_bfloat16* dk,
+                        __nv_bfloat16* dv, void* workspace, size_t workspace_bytes,
+                        cudaStream_t stream);
+
 }  // namespace difftron::cuda

@@ -22,7 +22,9 @@
 // accumulator registers of dK_1, dK_2 and dV leave room for only one); dV therefore takes two
 // products per tile instead of one over (P_1 - lambda P_2): 20 dh FLOP per (query, key) pair
 // (24 with the fused dQ) against the mma.sync kernel's 16. dh 128: see WgDkv128Cfg.
+#include <cmath>
 #include <cstdint>
+#include <string>
 
 #include "core/error.h"
 #include "kernels/cuda/diff_flash_wgmma.cuh"
@@ -159,7 +161,10 @@ struct WgDkvCfg {
 
 // FUSE_DQ: also dQ_j += dS_j K_j over the CTA's 128 keys (warpgroup j takes map j, dS from
 // shared memory), added into p.dq_acc with float atomics (not deterministic).
-template <bool FUSE_DQ>
+// STD: standard attention (std_flash_backward): the maps are two ordinary heads 2i, 2i+1 with
+// their own V and dO halves: dP_j^T = V_j dO_j^T per head, dV[:, half j] += P_j^T dO_j, no
+// lambda and no dlambda.
+template <bool FUSE_DQ, bool STD = false>
 __global__ void __launch_bounds__(WgDkvCfg::THREADS, 1)
     diff_flash_dkdv_wgmma_kernel(const BwdParams p) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
@@ -182,7 +187,7 @@ __global__ void __launch_bounds__(WgDkvCfg::THREADS, 1)
   wk.load_q(sb, p, 0, 0, tid);
   cp_async_commit();
 
-  const float lam = *p.lambda;
+  const float lam = STD ? 0.f : *p.lambda;
   const int kw0 = wk.k0 + wg * 64;    // this warpgroup's first key
   const int krow0 = kw0 + wl * 16;    // this warp's first key
   // this warpgroup's 64 rows of K_1 (group 0), K_2 (group 1) and V (groups 0, 1)
@@ -212,11 +217,11 @@ __global__ void __launch_bounds__(WgDkvCfg::THREADS, 1)
     const uint32_t sQ = sb + C::OFF_Q + st * C::TILE_Q, sDO = sb + C::OFF_DO + st * C::TILE_Q;
     const float* stat = reinterpret_cast<const float*>(smem + C::OFF_ST + st * C::STAT);
 
-    // dP^T = V dO^T and S_1^T = K_1 Q_1^T
+    // dP^T = V dO^T (STD: head 1's half, V_1 dO_1^T) and S_1^T = K_1 Q_1^T
     float dp[NQ][4], s[NQ][4];
     w::fence();
 #pragma unroll
-    for (int kk = 0; kk < C::ROW / 16; ++kk)
+    for (int kk = 0; kk < (STD ? DH : C::ROW) / 16; ++kk)
       w::wgmma_ss<0, 0>(dp, w::kmajor_desc(sV + (kk >> 2) * C::BN * 128, kk & 3),
                         w::kmajor_desc(sDO + (kk >> 2) * C::BM * 128, kk & 3), kk > 0);
 #pragma unroll
@@ -231,13 +236,14 @@ __global__ void __launch_bounds__(WgDkvCfg::THREADS, 1)
     const bool masked = q0 < krow0 + 15 || q0 + C::BM > S;
     uint8_t* ds_rows = smem + C::OFF_DS;  // fused dQ: dS_j^T at map j's Tile<64> [BN][BM]
     const int r = wg * 64 + wl * 16 + g;  // this warp's first key row within the CTA
-    // dV += P^T dO (dO MN-major, 2dh wide), dK_j += dS_j^T Q_j (Q_j MN-major)
+    // dV += P^T dO (dO MN-major, 2dh wide; STD: dV's half j += P_j^T dO_j), dK_j += dS_j^T Q_j
+    // (Q_j MN-major)
     auto grads = [&](const uint32_t (&fp)[NQ][2], const uint32_t (&fd)[NQ][2],
-                     float (&dk)[KT][4], uint32_t sQj) {
+                     float (&dk)[KT][4], uint32_t sQj, auto& dvt, uint32_t sDOt) {
 #pragma unroll
       for (int kk = 0; kk < C::BM / 16; ++kk) {
         const uint32_t a[4] = {fp[2 * kk][0], fp[2 * kk][1], fp[2 * kk + 1][0], fp[2 * kk + 1][1]};
-        w::wgmma_rs<1>(dv, a, w::mnmajor_desc(sDO, C::BM * 128, kk), 1);
+        w::wgmma_rs<1>(dvt, a, w::mnmajor_desc(sDOt, C::BM * 128, kk), 1);
       }
 #pragma unroll
       for (int kk = 0; kk < C::BM / 16; ++kk) {
@@ -250,27 +256,43 @@ __global__ void __launch_bounds__(WgDkvCfg::THREADS, 1)
     probs_ds<NQ, C::BM>(s, dp, stat, 0, 1.f, p.scale_log2, masked, q0, krow0, S, lane, nullptr,
                         fp, fd);
     if (FUSE_DQ) store_rows(ds_rows, r, fd, lane);
+    // dV's halves (STD: one per head)
+    float (&dv1)[VT / 2][4] = *reinterpret_cast<float (*)[VT / 2][4]>(&dv[0]);
+    float (&dv2)[VT / 2][4] = *reinterpret_cast<float (*)[VT / 2][4]>(&dv[VT / 2]);
     w::fence_regs(dv);
     w::fence_regs(dk1);
     w::fence();
-    grads(fp, fd, dk1, sQ);
+    if constexpr (STD)
+      grads(fp, fd, dk1, sQ, dv1, sDO);
+    else
+      grads(fp, fd, dk1, sQ, dv, sDO);
     w::commit();
-    // S_2^T = K_2 Q_2^T while map 1's products run
+    // S_2^T = K_2 Q_2^T (STD: and dP_2^T = V_2 dO_2^T) while map 1's products run
+    if constexpr (STD) {
+#pragma unroll
+      for (int kk = 0; kk < DH / 16; ++kk)
+        w::wgmma_ss<0, 0>(dp, w::kmajor_desc(sV + C::BN * 128, kk),
+                          w::kmajor_desc(sDO + C::BM * 128, kk), kk > 0);
+    }
 #pragma unroll
     for (int kk = 0; kk < DH / 16; ++kk)
       w::wgmma_ss<0, 0>(s, w::kmajor_desc(sK2, kk), w::kmajor_desc(sQ + C::BM * 128, kk), kk > 0);
     w::commit();
     w::wait<0>();
     w::fence_regs(s);
+    w::fence_regs(dp);
     w::fence_regs(dv);
     w::fence_regs(dk1);
 
-    probs_ds<NQ, C::BM>(s, dp, stat, 1, -lam, p.scale_log2, masked, q0, krow0, S, lane, &dlam,
-                        fp, fd);
+    probs_ds<NQ, C::BM>(s, dp, stat, 1, STD ? 1.f : -lam, p.scale_log2, masked, q0, krow0, S,
+                        lane, STD ? nullptr : &dlam, fp, fd);
     if (FUSE_DQ) store_rows(ds_rows + C::TILE_DS, r, fd, lane);
     w::fence_regs(dk2);
     w::fence();
-    grads(fp, fd, dk2, sQ + C::BM * 128);
+    if constexpr (STD)
+      grads(fp, fd, dk2, sQ + C::BM * 128, dv2, sDO + C::BM * 128);
+    else
+      grads(fp, fd, dk2, sQ + C::BM * 128, dv, sDO);
     w::commit();
     w::wait<0>();
     w::fence_regs(dv);
@@ -298,7 +320,8 @@ __global__ void __launch_bounds__(WgDkvCfg::THREADS, 1)
     }
   }
 
-  store_dlambda_partial<C::THREADS>(dlam, reinterpret_cast<float*>(smem + C::OFF_RED), p.dlam_part);
+  if (!STD)
+    store_dlambda_partial<C::THREADS>(dlam, reinterpret_cast<float*>(smem + C::OFF_RED), p.dlam_part);
 
   // dK_j = scale dS_j^T Q_j, dV: straight from the accumulators
 #pragma unroll
@@ -478,7 +501,8 @@ __global__ void __launch_bounds__(WgDkv128Cfg::THREADS, 1)
 }
 
 // D1 = dO . O + lambda D2', D2' = dO . O2n for every row (b, t, head): one warp per row.
-template <int DH>
+// STD (two standard heads per row): D_j = dO_j . O_j over each dh half (half-warps).
+template <int DH, bool STD = false>
 __global__ void diff_flash_bwd_prep_kernel(const BwdParams p, int64_t rows) {
   constexpr int PER = 2 * DH / 32;  // bf16 per lane
   const int64_t r = int64_t(blockIdx.x) * (blockDim.x / 32) + threadIdx.x / 32;
@@ -490,18 +514,22 @@ __global__ void diff_flash_bwd_prep_kernel(const BwdParams p, int64_t rows) {
   for (int i = 0; i < PER; i += 2) {
     const float2 go = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(p.dout + off + i));
     const float2 o = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(p.out + off + i));
-    const float2 o2 = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(p.o2 + off + i));
     d0 = fmaf(go.x, o.x, fmaf(go.y, o.y, d0));
-    d2 = fmaf(go.x, o2.x, fmaf(go.y, o2.y, d2));
+    if (!STD) {
+      const float2 o2 = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(p.o2 + off + i));
+      d2 = fmaf(go.x, o2.x, fmaf(go.y, o2.y, d2));
+    }
   }
 #pragma unroll
-  for (int o = 16; o > 0; o >>= 1) {
+  for (int o = STD ? 8 : 16; o > 0; o >>= 1) {  // STD: within each half-warp (one head each)
     d0 += __shfl_xor_sync(0xffffffffu, d0, o);
-    d2 += __shfl_xor_sync(0xffffffffu, d2, o);
+    if (!STD) d2 += __shfl_xor_sync(0xffffffffu, d2, o);
   }
-  if (lane == 0) {
-    const int64_t bt = r / p.h, hd = r % p.h, b = bt / p.S, t = bt % p.S;
-    float* D = p.D + (b * p.h + hd) * 2 * p.S + t;
+  const int64_t bt = r / p.h, hd = r % p.h, b = bt / p.S, t = bt % p.S;
+  float* D = p.D + (b * p.h + hd) * 2 * p.S + t;
+  if (STD) {
+    if ((lane & 15) == 0) D[(lane >> 4) * p.S] = d0;
+  } else if (lane == 0) {
     D[0] = fmaf(*p.lambda, d2, d0);
     D[p.S] = d2;
   }
@@ -567,6 +595,52 @@ void diff_flash_bwd_fused_dq(const DiffFlashDims& d, const flash::BwdParams& p,
       reinterpret_cast<const float4*>(p.dq_acc), p.scale,
       reinterpret_cast<__nv_bfloat162*>(p.dq), n / 4);
   flash::check_launch("backward dQ convert");
+}
+
+size_t std_flash_backward_workspace_bytes(const DiffFlashDims& d) {
+  auto up = [](size_t x) { return (x + 255) / 256 * 256; };
+  return up(size_t(d.B * d.h * d.S) * 4) + up(size_t(d.B * d.S * d.h * d.dh) * 4);  // D, dq_acc
+}
+
+void std_flash_backward(const DiffFlashDims& d, const __nv_bfloat16* q, const __nv_bfloat16* k,
+                        const __nv_bfloat16* v, const __nv_bfloat16* out, const float* lse,
+                        const __nv_bfloat16* dout, __nv_bfloat16* dq, __nv_bfloat16* dk,
+                        __nv_bfloat16* dv, void* workspace, size_t workspace_bytes,
+                        cudaStream_t stream) {
+  std::string why;
+  if (!std_flash_supported(d, true, &why)) throw_error("std_flash_backward: unsupported: ", why);
+  const size_t need = std_flash_backward_workspace_bytes(d);
+  if (workspace == nullptr || workspace_bytes < need)
+    throw_error("std_flash_backward: workspace of ", workspace_bytes, " bytes, need ", need);
+  for (const void* ptr : {static_cast<const void*>(q), static_cast<const void*>(k),
+                          static_cast<const void*>(v), static_cast<const void*>(out),
+                          static_cast<const void*>(dout), static_cast<const void*>(dq),
+                          static_cast<const void*>(dk), static_cast<const void*>(dv),
+                          static_cast<const void*>(workspace)})
+    if (reinterpret_cast<uintptr_t>(ptr) % 16 != 0)
+      throw_error("std_flash_backward: a tensor is not 16-byte aligned");
+  const DiffFlashDims d2{d.B, d.S, d.h / 2, d.h / 2, d.dh};
+  float* D = static_cast<float*>(workspace);
+  float* acc = reinterpret_cast<float*>(static_cast<char*>(workspace) +
+                                        (size_t(d.B * d.h * d.S) * 4 + 255) / 256 * 256);
+  flash::BwdParams p{q, k, v, out, dout, nullptr, nullptr, lse, dq, dk, dv, D, nullptr, nullptr,
+                     int(d.S), int(d2.h), int(d2.h), 1, float(1.0 / std::sqrt(double(d.dh))),
+                     float(flash::kLog2e / std::sqrt(double(d.dh))), acc};
+  std_flash_backward_wgmma(d2, p, stream);
+}
+
+void std_flash_backward_wgmma(const DiffFlashDims& d2, const flash::BwdParams& p,
+                              cudaStream_t stream) {
+  const int64_t rows = d2.B * d2.S * d2.h, n = rows * 2 * d2.dh;
+  flash::diff_flash_bwd_prep_kernel<64, true><<<unsigned((rows + 7) / 8), 256, 0, stream>>>(p, rows);
+  flash::check_launch("standard backward D");
+  cudaError_t e = cudaMemsetAsync(p.dq_acc, 0, size_t(n) * 4, stream);
+  if (e != cudaSuccess) throw_error("std_flash: clearing the dQ accumulator: ", cudaGetErrorString(e));
+  launch_dkdv<flash::WgDkvCfg>(d2, flash::diff_flash_dkdv_wgmma_kernel<true, true>, p, stream);
+  flash::diff_flash_dq_convert_kernel<<<1024, 256, 0, stream>>>(
+      reinterpret_cast<const float4*>(p.dq_acc), p.scale,
+      reinterpret_cast<__nv_bfloat162*>(p.dq), n / 4);
+  flash::check_launch("standard backward dQ convert");
 }
 
 }  // namespace difftron::cuda

@@ -10,8 +10,11 @@
 // share every K/V tile load, and meet once in the epilogue: warpgroup 2 hands O2/l2 over
 // through shared memory, warpgroup 1 writes O = O1/l1 - lambda O2/l2 (and warpgroup 2 the
 // optional O2n). K/V tiles are double-buffered with cp.async, diagonal tile first.
+#include <cmath>
+#include <cstdint>
 #include <cstdlib>
 #include <cstring>
+#include <string>
 
 #include "core/error.h"
 #include "kernels/cuda/diff_flash_wgmma.cuh"
@@ -41,14 +44,16 @@ struct WgFwdCfg {
   static_assert(BM * ROW * 4 <= 2 * (TILE_K + TILE_V), "hand-over must fit in the K/V buffers");
 };
 
-template <int DH>
+// STD: standard attention (std_flash_forward): the two "maps" are two ordinary heads 2i, 2i+1
+// with their own V (columns [j dh, (j + 1) dh) of the 2dh-wide row) and outputs; no lambda.
+template <int DH, bool STD>
 __global__ void __launch_bounds__(WgFwdCfg<DH>::THREADS, WgFwdCfg<DH>::MIN_BLOCKS)
     diff_flash_fwd_wgmma_kernel(const FwdParams p) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
   namespace w = wgmma;
   using C = WgFwdCfg<DH>;
   constexpr int NT = C::BN / 8;   // score n-tiles
-  constexpr int OT = C::ROW / 8;  // output n-tiles (2dh columns)
+  constexpr int OT = (STD ? DH : C::ROW) / 8;  // output n-tiles (2dh columns; STD: dh)
   extern __shared__ __align__(128) uint8_t smem_raw[];
   // wgmma's 128-byte swizzle is anchored to 1024-byte boundaries
   uint8_t* smem = smem_raw + ((1024 - (smem_addr(smem_raw) & 1023)) & 1023);
@@ -93,7 +98,8 @@ __global__ void __launch_bounds__(WgFwdCfg<DH>::THREADS, WgFwdCfg<DH>::MIN_BLOCK
     }
     cp_async_commit();
     const uint32_t sK = sb + C::OFF_K + st * C::TILE_K + map * (DH / 64) * C::BN * 128;
-    const uint32_t sV = sb + C::OFF_V + st * C::TILE_V;
+    // V's column groups: all 2dh columns, or (STD) this head's dh
+    const uint32_t sV = sb + C::OFF_V + st * C::TILE_V + (STD ? map * (DH / 64) * C::BN * 128 : 0);
 
     float s[NT][4];
     w::fence();
@@ -143,9 +149,23 @@ __global__ void __launch_bounds__(WgFwdCfg<DH>::THREADS, WgFwdCfg<DH>::MIN_BLOCK
       p.lse[(int64_t(b * p.h + hd) * 2 + map) * S + row] = (m[hh] + __log2f(l[hh])) * kLn2;
   }
 
+  const int64_t out_off = (int64_t(b) * S * p.h + hd) * C::ROW;
+  if constexpr (STD) {  // each head writes its own dh columns
+#pragma unroll
+    for (int hh = 0; hh < 2; ++hh) {
+      const int row = row0 + g + 8 * hh;
+      if (row >= S) continue;
+      bf16* orow = p.out + out_off + int64_t(row) * q_rs + map * DH + 2 * t4;
+#pragma unroll
+      for (int n = 0; n < OT; ++n)
+        *reinterpret_cast<uint32_t*>(orow + n * 8) =
+            pack_bf16(o[n][2 * hh] * inv[hh], o[n][2 * hh + 1] * inv[hh]);
+    }
+    return;
+  }
+
   // Epilogue: warpgroup 2 hands O2n = O2/l2 to warpgroup 1 in its accumulator layout (both
   // hold the same (row, column) in the same lane: 16-byte, conflict-free), over the K/V buffers.
-  const int64_t out_off = (int64_t(b) * S * p.h + hd) * C::ROW;
   float4* xo = reinterpret_cast<float4*>(smem + C::OFF_K) + wl * OT * 32 + lane;
   __syncthreads();  // every warpgroup is done reading K/V
   if (map == 1) {
@@ -202,10 +222,10 @@ bool diff_flash_wgmma_enabled() {
 }
 
 namespace {
-template <int DH>
+template <int DH, bool STD = false>
 void launch_fwd_wgmma(const DiffFlashDims& d, const flash::FwdParams& p, cudaStream_t stream) {
   using C = flash::WgFwdCfg<DH>;
-  auto kernel = flash::diff_flash_fwd_wgmma_kernel<DH>;
+  auto kernel = flash::diff_flash_fwd_wgmma_kernel<DH, STD>;
   cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, C::SMEM);
   if (e != cudaSuccess)
     throw_error("diff_flash: cannot give the wgmma forward kernel ", C::SMEM,
@@ -222,6 +242,45 @@ void diff_flash_forward_wgmma(const DiffFlashDims& d, const flash::FwdParams& p,
     launch_fwd_wgmma<64>(d, p, stream);
   else
     launch_fwd_wgmma<128>(d, p, stream);
+}
+
+bool std_flash_supported(const DiffFlashDims& d, bool backward, std::string* why) {
+  auto no = [&](const char* w) {
+    if (why) *why = w;
+    return false;
+  };
+  if (!diff_flash_wgmma_enabled()) return no("needs the sm_90a kernels and a compute capability 9.x GPU");
+  if (d.B <= 0 || d.S <= 0 || d.h <= 0 || d.h % 2 != 0 || d.h_kv != d.h)
+    return no("needs an even number of heads and no GQA");
+  if (backward ? d.dh != 64 : d.dh != 64 && d.dh != 128) return no("head dim not supported");
+  if (backward) {
+    const char* env = std::getenv("DIFFTRON_FLASH_DETERMINISTIC");
+    if (env && std::strcmp(env, "1") == 0) return no("determinism asked (its dQ uses atomics)");
+  }
+  std::string w;
+  if (!diff_flash_supported(DiffFlashDims{d.B, d.S, d.h / 2, d.h / 2, d.dh}, &w)) {
+    if (why) *why = w;
+    return false;
+  }
+  return true;
+}
+
+void std_flash_forward(const DiffFlashDims& d, const __nv_bfloat16* q, const __nv_bfloat16* k,
+                       const __nv_bfloat16* v, __nv_bfloat16* out, float* lse,
+                       cudaStream_t stream) {
+  std::string why;
+  if (!std_flash_supported(d, false, &why)) throw_error("std_flash_forward: unsupported: ", why);
+  for (const void* ptr : {static_cast<const void*>(q), static_cast<const void*>(k),
+                          static_cast<const void*>(v), static_cast<const void*>(out)})
+    if (reinterpret_cast<uintptr_t>(ptr) % 16 != 0)
+      throw_error("std_flash_forward: a tensor is not 16-byte aligned");
+  const DiffFlashDims d2{d.B, d.S, d.h / 2, d.h / 2, d.dh};
+  const flash::FwdParams p{q, k, v, nullptr, out, lse, nullptr, int(d.S), int(d2.h), int(d2.h), 1,
+                           float(flash::kLog2e / std::sqrt(double(d.dh)))};
+  if (d.dh == 64)
+    launch_fwd_wgmma<64, true>(d2, p, stream);
+  else
+    launch_fwd_wgmma<128, true>(d2, p, stream);
 }
 
 }  // namespace difftron::cuda

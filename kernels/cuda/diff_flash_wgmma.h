@@ -32,4 +32,9 @@ void diff_flash_dkdv_wgmma(const DiffFlashDims& d, const flash::BwdParams& p,
 void diff_flash_bwd_fused_dq(const DiffFlashDims& d, const flash::BwdParams& p,
                              cudaStream_t stream);
 
+// The standard-attention backward on the dh 64 kernel (std_flash_backward); d2: the pair view
+// {B, S, H / 2, H / 2, dh}, p with dq_acc, no lambda and no dlambda.
+void std_flash_backward_wgmma(const DiffFlashDims& d2, const flash::BwdParams& p,
+                              cudaStream_t stream);
+
 }  // namespace difftron::cuda
