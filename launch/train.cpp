@@ -230,10 +230,10 @@ int train_main(int argc, char** argv) {
   int64_t data_vocab = 16;
   if (synthetic) {
     int64_t vocab = FLAGS_vocab_size > 0 ? FLAGS_vocab_size : data_vocab;
-    // each DP rank its own stream (the TP ranks of a DP group share one)
-    const uint64_t rank_seed = FLAGS_seed + 1000003ull * uint64_t(dp_rank);
-    train = make_synthetic_source(FLAGS_data.substr(10), vocab, rank_seed);
-    val = make_synthetic_source(FLAGS_data.substr(10), vocab, rank_seed + 1);
+    // one global stream, each DP rank its share of every step (the TP ranks of a DP group
+    // read the same rows); resumable on another DP size (io/synthetic_data.h)
+    train = make_synthetic_source(FLAGS_data.substr(10), vocab, FLAGS_seed, dp_rank, dp_size);
+    val = make_synthetic_source(FLAGS_data.substr(10), vocab, FLAGS_seed + 1, dp_rank, dp_size);
   } else {
     data_vocab = dataset_vocab_size(FLAGS_data);
     tokenizer = load_tokenizer(dataset_tokenizer_spec(FLAGS_data));
