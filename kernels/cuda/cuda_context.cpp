@@ -3,7 +3,9 @@
 #include "kernels/cuda/cuda_context.h"
 
 #include <climits>
+#include <string>
 
+#include "kernels/cuda/cuda_arch.h"
 #include "kernels/cuda/cuda_kernels.h"
 
 namespace difftron::cuda {
@@ -40,6 +42,8 @@ CudaContext::CudaContext(int device) : device_(device) {
                 " GPU(s) visible)");
   DT_CUDA(cudaSetDevice(device));
   DT_CUDA(cudaGetDeviceProperties(&props_, device));
+  const std::string why = arch_mismatch(built_archs(), props_.major, props_.minor, props_.name);
+  if (!why.empty() && built_archs()[0] != '\0') throw_error("cuda: ", why);
   DT_CUDA(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking));
   DT_CUBLAS(cublasLtCreate(&lt_));
   workspace_bytes_ = size_t(32) << 20;  // what cuBLASLt recommends for Hopper
