@@ -89,6 +89,7 @@ Plan make_plan(const PlanInput& in) {
   const double layer_saved = diff && in.attention_saved_o2 ? double(N) * q * 2 : 0;  // bf16 O2n
   p.activation_bytes = (L * layer_act + shared_act) * in.act_bytes + (L * layer_stat + shared_stat) * in.stat_bytes +
                        L * layer_saved + 2.0 * N * 4;  // tokens, targets (i32)
+  if (in.attention_fused_dq) p.attention_workspace_bytes = double(N) * (q + 2 * h) * 4;
 
   // ---- traffic per step
   const int64_t a = in.grad_accum;
@@ -163,7 +164,13 @@ std::string format_plan(const Plan& p, double tp_gbps, double dp_gbps, double pe
   row("gradients (flat buffer)", p.grad_bytes);
   row("optimizer: f32 master + moments of the shard", p.optimizer_bytes);
   row("activations kept for backward + scratch", p.activation_bytes);
-  row("total (without backend workspaces)", p.weight_bytes + p.grad_bytes + p.optimizer_bytes + p.activation_bytes);
+  const double total = p.weight_bytes + p.grad_bytes + p.optimizer_bytes + p.activation_bytes;
+  if (p.attention_workspace_bytes > 0) {
+    row("attention backward workspace (f32 dQ, D)", p.attention_workspace_bytes);
+    row("total (without other backend workspaces)", total + p.attention_workspace_bytes);
+  } else {
+    row("total (without backend workspaces)", total);
+  }
   os << "\ncommunication per rank per optimizer step (ring algorithms)\n";
   std::snprintf(line, sizeof line, "  %-4s %-80s %7s %12s %12s %10s\n", "grp", "collective", "calls", "each",
                 "sent/rank", "time");

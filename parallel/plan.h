@@ -21,6 +21,9 @@ struct PlanInput {
   // The GPU's fused differential attention keeps O2n per layer for the backward ([N, q_dim] in
   // bf16, Ops::diff_attention_saved_numel); the CPU keeps nothing.
   bool attention_saved_o2 = false;
+  // Hopper's fused attention backward (the default there) sums dQ in an f32 [N, q_dim] buffer
+  // and keeps D [N, 2h] in a backend workspace, one layer at a time.
+  bool attention_fused_dq = false;
 };
 
 // One kind of traffic: `calls` collectives per step, each over `buffer_bytes`, which puts
@@ -43,6 +46,7 @@ struct Plan {
   int64_t shard_elements = 0;     // one DP rank's ZeRO shard of them
   // bytes per rank
   double weight_bytes = 0, grad_bytes = 0, optimizer_bytes = 0, activation_bytes = 0;
+  double attention_workspace_bytes = 0;  // PlanInput::attention_fused_dq
   std::vector<CommLine> lines;
   double tp_bytes_per_rank = 0, dp_bytes_per_rank = 0;  // per step
   int64_t tokens_per_step = 0;                          // global

@@ -248,5 +248,21 @@ TEST(Plan, RingVolumesOnAHandComputedExample) {
   EXPECT_THROW(make_plan(in), Error);
 }
 
+TEST(Plan, CountsTheFusedAttentionWorkspace) {
+  // Hopper's fused backward: f32 dQ [N, q_dim / tp] + D [N, 2 heads / tp], N = batch x seq rows
+  PlanInput in;
+  in.cfg = config(AttentionKind::Differential, true);
+  in.seq = 16;
+  in.micro_batch = 3;
+  in.tp = 2;
+  EXPECT_EQ(make_plan(in).attention_workspace_bytes, 0.0);
+  in.attention_fused_dq = true;
+  const Plan p = make_plan(in);
+  const double q_local = 4.0 * 2 * 4 / 2, heads_local = 4.0 / 2;  // q_dim = h * 2 * dh
+  EXPECT_DOUBLE_EQ(p.attention_workspace_bytes, 3.0 * 16 * (q_local + 2 * heads_local) * 4);
+  EXPECT_NE(format_plan(p, 100, 100, 900, 0.4).find("attention backward workspace"),
+            std::string::npos);
+}
+
 }  // namespace
 }  // namespace difftron

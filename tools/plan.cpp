@@ -99,6 +99,8 @@ int plan_main(int argc, char** argv) {
   // O2n per layer
   in.attention_saved_o2 =
       FLAGS_keep_attention_state && FLAGS_device != "cpu" && (c.head_dim == 64 || c.head_dim == 128);
+  // a Hopper GPU's fused backward (the plan's target): its dQ accumulator in the workspace
+  in.attention_fused_dq = in.attention_saved_o2;
   Plan p = make_plan(in);
   std::cout << format_plan(p, FLAGS_plan_tp_gbps, FLAGS_plan_dp_gbps, FLAGS_plan_peak_tflops, FLAGS_plan_mfu);
   return 0;
