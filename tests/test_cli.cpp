@@ -1,31 +1,17 @@
 // The `difftron` program as a user meets it: bad flags give one clear error line naming the
 // flag and value and exit 1; unknown commands exit 2; a short synthetic run trains and logs ETA.
-#include <array>
 #include <cstdio>
 #include <filesystem>
 #include <string>
 
 #include <gtest/gtest.h>
 
+#include "tests/run_command.h"
+
 namespace {
 
-struct Result {
-  int status;
-  std::string output;
-};
-
-Result run(const std::string& args) {
-  std::string cmd = std::string(DIFFTRON_BINARY_DIR) + "/difftron " + args + " 2>&1";
-  Result r{-1, ""};
-  FILE* p = popen(cmd.c_str(), "r");
-  if (!p) return r;
-  std::array<char, 4096> buf;
-  size_t n;
-  while ((n = fread(buf.data(), 1, buf.size(), p)) > 0) r.output.append(buf.data(), n);
-  int st = pclose(p);
-  r.status = WIFEXITED(st) ? WEXITSTATUS(st) : -1;
-  return r;
-}
+using Result = difftron::testing::CommandResult;
+Result run(const std::string& args) { return difftron::testing::run_difftron(args); }
 
 bool has(const Result& r, const std::string& s) { return r.output.find(s) != std::string::npos; }
 

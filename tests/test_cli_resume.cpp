@@ -5,7 +5,6 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
-#include <array>
 #include <chrono>
 #include <cstdio>
 #include <cstdlib>
@@ -17,6 +16,8 @@
 
 #include <gtest/gtest.h>
 
+#include "tests/run_command.h"
+
 namespace fs = std::filesystem;
 
 namespace {
@@ -24,22 +25,8 @@ namespace {
 const std::string kBin = std::string(DIFFTRON_BINARY_DIR) + "/difftron";
 const std::string kModel = " --device=cpu --data=synthetic:copy --seq=16 --batch=4 --d_model=32 --n_heads=2 --log_every=1";
 
-struct Result {
-  int status;
-  std::string output;
-};
-
-Result run(const std::string& cmd) {
-  Result r{-1, ""};
-  FILE* p = popen((cmd + " 2>&1").c_str(), "r");
-  if (!p) return r;
-  std::array<char, 4096> buf;
-  size_t n;
-  while ((n = fread(buf.data(), 1, buf.size(), p)) > 0) r.output.append(buf.data(), n);
-  const int st = pclose(p);
-  r.status = WIFEXITED(st) ? WEXITSTATUS(st) : -1;
-  return r;
-}
+using Result = difftron::testing::CommandResult;
+Result run(const std::string& cmd) { return difftron::testing::run_command(cmd); }
 
 std::string read_file(const fs::path& p) {
   std::ifstream f(p);

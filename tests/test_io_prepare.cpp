@@ -5,7 +5,6 @@
 // thread counts, atomic output, and errors for bad inputs of every format.
 #include <zlib.h>
 
-#include <array>
 #include <cstdio>
 #include <filesystem>
 #include <fstream>
@@ -16,6 +15,7 @@
 #include "io/loader.h"
 #include "io/prepare.h"
 #include "io_test_util.h"
+#include "tests/run_command.h"
 
 using namespace difftron;
 using iotest::TempDir;
@@ -69,23 +69,8 @@ PrepareOptions text_opts(const std::vector<std::string>& inputs, const std::stri
   return o;
 }
 
-struct CmdResult {
-  int status;
-  std::string output;
-};
-
-CmdResult run(const std::string& args) {
-  const std::string cmd = std::string(DIFFTRON_BINARY_DIR) + "/difftron " + args + " 2>&1";
-  CmdResult r{-1, ""};
-  FILE* p = popen(cmd.c_str(), "r");
-  if (!p) return r;
-  std::array<char, 4096> buf;
-  size_t n;
-  while ((n = fread(buf.data(), 1, buf.size(), p)) > 0) r.output.append(buf.data(), n);
-  const int st = pclose(p);
-  r.status = WIFEXITED(st) ? WEXITSTATUS(st) : -1;
-  return r;
-}
+using CmdResult = difftron::testing::CommandResult;
+CmdResult run(const std::string& args) { return difftron::testing::run_difftron(args); }
 
 }  // namespace
 
