@@ -10,7 +10,9 @@
 
 #include <algorithm>
 #include <cstring>
+#include <filesystem>
 #include <limits>
+#include <new>
 
 #include <hdf5.h>
 #include <zlib.h>
@@ -134,7 +136,9 @@ int64_t read_attr_i64(hid_t obj, const char* name, const std::string& path) {
   return v;
 }
 
-std::string read_attr_str(hid_t obj, const char* name, const std::string& path) {
+// `file_size` bounds a fixed-length string: its bytes are stored in the file, so a larger
+// declared size is a crafted or damaged attribute (and must not size an allocation).
+std::string read_attr_str(hid_t obj, const char* name, const std::string& path, int64_t file_size) {
   Hid a = open_scalar_attr(obj, name, path);
   Hid ftype(H5Aget_type(a.get()), H5Tclose);
   if (H5Tget_class(ftype.get()) != H5T_STRING)
@@ -151,11 +155,65 @@ std::string read_attr_str(hid_t obj, const char* name, const std::string& path) 
     return s;
   }
   size_t n = H5Tget_size(ftype.get());
+  if (n > uint64_t(file_size))
+    throw_error(path, ": attribute '", name, "' declares ", n, " bytes, more than the whole file (", file_size,
+                " bytes); the shard is damaged");
   std::string s(n, '\0');
   if (n > 0 && H5Aread(a.get(), ftype.get(), s.data()) < 0)
     throw_error(path, ": cannot read attribute '", name, "' (", hdf5_detail(), ")");
   while (!s.empty() && s.back() == '\0') s.pop_back();
   return s;
+}
+
+// ---- untrusted contents: checks made before anything from the file is used ------------------
+
+// At most the first 200 characters of an attribute, for messages.
+std::string excerpt(const std::string& v) { return v.size() <= 200 ? v : v.substr(0, 200) + "..."; }
+
+// A `tokenizer` attribute is "bytes", "none", "" or tokenizer.json text, which load_tokenizer
+// takes as-is; anything else it would open as a path. A shard is untrusted, so such a path
+// may only name a file inside the shard's own folder once ".." and symlinks are resolved
+// (else a crafted shard reads /etc/shadow or the like). It is returned resolved, so later
+// code opens exactly the file checked here.
+std::string resolve_tokenizer_attr(const std::string& v, const std::string& shard) {
+  namespace fs = std::filesystem;
+  if (v.empty() || v == "bytes" || v == "none") return v;
+  const size_t first = v.find_first_not_of(" \t\r\n");
+  if (first != std::string::npos && v[first] == '{') return v;
+  const fs::path p(v);
+  if (p.is_absolute())
+    throw_error(shard, ": the tokenizer attribute names the absolute path '", excerpt(v),
+                "'; a shard may only name a file in its own folder (re-run difftron prepare, which stores the "
+                "tokenizer in the shards themselves)");
+  std::error_code ec, ec2;
+  const fs::path dir = fs::weakly_canonical(fs::absolute(fs::path(shard), ec).parent_path(), ec);
+  const fs::path target = fs::weakly_canonical(dir / p, ec2);
+  if (ec || ec2)
+    throw_error(shard, ": cannot resolve the tokenizer attribute '", excerpt(v), "': ", (ec ? ec : ec2).message());
+  const auto m = std::mismatch(dir.begin(), dir.end(), target.begin(), target.end());
+  if (m.first != dir.end() || m.second == target.end())
+    throw_error(shard, ": the tokenizer attribute '", excerpt(v), "' leads outside the shard's folder ",
+                dir.string(), " (to ", target.string(), "); refused");
+  return target.string();
+}
+
+// Compressed data that claims more than this ratio is not credible (deflate's best is ~1032:1).
+constexpr int64_t kMaxCompression = 2048;
+
+// Before an allocation sized by the file's claims: dataset `d` (`what`) must have its bytes
+// stored inside the file, all `bytes` of them when unfiltered (an unallocated part would
+// be fill values, i.e. a damaged or crafted shard), or at least bytes / kMaxCompression
+// when compressed.
+void check_stored(hid_t d, int64_t bytes, int64_t file_size, const std::string& path, const char* what) {
+  const int64_t stored = int64_t(H5Dget_storage_size(d));
+  if (stored > file_size)
+    throw_error(path, ": truncated: ", what, " has ", stored, " bytes stored but the file has ", file_size);
+  Hid dcpl(H5Dget_create_plist(d), H5Pclose);
+  const bool filtered = dcpl.valid() && H5Pget_nfilters(dcpl.get()) > 0;
+  if (filtered ? bytes / kMaxCompression > stored : stored < bytes)
+    throw_error(path, ": ", what, " should hold ", bytes, " bytes but the file stores ", stored,
+                filtered ? " compressed (beyond any credible ratio)" : "",
+                " for it; the shard is truncated, damaged or crafted");
 }
 
 uint32_t crc32_bytes(uint32_t crc, const uint8_t* p, size_t n) {
@@ -329,6 +387,7 @@ TokenShardReader::TokenShardReader(const std::string& path) : path_(path) {
     throw_error("token shard ", path, ": not an HDF5 file (", st.st_size,
                 " bytes; unreadable, truncated or another format)");
   }
+  const int64_t file_size = int64_t(st.st_size);
   Hid file(H5Fopen(path.c_str(), H5F_ACC_RDONLY, H5P_DEFAULT), H5Fclose);
   if (!file.valid())
     throw_error("token shard ", path, ": cannot open (", hdf5_detail(),
@@ -336,7 +395,7 @@ TokenShardReader::TokenShardReader(const std::string& path) : path_(path) {
   hid_t root = file.get();
   if (!has_attr(root, "format"))
     throw_error(path, ": not a difftron token shard (no 'format' attribute on /)");
-  std::string format = read_attr_str(root, "format", path);
+  std::string format = read_attr_str(root, "format", path, file_size);
   if (format != kTokenShardFormat)
     throw_error(path, ": format is '", format, "', expected '", kTokenShardFormat, "'");
   for (const char* name : {"version", "vocab_size", "tokenizer", "num_tokens", "eos_id", "tokens_crc32"})
@@ -348,9 +407,11 @@ TokenShardReader::TokenShardReader(const std::string& path) : path_(path) {
   meta_.vocab_size = read_attr_i64(root, "vocab_size", path);
   if (meta_.vocab_size <= 0 || meta_.vocab_size > (int64_t(1) << 32))
     throw_error(path, ": vocab_size ", meta_.vocab_size, " is out of range [1, 2^32]");
-  meta_.tokenizer = read_attr_str(root, "tokenizer", path);
+  meta_.tokenizer = resolve_tokenizer_attr(read_attr_str(root, "tokenizer", path, file_size), path);
   meta_.num_tokens = read_attr_i64(root, "num_tokens", path);
-  if (meta_.num_tokens < 0) throw_error(path, ": num_tokens ", meta_.num_tokens, " is negative");
+  // The cap keeps every size computed from it (tokens x 4 bytes, chunk counts) far from overflow.
+  if (meta_.num_tokens < 0 || meta_.num_tokens > kMaxShardTokens)
+    throw_error(path, ": num_tokens ", meta_.num_tokens, " is out of range [0, 2^40]");
   meta_.eos_id = read_attr_i64(root, "eos_id", path);
   if (meta_.eos_id < -1 || meta_.eos_id >= meta_.vocab_size)
     throw_error(path, ": eos_id ", meta_.eos_id, " is not -1 or in [0, vocab_size ",
@@ -358,8 +419,8 @@ TokenShardReader::TokenShardReader(const std::string& path) : path_(path) {
   meta_.tokens_crc32 = uint32_t(read_attr_i64(root, "tokens_crc32", path));
   if (has_attr(root, "shard_index")) meta_.shard_index = read_attr_i64(root, "shard_index", path);
   if (has_attr(root, "num_shards")) meta_.num_shards = read_attr_i64(root, "num_shards", path);
-  if (has_attr(root, "split")) meta_.split = read_attr_str(root, "split", path);
-  if (has_attr(root, "source")) meta_.source = read_attr_str(root, "source", path);
+  if (has_attr(root, "split")) meta_.split = read_attr_str(root, "split", path, file_size);
+  if (has_attr(root, "source")) meta_.source = read_attr_str(root, "source", path, file_size);
   if (has_attr(root, "starts_mid_document"))
     meta_.starts_mid_document = read_attr_i64(root, "starts_mid_document", path);
 
@@ -375,9 +436,14 @@ TokenShardReader::TokenShardReader(const std::string& path) : path_(path) {
     hsize_t n = 0;
     H5Sget_simple_extent_dims(space.get(), &n, nullptr);
     if (n < 1) throw_error(path, ": /doc_offsets is empty (it must end with num_tokens)");
+    // Documents are non-empty runs of tokens, so there are at most num_tokens of them.
+    if (n > uint64_t(meta_.num_tokens) + 1)
+      throw_error(path, ": /doc_offsets holds ", n, " entries, more than num_tokens + 1 (", meta_.num_tokens + 1,
+                  ")");
     Hid type(H5Dget_type(d.get()), H5Tclose);
     if (H5Tget_class(type.get()) != H5T_INTEGER)
       throw_error(path, ": /doc_offsets must hold integers");
+    check_stored(d.get(), int64_t(n) * int64_t(H5Tget_size(type.get())), file_size, path, "/doc_offsets");
     doc_offsets_.resize(n);
     if (H5Dread(d.get(), H5T_NATIVE_UINT64, H5S_ALL, H5S_ALL, H5P_DEFAULT, doc_offsets_.data()) < 0)
       throw_error(path, ": cannot read /doc_offsets (", hdf5_detail(),
@@ -424,7 +490,6 @@ TokenShardReader::TokenShardReader(const std::string& path) : path_(path) {
   token_bytes_ = int(width);
   const bool little = H5Tget_order(ftype.get()) == H5T_ORDER_LE;
   const int64_t n = meta_.num_tokens;
-  const int64_t file_size = int64_t(st.st_size);
 
   // Where the bytes are: for unfiltered little-endian data, the chunk (or contiguous) file
   // addresses, which we map. Anything else is read through HDF5 into memory.
@@ -441,7 +506,7 @@ TokenShardReader::TokenShardReader(const std::string& path) : path_(path) {
     H5Pget_chunk(dcpl.get(), 1, &cdim);
     hsize_t nchunks = 0;
     check_h5(H5Dget_num_chunks(dset.get(), space.get(), &nchunks), path, "H5Dget_num_chunks");
-    const int64_t expect = (n + int64_t(cdim) - 1) / int64_t(cdim);
+    const int64_t expect = cdim == 0 ? -1 : (n + int64_t(cdim) - 1) / int64_t(cdim);
     if (cdim == 0 || int64_t(nchunks) != expect) {
       mappable = false;  // unallocated chunks (fill values): let HDF5 supply them
     } else {
@@ -482,7 +547,13 @@ TokenShardReader::TokenShardReader(const std::string& path) : path_(path) {
   }
 
   if (n > 0 && !mappable) {
-    owned_.resize(size_t(n) * width);
+    // Sized from the file's claims: check them against the bytes really stored first.
+    check_stored(dset.get(), n * int64_t(width), file_size, path, "/tokens");
+    try {
+      owned_.resize(size_t(n) * width);
+    } catch (const std::bad_alloc&) {
+      throw_error(path, ": not enough memory to load ", n, " compressed tokens");
+    }
     hid_t mtype = width == 2 ? H5T_NATIVE_UINT16 : H5T_NATIVE_UINT32;
     if (H5Dread(dset.get(), mtype, H5S_ALL, H5S_ALL, H5P_DEFAULT, owned_.data()) < 0)
       throw_error(path, ": cannot read /tokens (", hdf5_detail(), "); the file may be truncated or damaged");

@@ -13,12 +13,16 @@ namespace difftron {
 constexpr const char* kTokenShardFormat = "difftron-tokens";
 constexpr int kTokenShardVersion = 1;
 constexpr int64_t kDefaultChunkTokens = int64_t(1) << 20;
+// The most tokens one shard may hold (readers refuse more): bounds every size derived from it.
+constexpr int64_t kMaxShardTokens = int64_t(1) << 40;
 
 // The attributes on a shard's root group.
 struct ShardMeta {
   int64_t version = kTokenShardVersion;
   int64_t vocab_size = 0;
-  std::string tokenizer;          // "bytes", tokenizer.json text, or "none"
+  std::string tokenizer;          // "bytes", tokenizer.json text, or "none"; readers also accept
+                                  // a path relative to the shard's folder, staying inside it
+                                  // (returned resolved; anything else is refused)
   int64_t eos_id = -1;            // -1: the data has no document separator
   int64_t num_tokens = 0;
   int64_t num_documents = 0;      // len(/doc_offsets) - 1
@@ -78,7 +82,9 @@ class TokenShardReader {
  public:
   // Opens and validates: format, version, attribute types, /tokens dtype and length
   // against num_tokens, /doc_offsets (monotone, ends at num_tokens), the file size against
-  // the data's extent. Throws Error naming `path` and the problem.
+  // the data's extent. The file is untrusted: every size it declares is checked against the
+  // bytes really stored before it sizes an allocation, and a tokenizer path must stay in
+  // the shard's folder. Throws Error naming `path` and the problem.
   explicit TokenShardReader(const std::string& path);
   ~TokenShardReader();
   TokenShardReader(const TokenShardReader&) = delete;

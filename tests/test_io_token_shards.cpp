@@ -5,6 +5,7 @@
 #include <sys/stat.h>
 
 #include <cstring>
+#include <filesystem>
 #include <random>
 
 #include "io/token_shards.h"
@@ -183,6 +184,7 @@ TEST(TokenShards, SmallShardGetsOneExactChunkAndLargeAttributesWork) {
   const std::string path = dir / "small.h5";
   std::string big(3 << 20, 'x');  // a tokenizer.json can be megabytes
   for (size_t i = 0; i < big.size(); i += 97) big[i] = char('a' + i % 26);
+  big[0] = '{';  // JSON text (anything else would be taken for a path)
   write_shard(path, 10, 300, {0}, kDefaultChunkTokens, big);
   struct stat st;
   ASSERT_EQ(::stat(path.c_str(), &st), 0);
@@ -388,4 +390,88 @@ TEST(TokenShardErrors, RandomCorruptionIsDetected) {
   }
   EXPECT_GT(errors, 0);
   EXPECT_EQ(errors + clean_reads, trials);
+}
+
+// ---- untrusted files ---------------------------------------------------------------------
+
+// A `tokenizer` attribute that is a path may only name a file in the shard's own folder:
+// absolute paths, ".." and symlinks leading out are refused with the shard and the value.
+TEST(TokenShardUntrusted, TokenizerPathMustStayInTheShardFolder) {
+  TempDir dir;
+  std::filesystem::create_directories(dir / "ds");
+  iotest::write_text(dir / "outside.json", "{}");
+  const std::string path = dir / "ds/s.h5";
+  for (const std::string bad : {"../../../../../../../../etc/shadow", "../outside.json", "sub/../../outside.json"}) {
+    write_shard(path, 10, 300, {0}, kDefaultChunkTokens, bad);
+    EXPECT_ERROR_HAS(open_shard(path), path, "tokenizer attribute '" + bad + "'", "outside the shard's folder");
+  }
+  write_shard(path, 10, 300, {0}, kDefaultChunkTokens, "/etc/shadow");
+  EXPECT_ERROR_HAS(open_shard(path), path, "absolute path '/etc/shadow'", "re-run difftron prepare");
+  std::filesystem::create_directory_symlink(dir.path(), dir / "ds/up");
+  write_shard(path, 10, 300, {0}, kDefaultChunkTokens, "up/outside.json");
+  EXPECT_ERROR_HAS(open_shard(path), path, "'up/outside.json'", "outside the shard's folder");
+  // A file inside the folder is accepted and handed on resolved.
+  iotest::write_text(dir / "ds/tok.json", "{}");
+  write_shard(path, 10, 300, {0}, kDefaultChunkTokens, "./tok.json");
+  TokenShardReader r(path);
+  EXPECT_EQ(r.meta().tokenizer, std::filesystem::weakly_canonical(dir / "ds/tok.json").string());
+}
+
+// A shard written by hand with the HDF5 C API: /tokens (uint16) of `ntok` elements, chunked
+// (`chunk` > 0, optionally deflated) or contiguous (`chunk` == 0), never written (so nothing
+// is allocated: HDF5 would supply fill values), /doc_offsets = {0, ntok} unless `ndoc` says
+// another length (then also unwritten), and the attributes claiming `num_tokens`.
+void craft_shard(const std::string& path, hsize_t ntok, hsize_t chunk, bool deflate, hsize_t ndoc,
+                 int64_t num_tokens) {
+  hid_t f = H5Fcreate(path.c_str(), H5F_ACC_TRUNC, H5P_DEFAULT, H5P_DEFAULT);
+  ASSERT_GE(f, 0);
+  hsize_t maxd = H5S_UNLIMITED;
+  hid_t s = H5Screate_simple(1, &ntok, chunk ? &maxd : nullptr);
+  hid_t dcpl = H5Pcreate(H5P_DATASET_CREATE);
+  if (chunk) H5Pset_chunk(dcpl, 1, &chunk);
+  if (deflate) H5Pset_deflate(dcpl, 4);
+  hid_t d = H5Dcreate2(f, "/tokens", H5T_STD_U16LE, s, H5P_DEFAULT, dcpl, H5P_DEFAULT);
+  ASSERT_GE(d, 0);
+  H5Dclose(d);
+  H5Sclose(s);
+  s = H5Screate_simple(1, &ndoc, &maxd);
+  hsize_t c = 1024;
+  H5Pset_chunk(dcpl, 1, &c);
+  d = H5Dcreate2(f, "/doc_offsets", H5T_STD_U64LE, s, H5P_DEFAULT, dcpl, H5P_DEFAULT);
+  ASSERT_GE(d, 0);
+  if (ndoc == 2) {
+    uint64_t off[2] = {0, uint64_t(ntok)};
+    H5Dwrite(d, H5T_NATIVE_UINT64, H5S_ALL, H5S_ALL, H5P_DEFAULT, off);
+  }
+  H5Dclose(d);
+  H5Sclose(s);
+  H5Pclose(dcpl);
+  H5Fclose(f);
+  iotest::h5_set_attr_str(path, "format", "difftron-tokens");
+  iotest::h5_set_attr_i64(path, "version", 1);
+  iotest::h5_set_attr_i64(path, "vocab_size", 1000);
+  iotest::h5_set_attr_str(path, "tokenizer", "none");
+  iotest::h5_set_attr_i64(path, "num_tokens", num_tokens);
+  iotest::h5_set_attr_i64(path, "eos_id", -1);
+  iotest::h5_set_attr_i64(path, "tokens_crc32", 0);
+}
+
+// Sizes declared by a small file (a few KB) that would make the reader allocate terabytes,
+// divide by zero or read past the mapping: each is refused with an Error naming the file.
+TEST(TokenShardUntrusted, DeclaredSizesAreCheckedBeforeAllocation) {
+  TempDir dir;
+  const std::string path = dir / "crafted.h5";
+  const hsize_t huge = hsize_t(1) << 39;  // 1 TB of uint16 tokens
+  craft_shard(path, huge, 1 << 20, false, 2, int64_t(huge));  // chunked, nothing stored
+  EXPECT_ERROR_HAS(open_shard(path), path, "/tokens should hold", "the shard is truncated, damaged or crafted");
+  craft_shard(path, huge, 1 << 20, true, 2, int64_t(huge));  // compressed, nothing stored
+  EXPECT_ERROR_HAS(open_shard(path), path, "/tokens should hold", "compressed");
+  craft_shard(path, huge, 0, false, 2, int64_t(huge));  // contiguous, never allocated
+  EXPECT_ERROR_HAS(open_shard(path), path, "/tokens should hold");
+  craft_shard(path, 100, 64, false, huge, 100);  // /doc_offsets of 2^39 entries
+  EXPECT_ERROR_HAS(open_shard(path), path, "/doc_offsets holds 549755813888 entries");
+  craft_shard(path, 100, 64, false, 101, 100);  // plausible length, but never written
+  EXPECT_ERROR_HAS(open_shard(path), path, "/doc_offsets should hold 808 bytes");
+  craft_shard(path, 100, 64, false, 2, int64_t(1) << 62);  // num_tokens near overflow
+  EXPECT_ERROR_HAS(open_shard(path), path, "num_tokens 4611686018427387904 is out of range");
 }
