@@ -10,6 +10,7 @@
 #include <atomic>
 #include <chrono>
 #include <condition_variable>
+#include <cstdlib>
 #include <cstring>
 #include <filesystem>
 #include <fstream>
@@ -338,6 +339,94 @@ class TextPipeline {
   std::unordered_map<uint64_t, size_t> first_with_hash_;
 };
 
+// ---- the output folder ------------------------------------------------------------------
+
+// `path` made absolute and normal, without a trailing separator (so OUT + ".tmp-PID" is a
+// sibling of OUT, never inside it).
+fs::path absolute_path(const std::string& path) {
+  std::error_code ec;
+  fs::path p = fs::absolute(path, ec).lexically_normal();
+  if (!p.has_filename() && p != p.root_path()) p = p.parent_path();
+  return p;
+}
+
+// The same with symlinks resolved as far as the path exists: for containment checks.
+fs::path resolved_path(const std::string& path) {
+  std::error_code ec;
+  const fs::path p = absolute_path(path);
+  fs::path c = fs::weakly_canonical(p, ec);
+  return ec ? p : c;
+}
+
+// `inner` is `outer` or lies below it (whole components: /a/bc is not below /a/b).
+bool is_within(const fs::path& inner, const fs::path& outer) {
+  return std::mismatch(outer.begin(), outer.end(), inner.begin(), inner.end()).first == outer.end();
+}
+
+// "" when `dir` holds a dataset prepare wrote and nothing else: prepare.json (its
+// metadata, the marker), train/ and val/ holding only shard_*.h5. Else what is unexpected:
+// --overwrite deletes the old OUT, so it must not be able to delete anything else.
+std::string foreign_content(const fs::path& dir) {
+  std::error_code ec;
+  if (!fs::is_directory(dir, ec)) return "it is not a folder";
+  bool marker = false;
+  auto is_shard = [](const fs::directory_entry& e) {
+    const std::string n = e.path().filename().string();
+    std::error_code ec2;
+    return e.is_regular_file(ec2) && !e.is_symlink(ec2) && n.size() > 9 && n.compare(0, 6, "shard_") == 0 &&
+           n.compare(n.size() - 3, 3, ".h5") == 0;
+  };
+  fs::directory_iterator it(dir, ec), end;
+  if (ec) return "it cannot be listed (" + ec.message() + ")";
+  for (; it != end; it.increment(ec)) {
+    const fs::directory_entry& e = *it;
+    const std::string name = e.path().filename().string();
+    std::error_code ec2;
+    if (name == "prepare.json" && e.is_regular_file(ec2) && !e.is_symlink(ec2)) {
+      std::ifstream f(e.path());
+      const nlohmann::json j = nlohmann::json::parse(f, nullptr, /*allow_exceptions=*/false);
+      marker = j.is_object() && j.contains("format") && j.contains("train") && j.contains("inputs");
+      if (!marker) return "its prepare.json is not one prepare wrote";
+      continue;
+    }
+    if ((name == "train" || name == "val") && e.is_directory(ec2) && !e.is_symlink(ec2)) {
+      fs::directory_iterator sub(e.path(), ec2);
+      if (ec2) return e.path().string() + " cannot be listed (" + ec2.message() + ")";
+      for (; sub != end; sub.increment(ec2))
+        if (!is_shard(*sub)) return "it holds " + sub->path().string() + ", which prepare does not write";
+      if (ec2) return e.path().string() + " cannot be listed (" + ec2.message() + ")";
+      continue;
+    }
+    return "it holds " + e.path().string() + ", which prepare does not write";
+  }
+  if (ec) return "it cannot be listed (" + ec.message() + ")";
+  if (!marker) return "it has no prepare.json (the file prepare writes into every dataset)";
+  return "";
+}
+
+// Refuses an --out that a mistake would make destructive: /, $HOME or a folder above it,
+// an input or a folder holding one; an existing folder without --overwrite, or with it
+// when the folder is not a dataset prepare wrote.
+void check_output_folder(const PrepareOptions& o, const fs::path& out) {
+  const fs::path real = resolved_path(o.out);
+  if (real == real.root_path()) throw_error("--out=", o.out, ": refusing to write the dataset over the root folder");
+  if (const char* home = std::getenv("HOME"); home && *home && is_within(resolved_path(home), real))
+    throw_error("--out=", o.out, ": refusing to write the dataset over the home folder ", home,
+                real == resolved_path(home) ? "" : " (or a folder holding it)");
+  for (const auto& in : o.inputs) {
+    if (in == "-") continue;
+    if (is_within(resolved_path(in), real))
+      throw_error("--out=", o.out, " is the input ", in, " or a folder holding it: choose an output folder apart from the inputs");
+  }
+  std::error_code ec;
+  if (!fs::exists(fs::symlink_status(out, ec))) return;
+  if (!o.overwrite) throw_error("output folder ", o.out, " already exists (pass --overwrite to replace it)");
+  const std::string why = foreign_content(out);
+  if (!why.empty())
+    throw_error("--overwrite: ", o.out, " is not a dataset written by difftron prepare (", why,
+                "); refusing to replace it: choose another --out or remove it yourself");
+}
+
 // Removes the temporary output folder unless release() was called.
 struct TempDirGuard {
   std::string path;
@@ -360,13 +449,26 @@ PrepareReport prepare_dataset(const PrepareOptions& o) {
   if (o.out.empty()) throw_error("--out: no output folder given");
   if (o.shard_tokens <= 0) throw_error("--shard_tokens (", o.shard_tokens, ") must be positive");
   if (o.chunk_tokens <= 0) throw_error("--chunk_tokens (", o.chunk_tokens, ") must be positive");
+  if (o.shard_tokens > kMaxShardTokens)
+    throw_error("--shard_tokens (", o.shard_tokens, ") must be in [1, 2^40] (the most a shard may hold)");
+  if (o.chunk_tokens > kMaxChunkTokens)
+    throw_error("--chunk_tokens (", o.chunk_tokens, ") must be in [1, 2^28] (HDF5 chunks stay below 4 GiB)");
   if (!(o.val_fraction >= 0 && o.val_fraction < 1))
     throw_error("--val_fraction (", o.val_fraction, ") must be in [0, 1)");
+  if (o.threads < 0 || o.threads > kMaxThreads)
+    throw_error("--jobs (", o.threads, ") must be in [0, ", kMaxThreads, "] (0 = all cores)");
+  if (o.import_vocab_size < 0 || o.import_vocab_size > (int64_t(1) << 32))
+    throw_error("--import_vocab_size (", o.import_vocab_size, ") must be in [0, 2^32] (0 = from the format)");
+  if (o.import_eos_id < -2 || o.import_eos_id >= (int64_t(1) << 32))
+    throw_error("--import_eos_id (", o.import_eos_id, ") must be in [-2, 2^32)");
   TokenFileFormat forced{};
   const bool forced_tokens = parse_token_format(o.format, &forced);
   if (!forced_tokens && o.format != "auto" && o.format != "text")
     throw_error("--input_format: unknown format '", o.format,
                 "' (expected auto, text, llmc, megatron, npy, raw16 or raw32)");
+
+  const fs::path out_path = absolute_path(o.out);
+  check_output_folder(o, out_path);  // before any work: a refused --out costs nothing
 
   // ---- inputs
   std::vector<TextInput> texts;
@@ -466,10 +568,8 @@ PrepareReport prepare_dataset(const PrepareOptions& o) {
 
   // ---- output folder, built under a temporary name
   std::error_code ec;
-  const std::string out = fs::path(o.out).lexically_normal().string();
-  if (fs::exists(out, ec) && !o.overwrite)
-    throw_error("output folder ", out, " already exists (pass --overwrite to replace it)");
-  TempDirGuard tmp{out + ".tmp-" + std::to_string(::getpid())};
+  const std::string out = out_path.string();
+  TempDirGuard tmp{out + ".tmp-" + std::to_string(::getpid())};  // a sibling: renamed into place at the end
   fs::remove_all(tmp.path, ec);
   fs::create_directories(tmp.path + "/train", ec);
   if (ec) throw_error("cannot create ", tmp.path, "/train: ", ec.message());
@@ -564,6 +664,7 @@ PrepareReport prepare_dataset(const PrepareOptions& o) {
 
   {
     nlohmann::json j;
+    j["written_by"] = "difftron prepare";
     j["format"] = rep.format;
     j["inputs"] = o.inputs;
     j["vocab_size"] = rep.vocab_size;
@@ -582,7 +683,8 @@ PrepareReport prepare_dataset(const PrepareOptions& o) {
   }
 
   // ---- publish: rename the finished folder into place
-  if (fs::exists(out, ec)) {
+  check_output_folder(o, out_path);  // again: OUT may have changed during the run
+  if (fs::exists(fs::symlink_status(out, ec))) {
     const std::string old = out + ".old-" + std::to_string(::getpid());
     fs::rename(out, old, ec);
     if (ec) throw_error("cannot move the existing ", out, " aside: ", ec.message());

@@ -2,7 +2,10 @@
 // in parallel (in input order), or already-tokenised files are imported (llm.c .bin,
 // Megatron .bin/.idx, .npy, raw uint16/uint32); documents are split into OUT/train and
 // OUT/val and written as HDF5 shards (io/token_shards.h). The whole OUT folder is built
-// under a temporary name and renamed at the end, so a failed run leaves nothing behind.
+// under a temporary name and renamed at the end, so a failed run leaves nothing behind (and
+// an old OUT it was to replace intact). OUT is never /, $HOME, an input or a folder above
+// one; an existing OUT is replaced only with --overwrite and only when prepare wrote it
+// (prepare.json, train/ and val/ of shards, nothing else).
 #pragma once
 #include <cstdint>
 #include <functional>
@@ -12,6 +15,9 @@
 #include "io/token_shards.h"
 
 namespace difftron {
+
+constexpr int kMaxThreads = 1024;                      // --jobs
+constexpr int64_t kMaxChunkTokens = int64_t(1) << 28;  // --chunk_tokens: HDF5 chunks must stay < 4 GiB
 
 struct PrepareProgress {
   int64_t files_done = 0, files_total = 0;
@@ -32,7 +38,7 @@ struct PrepareOptions {
   int64_t chunk_tokens = kDefaultChunkTokens;
   double val_fraction = 0.01;       // every round(1/f)-th document goes to OUT/val
   int threads = 0;                  // tokeniser threads; 0 = all cores
-  bool overwrite = false;           // replace an existing OUT
+  bool overwrite = false;           // replace an existing OUT that prepare wrote (nothing else)
   bool dedup = true;                // skip files whose content was already seen
   std::string doc_separator;        // "" = one document per file; else split text at this string
   int64_t import_vocab_size = 0;    // imports: vocabulary (0 = from the format or --tokenizer)

@@ -199,6 +199,87 @@ TEST(Prepare, OutputIsAtomic) {
   EXPECT_EQ(read_split(dir / "out/train").tokens, bytes_doc("new"));
 }
 
+// --overwrite deletes the old OUT: only a dataset prepare wrote (prepare.json, train/ and
+// val/ of shards, nothing else) may be replaced; never /, $HOME, an input or a folder
+// holding one. A failed run leaves the old dataset as it was.
+TEST(Prepare, OverwriteReplacesOnlyAPrepareOutput) {
+  TempDir dir;
+  fs::create_directories(dir / "corpus");
+  iotest::write_text(dir / "corpus/a.txt", "some text");
+  auto opts = [&](const std::string& out) {
+    PrepareOptions o = text_opts({dir / "corpus"}, out);
+    o.overwrite = true;
+    return o;
+  };
+  // Not a dataset: a folder of someone's files, or a dataset with a stranger inside.
+  fs::create_directories(dir / "mine");
+  iotest::write_text(dir / "mine/precious.txt", "keep me");
+  EXPECT_ERROR_HAS(prepare_dataset(opts(dir / "mine")), "--overwrite: " + dir / "mine",
+                   "not a dataset written by difftron prepare", "precious.txt");
+  EXPECT_TRUE(fs::exists(dir / "mine/precious.txt"));
+  prepare_dataset(opts(dir / "out"));
+  iotest::write_text(dir / "out/train/notes.txt", "mine");
+  EXPECT_ERROR_HAS(prepare_dataset(opts(dir / "out")), dir / "out", "notes.txt", "which prepare does not write");
+  fs::remove(dir / "out/train/notes.txt");
+  iotest::write_text(dir / "out/prepare.json", "[1, 2]");
+  EXPECT_ERROR_HAS(prepare_dataset(opts(dir / "out")), dir / "out", "prepare.json is not one prepare wrote");
+  fs::remove(dir / "out/prepare.json");
+  EXPECT_ERROR_HAS(prepare_dataset(opts(dir / "out")), dir / "out", "has no prepare.json");
+  EXPECT_TRUE(fs::exists(dir / "out/train/shard_00000.h5"));
+  // The inputs, a folder above them, the root folder and $HOME (or above it) are refused.
+  EXPECT_ERROR_HAS(prepare_dataset(opts(dir / "corpus")), "--out=" + dir / "corpus", "is the input");
+  EXPECT_ERROR_HAS(prepare_dataset(opts(dir.path())), "--out=" + dir.path(), "is the input");
+  EXPECT_ERROR_HAS(prepare_dataset(opts(dir / "corpus/..")), "is the input");
+  EXPECT_ERROR_HAS(prepare_dataset(opts("/")), "--out=/", "root folder");
+  const char* old_home = std::getenv("HOME");
+  const std::string saved = old_home ? old_home : "";
+  fs::create_directories(dir / "home/me");
+  ::setenv("HOME", (dir / "home/me").c_str(), 1);
+  PrepareOptions h = opts(dir / "home/me");
+  h.inputs = {dir / "corpus/a.txt"};
+  EXPECT_ERROR_HAS(prepare_dataset(h), "--out=" + dir / "home/me", "home folder");
+  h.out = dir / "home";
+  EXPECT_ERROR_HAS(prepare_dataset(h), "--out=" + dir / "home", "home folder", "or a folder holding it");
+  if (old_home) ::setenv("HOME", saved.c_str(), 1);
+  else ::unsetenv("HOME");
+  // A real dataset is replaced (also spelled with a trailing slash) ...
+  prepare_dataset(opts(dir / "ds"));
+  iotest::write_text(dir / "corpus/a.txt", "new text");
+  prepare_dataset(opts(dir / "ds/"));
+  EXPECT_EQ(read_split(dir / "ds/train").tokens, bytes_doc("new text"));
+  // ... but a run that fails leaves it as it was, and no temporary folder behind.
+  write_gz(dir / "corpus/b.txt.gz", std::string(100000, 'z'));
+  auto gz = iotest::read_file(dir / "corpus/b.txt.gz");
+  iotest::write_file(dir / "corpus/b.txt.gz", gz.data(), gz.size() / 2);
+  EXPECT_ERROR_HAS(prepare_dataset(opts(dir / "ds")), dir / "corpus/b.txt.gz");
+  EXPECT_EQ(read_split(dir / "ds/train").tokens, bytes_doc("new text"));
+  for (const auto& e : fs::directory_iterator(dir.path())) {
+    EXPECT_EQ(e.path().filename().string().find(".tmp-"), std::string::npos) << e.path();
+    EXPECT_EQ(e.path().filename().string().find(".old-"), std::string::npos) << e.path();
+  }
+}
+
+// Numbers that would overflow or exhaust the machine are refused naming the flag and range.
+TEST(Prepare, OutOfRangeNumbersAreRefused) {
+  TempDir dir;
+  iotest::write_text(dir / "a.txt", "text");
+  PrepareOptions o = text_opts({dir / "a.txt"}, dir / "o");
+  o.threads = 100000;
+  EXPECT_ERROR_HAS(prepare_dataset(o), "--jobs (100000) must be in [0, 1024]");
+  o.threads = -3;
+  EXPECT_ERROR_HAS(prepare_dataset(o), "--jobs (-3) must be in [0, 1024]");
+  o = text_opts({dir / "a.txt"}, dir / "o");
+  o.shard_tokens = int64_t(1) << 50;
+  EXPECT_ERROR_HAS(prepare_dataset(o), "--shard_tokens (1125899906842624) must be in [1, 2^40]");
+  o = text_opts({dir / "a.txt"}, dir / "o");
+  o.chunk_tokens = int64_t(1) << 40;
+  EXPECT_ERROR_HAS(prepare_dataset(o), "--chunk_tokens (1099511627776) must be in [1, 2^28]");
+  o = text_opts({dir / "a.txt"}, dir / "o");
+  o.import_vocab_size = -7;
+  EXPECT_ERROR_HAS(prepare_dataset(o), "--import_vocab_size (-7) must be in [0, 2^32]");
+  EXPECT_FALSE(fs::exists(dir / "o"));
+}
+
 TEST(Prepare, BadTextInputs) {
   TempDir dir;
   EXPECT_ERROR_HAS(prepare_dataset(text_opts({dir / "missing"}, dir / "o")), dir / "missing", "no such file");
