@@ -8,6 +8,7 @@
 #include <nlohmann/json.hpp>
 
 #include "core/error.h"
+#include "core/tensor.h"
 
 namespace difftron {
 namespace {
@@ -60,19 +61,33 @@ std::map<std::string, HostTensor> read_safetensors(const std::string& path) {
   } catch (const nlohmann::json::exception& e) {
     throw_error(path, ": bad safetensors header: ", e.what());
   }
+  if (!j.is_object()) throw_error(path, ": bad safetensors header: not a JSON object");
   const uint64_t data_start = 8 + header_len;
   std::map<std::string, HostTensor> out;
   for (auto& [name, info] : j.items()) {
     if (name == "__metadata__") continue;
-    const std::string dtype = info.at("dtype").get<std::string>();
+    // The header is untrusted: every size is checked against the file before it sizes an
+    // allocation (negative or overflowing shapes, offsets past the end).
+    std::string dtype;
     HostTensor t;
-    t.shape = info.at("shape").get<std::vector<int64_t>>();
-    int64_t n = 1;
-    for (int64_t d : t.shape) n *= d;
-    const uint64_t begin = info.at("data_offsets").at(0), end = info.at("data_offsets").at(1);
+    uint64_t begin = 0, end = 0;
+    try {
+      dtype = info.at("dtype").get<std::string>();
+      t.shape = info.at("shape").get<std::vector<int64_t>>();
+      begin = info.at("data_offsets").at(0).get<uint64_t>();
+      end = info.at("data_offsets").at(1).get<uint64_t>();
+    } catch (const nlohmann::json::exception& e) {
+      throw_error(path, ": tensor '", name, "' has a malformed header entry: ", e.what());
+    }
     size_t elem = dtype == "F32" ? 4 : dtype == "F64" ? 8 : (dtype == "BF16" || dtype == "F16") ? 2 : 0;
     if (elem == 0) throw_error(path, ": tensor '", name, "' has unsupported dtype ", dtype);
-    if (end < begin || end - begin != uint64_t(n) * elem || data_start + end > file_size)
+    int64_t n = 1;
+    for (int64_t d : t.shape) {
+      if (d < 0 || (d > 0 && n > int64_t(file_size / elem) / d))
+        throw_error(path, ": tensor '", name, "' has shape ", shape_str(t.shape), ", more than the file holds");
+      n *= d;
+    }
+    if (end < begin || end - begin != uint64_t(n) * elem || end > file_size - data_start)
       throw_error(path, ": tensor '", name, "' has data offsets [", begin, ", ", end,
                   ") that do not fit its shape or the file (truncated?)");
     std::vector<char> raw(end - begin);

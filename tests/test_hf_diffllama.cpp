@@ -162,5 +162,41 @@ TEST(HfDiffLlama, BadFilesFailNamingTheProblem) {
   std::filesystem::remove_all(dir);
 }
 
+// safetensors headers are untrusted: negative or overflowing shapes and offsets that wrap
+// around must give an Error naming the file and tensor, not a huge allocation or a crash.
+TEST(HfDiffLlama, CraftedSafetensorsHeadersAreRefused) {
+  auto dir = std::filesystem::temp_directory_path() / ("difftron_hf4_" + std::to_string(getpid()));
+  std::filesystem::create_directories(dir);
+  const std::string path = (dir / "model.safetensors").string();
+  auto attempt = [&](const std::string& header) -> std::string {
+    {
+      std::ofstream f(path, std::ios::binary | std::ios::trunc);
+      uint64_t len = header.size();
+      f.write(reinterpret_cast<const char*>(&len), 8);
+      f << header << std::string(64, '\0');
+    }
+    try {
+      read_safetensors(path);
+    } catch (const Error& e) {
+      return e.what();
+    } catch (const std::exception& e) {
+      return std::string("non-difftron exception: ") + e.what();
+    }
+    return "no error";
+  };
+  // shape -2 x 2 = -4 elements; 4 x -4 bytes wraps to 2^64 - 16, and 8 + header + that wraps too.
+  std::string msg = attempt(R"({"w": {"dtype": "F32", "shape": [-2, 2], "data_offsets": [0, 18446744073709551600]}})");
+  EXPECT_NE(msg.find(path), std::string::npos) << msg;
+  EXPECT_NE(msg.find("tensor 'w' has shape [-2, 2]"), std::string::npos) << msg;
+  // 2^32 x 2^32 elements overflow to 0, matching empty offsets.
+  msg = attempt(R"({"w": {"dtype": "F32", "shape": [4294967296, 4294967296], "data_offsets": [0, 0]}})");
+  EXPECT_NE(msg.find("more than the file holds"), std::string::npos) << msg;
+  msg = attempt(R"({"w": {"dtype": 7, "shape": [1], "data_offsets": [0, 4]}})");
+  EXPECT_NE(msg.find("tensor 'w' has a malformed header entry"), std::string::npos) << msg;
+  msg = attempt(R"([1, 2])");
+  EXPECT_NE(msg.find("not a JSON object"), std::string::npos) << msg;
+  std::filesystem::remove_all(dir);
+}
+
 }  // namespace
 }  // namespace difftron
