@@ -20,6 +20,7 @@
 #include "parallel/grid.h"
 #include "parallel/mpi_comm.h"
 #include "tests/mpi_env.h"
+#include "tests/tolerances.h"
 
 namespace difftron::testing {
 
@@ -69,8 +70,19 @@ inline ModelConfig tiny_parallel_config(AttentionKind kind, bool tie) {
   return c;
 }
 
+// The optimizer of the comparisons: AdamW with eps = 1. With the default eps (1e-8) the update
+// m / (sqrt(v) + eps) of a parameter whose gradient is near zero is a ratio of two rounding
+// noises, so a last-bit gradient difference (another summation order, another OpenBLAS
+// kernel) moves that weight by up to ~lr: the weights of two correct runs then differ by an
+// amount set by the processor, not by the code. With eps = 1 and gradients clipped to norm 1
+// the update is 2-Lipschitz in the gradient history (d/dm = 1/(sqrt(v)+eps) <= 1, and
+// |d/dsqrt(v)| = |m|/(sqrt(v)+eps)^2 <= |m| <= 1), so weight differences follow gradient
+// differences (see Tolerances). AdamW's per-element update itself is compared bit for bit in
+// test_mpi_zero.cpp, and the first micro-batch's gradients under the default settings in
+// test_mpi_train_2ranks.cpp.
 inline OptimizerConfig tiny_optimizer(int64_t steps) {
   OptimizerConfig o;
+  o.eps = 1.0;
   o.lr = 3e-3;
   o.warmup_steps = 1;
   o.total_steps = steps;
@@ -90,6 +102,56 @@ struct RunResult {
   std::vector<std::vector<float>> weights;  // per parameter, this rank's values
   std::vector<double> grad_norms;
 };
+
+// ---- Tolerances (see tests/tolerances.h for the rounding bounds) ---------------------------
+
+// Upper bound on the curvature through which earlier weight differences change later
+// gradients: the Hessian norm of these tiny models' loss (weights ~0.1, 2 layers, logits ~0.1,
+// the cross-entropy's Hessian in the logits <= 1/2) is O(1); 10 leaves a margin.
+constexpr double kCurvatureBound = 10;
+
+struct Tolerances {
+  double loss_rel = 0;  // one forward pass, relative to the loss
+  double grad_rel = 0;  // forward + backward, relative to a tensor's largest |gradient|
+  int64_t n_params = 0;
+  OptimizerConfig opt;
+
+  // Largest |weight difference| after `steps` updates of tiny_optimizer: each update moves a
+  // weight by lr_t * u_t with u_t 2-Lipschitz in the gradients (see tiny_optimizer), whose
+  // difference is at most grad_rel of the clipped gradient (norm <= grad_clip); the
+  // difference of earlier steps feeds back through the curvature, a factor (1 + lr ||H||) per
+  // step; and each f32 update of a weight |w| <= 1 rounds by u.
+  double weight_abs(int64_t steps) const {
+    double d = 0;
+    for (int64_t t = 0; t < steps; ++t) {
+      const double lr = opt.lr_at(t);
+      d = d * (1 + 2 * lr * kCurvatureBound) + lr * 2 * grad_rel * opt.grad_clip + 2 * kF32UnitRoundoff;
+    }
+    return d;
+  }
+  // |loss difference| at 0-based step t (weights after t updates): rounding of the pass plus
+  // the first-order change from the weights, |g . dw| <= ||g||_2 sqrt(N) max|dw|.
+  double loss_abs(int64_t t, double loss, double grad_norm) const {
+    return loss_rel * loss + grad_norm * std::sqrt(double(n_params)) * weight_abs(t);
+  }
+  // |gradient norm difference| at step t: rounding plus the curvature times the weight change.
+  double grad_norm_abs(int64_t t, double grad_norm) const {
+    return grad_rel * grad_norm + kCurvatureBound * std::sqrt(double(n_params)) * weight_abs(t);
+  }
+};
+
+inline Tolerances tolerances(const RunSpec& spec, int64_t micro_batches_per_step) {
+  const ModelConfig& c = spec.cfg;
+  const int64_t tokens = spec.batch * spec.seq * micro_batches_per_step;
+  Tolerances t;
+  t.loss_rel = loss_rel_bound(c, spec.seq, tokens);
+  t.grad_rel = grad_rel_bound(c, spec.seq, tokens);
+  t.opt = tiny_optimizer(spec.steps);
+  auto ops = make_cpu_ops();
+  Model shape_only(c, *ops, ModelPrecision::uniform(DType::F32), 1, 1);
+  for (const Param& p : shape_only.params()) t.n_params += p.value.numel();
+  return t;
+}
 
 // Trains spec on `ctx` (null: one process with accumulation accum * dp_for_reference).
 inline RunResult run_training(const RunSpec& spec, ParallelContext* ctx, int reference_dp = 1) {

@@ -1,8 +1,8 @@
 // mpi-ranks: 4
 // Four ranks: TP=2 x DP=2, DP=4 with 2 micro-batches of accumulation per rank, and TP=4
 // train like one process (with 2 x 1, 4 x 2 and 1 x 1 micro-batches per step): losses of
-// 4 steps and final weights within stated tolerances; the first loss of the pure-DP run
-// bit-exact; TP-replicated parameters bit-identical across TP ranks and every parameter
+// 4 steps and final weights within derived tolerances; the first loss of the pure-DP run
+// exact up to the order of its DP sum; TP-replicated parameters bit-identical across TP ranks and every parameter
 // bit-identical across DP replicas.
 #include <cstdio>
 
@@ -14,27 +14,30 @@ namespace {
 using namespace difftron::testing;
 const auto* const kEnv = ::testing::AddGlobalTestEnvironment(new MpiEnv);
 
-// Tolerances as in test_mpi_train_2ranks.cpp (each test prints what it measured).
-constexpr double kLossRelTol = 5e-7;
-constexpr double kWeightTol = 1e-5;
+// Tolerances from tolerances() in tests/mpi_train_check.h (each test prints what it measured).
 
 std::unique_ptr<ParallelContext> grid(int tp, int dp) { return test_grid(tp, dp); }
 
 void check_run(const char* what, const RunSpec& spec, ParallelContext& ctx, bool first_loss_exact) {
+  const Tolerances tol = tolerances(spec, spec.accum * ctx.dp_size());
   RunResult ref = run_training(spec, nullptr, ctx.dp_size());
   RunResult par = run_training(spec, &ctx);
   ASSERT_EQ(par.losses.size(), ref.losses.size());
   double worst_loss = 0;
   for (size_t i = 0; i < ref.losses.size(); ++i) {
-    EXPECT_NEAR(par.losses[i], ref.losses[i], kLossRelTol * ref.losses[i]) << what << " step " << i;
+    EXPECT_NEAR(par.losses[i], ref.losses[i], tol.loss_abs(i, ref.losses[i], ref.grad_norms[i])) << what << " step " << i;
+    EXPECT_NEAR(par.grad_norms[i], ref.grad_norms[i], tol.grad_norm_abs(i, ref.grad_norms[i])) << what << " step " << i;
     worst_loss = std::max(worst_loss, std::abs(par.losses[i] - ref.losses[i]) / ref.losses[i]);
   }
-  if (first_loss_exact) EXPECT_EQ(par.losses[0], ref.losses[0]) << what;
+  // The first step's micro-batch losses are the same computations in both runs; only their
+  // double-precision sum over the DP ranks may run in another order (2 gamma_dp in double).
+  if (first_loss_exact)
+    EXPECT_NEAR(par.losses[0], ref.losses[0], 2.0 * ctx.dp_size() * 0x1p-53 * ref.losses[0]) << what;
   std::string where;
   const double wd = max_weight_diff(spec, ctx, par, ref, &where);
-  EXPECT_LE(wd, kWeightTol) << what << " at " << where;
-  std::printf("[rank %d] %s: max |loss - single| / loss = %.3g, max |weight - single| = %.3g\n",
-              ctx.world_rank(), what, worst_loss, wd);
+  EXPECT_LE(wd, tol.weight_abs(spec.steps)) << what << " at " << where;
+  std::printf("[rank %d] %s: max |loss - single| / loss = %.3g, max |weight - single| = %.3g (bound %.3g)\n",
+              ctx.world_rank(), what, worst_loss, wd, tol.weight_abs(spec.steps));
   auto ops = make_cpu_ops();
   Model layout(spec.cfg, *ops, ModelPrecision::uniform(DType::F32), 1, 1, model_parallel(ctx));
   EXPECT_TRUE(replicas_identical(ctx.tp_host(), par, layout, true)) << what << ": TP replicas differ";

@@ -22,6 +22,7 @@
 #include "parallel/grid.h"
 #include "parallel/mpi_comm.h"
 #include "parallel/nccl_comm.h"
+#include "tests/tolerances.h"
 #ifdef DIFFTRON_HAVE_CUDA
 #include "kernels/cuda/cuda_ops.h"
 #endif
@@ -228,13 +229,15 @@ TEST_P(TensorParallelTwoThreads, MatchesOneModel) {
   if (dev == Device::CUDA && !have_gpu()) GTEST_SKIP() << "needs a GPU";
   auto make_ops = [&] { return dev == Device::CUDA ? make_cuda_ops(0) : make_cpu_ops(); };
   const ModelPrecision prec = bf16 ? ModelPrecision::cuda_mixed() : ModelPrecision::uniform(DType::F32);
-  // f32 on the GPU: the lambda vectors' gradients (a sum with cancellation) differ by 3.1e-5
-  // between one model and two shards on the H200 (2026-11-29), everything else below 1e-5.
-  const double loss_tol = bf16 ? 2e-3 : 1e-6;
-  const double grad_tol = bf16 ? 3e-2 : dev == Device::CUDA ? 1e-4 : 1e-5;
   for (auto kind : {AttentionKind::Differential, AttentionKind::Standard}) {
     const int64_t B = 2, S = 32;
     const ModelConfig cfg = tiny(kind);
+    // f32 (CPU, and the GPU's f32 GEMMs, which round like the CPU's): the bounds of
+    // reordered sums (tests/tolerances.h). bf16 (u = 2^-8) makes those worst cases vacuous;
+    // its bounds are what the H200 showed with a margin: the loss within 2e-3 relative,
+    // gradients 3e-2 in relative L2 (the GPU is one model of processor, unlike CI's CPUs).
+    const double loss_tol = bf16 ? 2e-3 : testing::loss_rel_bound(cfg, S, B * S);
+    const double grad_tol = bf16 ? 3e-2 : testing::grad_rel_bound(cfg, S, B * S);
     std::vector<int32_t> tok, tgt;
     make_batch(7, B * S, cfg.vocab_size, tok, tgt);
     // one model
