@@ -19,11 +19,14 @@ DEFINE_string(tokenizer, "", "prepare: 'bytes' (default for text) or a Hugging F
 DEFINE_string(eos_token, "", "prepare: EOS token of a tokenizer.json when it is not a conventional one");
 DEFINE_string(input_format, "auto", "prepare: auto, text, llmc, megatron, npy, raw16 or raw32");
 DEFINE_string(extensions, "txt,rst,md", "prepare: text files taken from folders (each also as .gz)");
-DEFINE_int64(shard_tokens, 100000000, "prepare: tokens per shard");
-DEFINE_int64(chunk_tokens, 1 << 20, "prepare: HDF5 chunk size in tokens");
+DEFINE_int64(shard_tokens, 100000000, "prepare: tokens per shard, 1 to 2^40");
+DEFINE_int64(chunk_tokens, 1 << 20, "prepare: HDF5 chunk size in tokens, 1 to 2^28");
 DEFINE_double(val_fraction, 0.01, "prepare: fraction of documents for OUT/val (0 = none)");
-DEFINE_int32(jobs, 0, "prepare: tokeniser threads (0 = all cores)");
-DEFINE_bool(overwrite, false, "prepare: replace an existing output folder");
+DEFINE_int32(jobs, 0, "prepare: tokeniser threads, 0 to 1024 (0 = all cores)");
+// Shared with `convert` (gflags names are global).
+DEFINE_bool(overwrite, false, "prepare: replace an existing --out, only one that prepare wrote (never / , $HOME, "
+            "an input or a folder holding one); convert: let --to_hf replace config.json and model.safetensors "
+            "in a non-empty folder");
 DEFINE_bool(dedup, true, "prepare: skip input files whose content was already seen");
 DEFINE_string(doc_separator, "", "prepare: split text into documents at this string (\\n escapes allowed); "
               "default: one document per file");
