@@ -2,7 +2,7 @@
 // file or a number must refuse insane ones up front: `prepare --overwrite` replaces only
 // a dataset prepare wrote, `convert` never writes into a training run's checkpoint root and
 // replaces an export only with --overwrite, `generate` refuses a model larger than the host's
-// memory and numbers outside their range. Each refusal exits 1 naming the flag, file or value.
+// memory, numbers outside their range and a tokenizer recorded as a path. Each refusal exits 1 naming the flag, file or value.
 #include <unistd.h>
 
 #include <filesystem>
@@ -127,6 +127,13 @@ TEST(CliOutputs, GenerateRefusesInsaneNumbersAndModelsLargerThanMemory) {
   const std::string dir = s / ("ck/" + name);
   ASSERT_TRUE(fs::exists(dir + "/meta.json")) << dir;
   nlohmann::json j = nlohmann::json::parse(read_text(dir + "/meta.json"));
+  // A tokenizer recorded as a path (train records "bytes" or the JSON text) is not opened.
+  j["extra"]["tokenizer"] = "/etc/passwd";
+  std::ofstream(dir + "/meta.json") << j.dump(2);
+  r = run("generate --device=cpu --checkpoint=" + s / "ck --prompt=x");
+  EXPECT_EQ(r.status, 1) << r.output;
+  EXPECT_TRUE(has(r, "its tokenizer is neither \"bytes\" nor tokenizer.json text ('/etc/passwd')")) << r.output;
+  j["extra"].erase("tokenizer");
   auto& c = j["model_config"];
   c["vocab_size"] = int64_t(1) << 30;
   c["d_model"] = 4096;

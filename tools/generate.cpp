@@ -99,6 +99,12 @@ int generate_main(int argc, char** argv) {
   model.keep_attention_state(false);  // forward only: no backward to keep state for
   CheckpointMeta meta = load_checkpoint(dir, model, nullptr);
   const std::string spec = meta.extra.value("tokenizer", std::string());
+  // train records "bytes" or the tokenizer.json text; anything else load_tokenizer would open
+  // as a path, which a crafted meta.json could point anywhere.
+  const size_t first = spec.find_first_not_of(" \t\r\n");
+  if (!spec.empty() && spec != "bytes" && (first == std::string::npos || spec[first] != '{'))
+    throw_error(dir, "/meta.json: its tokenizer is neither \"bytes\" nor tokenizer.json text ('",
+                spec.substr(0, 200), "'); refusing to open it as a file");
   std::unique_ptr<Tokenizer> tok = spec.empty() ? nullptr : load_tokenizer(spec);
 
   std::vector<int32_t> prompt;
