@@ -410,9 +410,13 @@ std::string foreign_content(const fs::path& dir) {
 void check_output_folder(const PrepareOptions& o, const fs::path& out) {
   const fs::path real = resolved_path(o.out);
   if (real == real.root_path()) throw_error("--out=", o.out, ": refusing to write the dataset over the root folder");
-  if (const char* home = std::getenv("HOME"); home && *home && is_within(resolved_path(home), real))
-    throw_error("--out=", o.out, ": refusing to write the dataset over the home folder ", home,
-                real == resolved_path(home) ? "" : " (or a folder holding it)");
+  // (HOME=/ in some containers: then only / itself, refused above, is the home folder.)
+  if (const char* home = std::getenv("HOME"); home && *home) {
+    const fs::path h = resolved_path(home);
+    if (h != h.root_path() && is_within(h, real))
+      throw_error("--out=", o.out, ": refusing to write the dataset over the home folder ", home,
+                  real == h ? "" : " (or a folder holding it)");
+  }
   for (const auto& in : o.inputs) {
     if (in == "-") continue;
     if (is_within(resolved_path(in), real))
