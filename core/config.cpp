@@ -61,6 +61,18 @@ std::vector<std::string> ModelConfig::problems() const {
   if (!(lambda_std >= 0)) p.push_back("lambda_std (" + std::to_string(lambda_std) + ") must be >= 0");
   if (vocab_size > (int64_t(1) << 31) - 1)
     p.push_back("vocab_size (" + std::to_string(vocab_size) + ") must fit in int32");
+  // Upper limits far beyond any model one can train, low enough that no size computed from
+  // them (parameter counts, activation bytes) overflows int64.
+  auto at_most = [&](const char* name, int64_t v, int64_t limit) {
+    if (v > limit) p.push_back(std::string(name) + " (" + std::to_string(v) + ") must be at most " + std::to_string(limit));
+  };
+  at_most("d_model", d_model, int64_t(1) << 20);
+  at_most("n_layers", n_layers, 10000);
+  at_most("n_heads", n_heads, int64_t(1) << 16);
+  at_most("n_kv_heads", n_kv_heads, int64_t(1) << 16);
+  at_most("head_dim", head_dim, int64_t(1) << 16);
+  at_most("ffn_dim", ffn_dim, int64_t(1) << 22);
+  at_most("max_seq_len", max_seq_len, int64_t(1) << 24);
   return p;
 }
 

@@ -2,23 +2,35 @@
 // nlohmann-json for metadata and the per-file piece index.
 #include "io/checkpoint.h"
 
+#include <fcntl.h>
+#include <sys/stat.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+
+#include <algorithm>
+#include <cerrno>
 #include <cstdio>
+#include <cstring>
 #include <filesystem>
 #include <fstream>
+#include <memory>
 
+#include <glog/logging.h>
 #include <hdf5.h>
 
 #include "core/error.h"
 #include "parallel/comm.h"
 #include "parallel/grid.h"
-#include "parallel/zero.h"
 
 namespace fs = std::filesystem;
 
 namespace difftron {
 namespace {
 
-constexpr int kFormatVersion = 2;
+// 3: the piece index is a dataset (no size limit). 2: an attribute (HDF5 limits those to
+// 64 KiB, ~20 layers); still read.
+constexpr int kFormatVersion = 3;
+constexpr int kOldestReadable = 2;
 
 uint64_t fnv1a(const float* v, size_t n) {
   uint64_t h = 1469598103934665603ull;
@@ -39,14 +51,76 @@ std::string rank_file_name(int rank) {
   return buf;
 }
 
-// A thin RAII wrapper over one HDF5 file: 1-D f32 datasets and a JSON string attribute.
+std::string step_dir_name(int64_t step) {
+  char buf[32];
+  std::snprintf(buf, sizeof buf, "step_%08lld", (long long)step);
+  return buf;
+}
+
+std::string os_error(int err) { return std::string(std::strerror(err)) + " (errno " + std::to_string(err) + ")"; }
+
+// The innermost message of HDF5's error stack: for I/O failures the file driver's, which
+// carries the OS error ("... errno = 5, error message = 'Input/output error'").
+std::string hdf5_error_text() {
+  std::string text;
+  H5Ewalk2(H5E_DEFAULT, H5E_WALK_DOWNWARD,
+           [](unsigned, const H5E_error2_t* e, void* out) -> herr_t {
+             if (e->desc && *e->desc) *static_cast<std::string*>(out) = e->desc;
+             return 0;
+           },
+           &text);
+  if (text.empty()) return "HDF5 reported no detail";
+  // the file driver's message: keep its OS error, drop the buffer addresses and sizes
+  const auto at = text.find("errno = ");
+  if (at != std::string::npos) {
+    const auto msg = text.find("error message = '", at);
+    const auto end = msg == std::string::npos ? msg : text.find('\'', msg + 17);
+    if (end != std::string::npos) return text.substr(msg + 17, end - msg - 17) + " (" + text.substr(at, text.find(',', at) - at) + ")";
+  }
+  return text;
+}
+
+// fsync a file or directory; throws naming it and the OS error.
+void fsync_path(const fs::path& path) {
+  const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
+  if (fd < 0) throw_error(path.string(), ": cannot open to sync: ", os_error(errno));
+  const int rc = ::fsync(fd), err = errno;
+  ::close(fd);
+  if (rc != 0) throw_error(path.string(), ": fsync failed: ", os_error(err));
+}
+
+int64_t file_size(const std::string& path) {
+  struct stat st;
+  return ::stat(path.c_str(), &st) == 0 ? int64_t(st.st_size) : -1;
+}
+
+// Owns one HDF5 identifier.
+class Hid {
+ public:
+  Hid(hid_t id, herr_t (*close)(hid_t)) : id_(id), close_(close) {}
+  ~Hid() {
+    if (id_ >= 0) close_(id_);
+  }
+  Hid(const Hid&) = delete;
+  Hid& operator=(const Hid&) = delete;
+  hid_t get() const { return id_; }
+  bool ok() const { return id_ >= 0; }
+
+ private:
+  hid_t id_;
+  herr_t (*close_)(hid_t);
+};
+
+// One HDF5 file of a checkpoint: 1-D datasets of f32 values or bytes, text attributes. Every
+// call is checked; close() reports what HDF5 could not flush.
 class H5File {
  public:
   H5File(const std::string& path, bool create) : path_(path) {
     H5Eset_auto2(H5E_DEFAULT, nullptr, nullptr);  // our own messages instead of HDF5's stack
     id_ = create ? H5Fcreate(path.c_str(), H5F_ACC_TRUNC, H5P_DEFAULT, H5P_DEFAULT)
                  : H5Fopen(path.c_str(), H5F_ACC_RDONLY, H5P_DEFAULT);
-    if (id_ < 0) throw_error(path, create ? ": cannot create HDF5 file" : ": cannot open as HDF5");
+    if (id_ < 0) throw_error(path, create ? ": cannot create HDF5 file: " : ": cannot open as HDF5: ", hdf5_error_text());
+    if (!create) size_ = file_size(path);
   }
   ~H5File() {
     if (id_ >= 0) H5Fclose(id_);
@@ -54,112 +128,151 @@ class H5File {
   H5File(const H5File&) = delete;
   H5File& operator=(const H5File&) = delete;
 
-  void write(const std::string& name, const std::vector<float>& data) {
-    hsize_t n = data.size();
-    hid_t lcpl = H5Pcreate(H5P_LINK_CREATE);
-    H5Pset_create_intermediate_group(lcpl, 1);
-    hid_t space = H5Screate_simple(1, &n, nullptr);
-    hid_t ds = H5Dcreate2(id_, name.c_str(), H5T_IEEE_F32LE, space, lcpl, H5P_DEFAULT, H5P_DEFAULT);
-    herr_t st = ds < 0 ? -1 : H5Dwrite(ds, H5T_NATIVE_FLOAT, H5S_ALL, H5S_ALL, H5P_DEFAULT, data.data());
-    if (ds >= 0) H5Dclose(ds);
-    H5Sclose(space);
-    H5Pclose(lcpl);
-    if (st < 0) throw_error(path_, ": cannot write dataset '", name, "' (disk full?)");
+  // Closes the file (HDF5 writes its metadata here) and checks that it succeeded.
+  void close() {
+    const herr_t st = H5Fclose(id_);
+    id_ = -1;
+    if (st < 0) throw_error(path_, ": cannot finish writing (close failed): ", hdf5_error_text());
   }
 
-  std::vector<float> read(const std::string& name, int64_t expect_numel) {
-    hid_t ds = H5Dopen2(id_, name.c_str(), H5P_DEFAULT);
-    if (ds < 0) throw_error(path_, ": missing dataset '", name, "'");
-    hid_t space = H5Dget_space(ds);
-    hssize_t n = H5Sget_simple_extent_npoints(space);
-    H5Sclose(space);
-    if (n != expect_numel) {
-      H5Dclose(ds);
-      throw_error(path_, ": dataset '", name, "' holds ", n, " values, its index says ", expect_numel);
-    }
-    std::vector<float> v(n);
-    herr_t st = H5Dread(ds, H5T_NATIVE_FLOAT, H5S_ALL, H5S_ALL, H5P_DEFAULT, v.data());
-    H5Dclose(ds);
-    if (st < 0) throw_error(path_, ": cannot read dataset '", name, "' (file damaged?)");
+  void write(const std::string& name, hid_t mem_type, hid_t file_type, const void* data, size_t n) {
+    hsize_t dims = n;
+    Hid lcpl(H5Pcreate(H5P_LINK_CREATE), H5Pclose);
+    H5Pset_create_intermediate_group(lcpl.get(), 1);
+    Hid space(H5Screate_simple(1, &dims, nullptr), H5Sclose);
+    Hid ds(H5Dcreate2(id_, name.c_str(), file_type, space.get(), lcpl.get(), H5P_DEFAULT, H5P_DEFAULT), H5Dclose);
+    if (!ds.ok() || H5Dwrite(ds.get(), mem_type, H5S_ALL, H5S_ALL, H5P_DEFAULT, data) < 0)
+      throw_error(path_, ": cannot write dataset '", name, "': ", hdf5_error_text());
+  }
+  void write_floats(const std::string& name, const std::vector<float>& v) {
+    write(name, H5T_NATIVE_FLOAT, H5T_IEEE_F32LE, v.data(), v.size());
+  }
+  void write_text(const std::string& name, const std::string& text) {
+    write(name, H5T_NATIVE_UCHAR, H5T_STD_U8LE, text.data(), text.size());
+  }
+
+  bool has(const std::string& name) const { return H5Lexists(id_, name.c_str(), H5P_DEFAULT) > 0; }
+
+  // Reads a 1-D dataset of `expect` elements of `elem_size` bytes; refuses, before allocating,
+  // a dataset whose size differs or could not fit in the file.
+  void read(const std::string& name, hid_t mem_type, size_t elem_size, int64_t expect, void* out) {
+    Hid ds(H5Dopen2(id_, name.c_str(), H5P_DEFAULT), H5Dclose);
+    if (!ds.ok()) throw_error(path_, ": missing dataset '", name, "'");
+    Hid space(H5Dget_space(ds.get()), H5Sclose);
+    const hssize_t n = space.ok() ? H5Sget_simple_extent_npoints(space.get()) : -1;
+    if (n != expect) throw_error(path_, ": dataset '", name, "' holds ", int64_t(n), " values, its index says ", expect);
+    if (H5Dread(ds.get(), mem_type, H5S_ALL, H5S_ALL, H5P_DEFAULT, out) < 0)
+      throw_error(path_, ": cannot read dataset '", name, "' (file damaged?): ", hdf5_error_text());
+  }
+  int64_t numel(const std::string& name) {
+    Hid ds(H5Dopen2(id_, name.c_str(), H5P_DEFAULT), H5Dclose);
+    if (!ds.ok()) throw_error(path_, ": missing dataset '", name, "'");
+    Hid space(H5Dget_space(ds.get()), H5Sclose);
+    const hssize_t n = space.ok() ? H5Sget_simple_extent_npoints(space.get()) : -1;
+    if (n < 0) throw_error(path_, ": dataset '", name, "' has no readable shape");
+    return int64_t(n);
+  }
+  std::vector<float> read_floats(const std::string& name, int64_t expect) {
+    if (expect < 0 || expect > size_ / int64_t(sizeof(float)))
+      throw_error(path_, ": dataset '", name, "' would hold ", expect, " values, more than the file's ", size_,
+                  " bytes can (file damaged or forged)");
+    std::vector<float> v(expect);
+    read(name, H5T_NATIVE_FLOAT, sizeof(float), expect, v.data());
     return v;
+  }
+  std::string read_text(const std::string& name) {
+    const int64_t n = numel(name);
+    if (n > size_) throw_error(path_, ": dataset '", name, "' claims ", n, " bytes, more than the file holds");
+    std::string s(n, '\0');
+    read(name, H5T_NATIVE_UCHAR, 1, n, s.data());
+    return s;
   }
 
   void write_text_attr(const char* name, const std::string& text) {
-    hid_t type = H5Tcopy(H5T_C_S1);
-    H5Tset_size(type, std::max<size_t>(text.size(), 1));
-    hid_t space = H5Screate(H5S_SCALAR);
-    hid_t attr = H5Acreate2(id_, name, type, space, H5P_DEFAULT, H5P_DEFAULT);
-    herr_t st = attr < 0 ? -1 : H5Awrite(attr, type, text.empty() ? " " : text.data());
-    if (attr >= 0) H5Aclose(attr);
-    H5Sclose(space);
-    H5Tclose(type);
-    if (st < 0) throw_error(path_, ": cannot write attribute '", name, "'");
+    Hid type(H5Tcopy(H5T_C_S1), H5Tclose);
+    H5Tset_size(type.get(), std::max<size_t>(text.size(), 1));
+    Hid space(H5Screate(H5S_SCALAR), H5Sclose);
+    Hid attr(H5Acreate2(id_, name, type.get(), space.get(), H5P_DEFAULT, H5P_DEFAULT), H5Aclose);
+    if (!attr.ok() || H5Awrite(attr.get(), type.get(), text.empty() ? " " : text.data()) < 0)
+      throw_error(path_, ": cannot write attribute '", name, "': ", hdf5_error_text());
   }
-
   std::string read_text_attr(const char* name) {
-    hid_t attr = H5Aopen(id_, name, H5P_DEFAULT);
-    if (attr < 0) throw_error(path_, ": missing attribute '", name, "' (not a difftron checkpoint file?)");
-    hid_t type = H5Aget_type(attr);
-    std::string s(H5Tget_size(type), '\0');
-    herr_t st = H5Aread(attr, type, s.data());
-    H5Tclose(type);
-    H5Aclose(attr);
-    if (st < 0) throw_error(path_, ": cannot read attribute '", name, "'");
+    Hid attr(H5Aopen(id_, name, H5P_DEFAULT), H5Aclose);
+    if (!attr.ok()) throw_error(path_, ": missing attribute '", name, "' (not a difftron checkpoint file?)");
+    Hid type(H5Aget_type(attr.get()), H5Tclose);
+    const size_t n = H5Tget_size(type.get());
+    if (n == 0 || int64_t(n) > size_) throw_error(path_, ": attribute '", name, "' has a bad size");
+    std::string s(n, '\0');
+    if (H5Aread(attr.get(), type.get(), s.data()) < 0) throw_error(path_, ": cannot read attribute '", name, "'");
     return s;
   }
 
  private:
   std::string path_;
   hid_t id_ = -1;
+  int64_t size_ = 0;
 };
 
-// Elements [e0, e1) of parameter `param`'s local (TP-slice) tensor that this rank stores,
-// with 1-D views of its master weights and (optionally) moments.
-struct OwnedPiece {
-  int param = 0;
-  int64_t e0 = 0, e1 = 0;
-  Tensor master, m, v;
-};
+// Writes `text` to `path` through a temporary file: written, fsynced, renamed, and the
+// directory fsynced, so `path` is always the old or the new content, on disk.
+void write_file_durably(const fs::path& path, const std::string& text) {
+  fs::path tmp = path;
+  tmp += ".tmp";
+  const int fd = ::open(tmp.c_str(), O_WRONLY | O_CREAT | O_TRUNC | O_CLOEXEC, 0644);
+  if (fd < 0) throw_error(tmp.string(), ": cannot create: ", os_error(errno));
+  size_t done = 0;
+  int err = 0;
+  while (done < text.size() && !err) {
+    const ssize_t w = ::write(fd, text.data() + done, text.size() - done);
+    if (w < 0 && errno != EINTR) err = errno;
+    if (w > 0) done += size_t(w);
+  }
+  if (!err && ::fsync(fd) != 0) err = errno;
+  if (::close(fd) != 0 && !err) err = errno;
+  if (err) {
+    ::unlink(tmp.c_str());
+    throw_error(tmp.string(), ": write failed: ", os_error(err));
+  }
+  if (::rename(tmp.c_str(), path.c_str()) != 0) throw_error(path.string(), ": cannot rename into place: ", os_error(errno));
+  fsync_path(path.parent_path());
+}
 
-std::vector<OwnedPiece> owned_pieces(Model& model, AdamW* opt, int dp_rank) {
-  std::vector<OwnedPiece> out;
-  auto& params = model.params();
-  const bool tp_lead = model.tp_rank() == 0;
-  auto keep = [&](int k) { return params[k].shard_dim >= 0 || tp_lead; };  // replicated: TP rank 0
-  if (opt && opt->zero()) {
-    ZeroOptimizer& z = *opt->zero();
-    for (const auto& zp : z.pieces()) {
-      if (zp.segment < 0 || !keep(zp.segment)) continue;
-      const Param& p = params[zp.segment];
-      OwnedPiece o;
-      o.param = zp.segment;
-      o.e0 = zp.flat - p.flat_offset;
-      o.e1 = o.e0 + zp.numel;
-      o.master = z.shard_master().defined() ? z.shard_master().flat_slice(zp.shard, zp.numel)
-                                            : model.flat_values().flat_slice(zp.flat, zp.numel);
-      o.m = z.shard_m().flat_slice(zp.shard, zp.numel);
-      o.v = z.shard_v().flat_slice(zp.shard, zp.numel);
-      out.push_back(o);
-    }
-    return out;
+// Moves `from` onto `to`, which may exist: atomically exchanged where the file system can
+// (renameat2 RENAME_EXCHANGE, then the old copy, now under `from`, is removed); else the old
+// copy is first moved aside to `aside`, where latest_checkpoint() finds it if we die between
+// the two renames.
+void replace_directory(const fs::path& from, const fs::path& to, const fs::path& aside) {
+  if (!fs::exists(to)) {
+    if (::rename(from.c_str(), to.c_str()) != 0) throw_error(to.string(), ": cannot rename into place: ", os_error(errno));
+    return;
   }
-  if (dp_rank != 0) return out;  // without ZeRO the DP replicas are identical: DP rank 0 writes
-  for (int k = 0; k < int(params.size()); ++k) {
-    if (!keep(k)) continue;
-    OwnedPiece o;
-    o.param = k;
-    o.e1 = params[k].value.numel();
-    if (opt) {
-      auto& st = opt->state()[k];
-      o.master = st.master.view({o.e1});
-      o.m = st.m.view({o.e1});
-      o.v = st.v.view({o.e1});
-    } else {
-      o.master = params[k].value.view({o.e1});
-    }
-    out.push_back(o);
+#ifdef SYS_renameat2
+  constexpr unsigned kRenameExchange = 2;  // RENAME_EXCHANGE
+  if (::syscall(SYS_renameat2, AT_FDCWD, from.c_str(), AT_FDCWD, to.c_str(), kRenameExchange) == 0) {
+    std::error_code ec;
+    fs::remove_all(from, ec);  // the replaced copy
+    return;
   }
-  return out;
+#endif
+  std::error_code ec;
+  fs::remove_all(aside, ec);
+  if (::rename(to.c_str(), aside.c_str()) != 0) throw_error(to.string(), ": cannot move aside: ", os_error(errno));
+  if (::rename(from.c_str(), to.c_str()) != 0) throw_error(to.string(), ": cannot rename into place: ", os_error(errno));
+  fs::remove_all(aside, ec);
+}
+
+void agree(ParallelContext* par, const std::string& my_error, const std::string& what) {
+  agree_or_throw(par ? &par->world_host() : nullptr, my_error, what);
+}
+
+template <typename F>
+std::string capture(F&& f) {
+  try {
+    f();
+    return "";
+  } catch (const std::exception& e) {
+    return e.what();
+  }
 }
 
 std::vector<float> to_host(Ops& ops, const Tensor& t) {
@@ -168,106 +281,240 @@ std::vector<float> to_host(Ops& ops, const Tensor& t) {
   return v;
 }
 
-void write_text_atomically(const fs::path& path, const std::string& text) {
-  fs::path tmp = path;
-  tmp += ".tmp";
-  {
-    std::ofstream f(tmp, std::ios::trunc);
-    f << text;
-    f.flush();
-    if (!f) throw_error(tmp.string(), ": write failed (disk full?)");
-  }
-  fs::rename(tmp, path);
-}
-
 // rows x cols view of a tensor shape (1-D tensors are one column)
-std::pair<int64_t, int64_t> rows_cols(const std::vector<int64_t>& s) {
+std::pair<int64_t, int64_t> rows_cols(const Shape& s) {
   if (s.size() == 1) return {s[0], 1};
   int64_t rows = 1;
   for (size_t i = 0; i + 1 < s.size(); ++i) rows *= s[i];
   return {rows, s.back()};
 }
 
+std::string index_entry_group(const ShardPiece& p) {
+  return p.name + "/tp" + std::to_string(p.shard_begin) + "_e" + std::to_string(p.e0);
+}
+
+void write_rank_file(const fs::path& path, const std::vector<ShardPiece>& pieces, Ops& ops,
+                     const nlohmann::json& rank_info) {
+  nlohmann::json index = nlohmann::json::array();
+  H5File f(path.string(), true);
+  for (const ShardPiece& p : pieces) {
+    const std::string group = index_entry_group(p);
+    nlohmann::json e = {{"name", p.name},         {"group", group},          {"full_shape", p.global_shape},
+                        {"local_shape", p.local_shape}, {"shard_dim", p.shard_dim}, {"shard_begin", p.shard_begin},
+                        {"e0", p.e0},             {"e1", p.e1}};
+    for (const ShardArray& a : p.arrays) {
+      std::vector<float> v = to_host(ops, a.data);
+      f.write_floats(group + "/" + a.kind, v);
+      e["crc_" + a.kind] = hex(fnv1a(v.data(), v.size()));
+    }
+    index.push_back(e);
+  }
+  f.write_text("index", index.dump());
+  f.write_text_attr("rank", rank_info.dump());
+  f.close();
+  fsync_path(path);
+}
+
+// A checked index entry of a rank file (see validate_entry).
+struct Entry {
+  std::string name, group;
+  Shape full, local;
+  int shard_dim = -1;
+  int64_t shard_begin = 0, e0 = 0, e1 = 0;
+  nlohmann::json crc;
+};
+
+// An index entry as the file states it, checked so that no later arithmetic can divide by
+// zero, overflow or index out of range: shapes positive, the slice inside the full tensor,
+// [e0, e1) inside the slice.
+Entry validate_entry(const std::string& path, const nlohmann::json& e) {
+  Entry x;
+  try {
+    x.name = e.at("name").get<std::string>();
+    x.group = e.at("group").get<std::string>();
+    x.full = e.at("full_shape").get<Shape>();
+    x.local = e.at("local_shape").get<Shape>();
+    x.shard_dim = e.at("shard_dim").get<int>();
+    x.shard_begin = e.at("shard_begin").get<int64_t>();
+    x.e0 = e.at("e0").get<int64_t>();
+    x.e1 = e.at("e1").get<int64_t>();
+    x.crc = e;
+  } catch (const nlohmann::json::exception& err) {
+    throw_error(path, ": damaged piece index entry ", e.dump().substr(0, 200), ": ", err.what());
+  }
+  auto bad = [&](const std::string& why) { throw_error(path, ": bad index entry for '", x.name, "': ", why); };
+  if (x.full.empty() || x.full.size() > 2 || x.local.size() != x.full.size()) bad("shapes must be 1-D or 2-D and alike");
+  int64_t numel = 1;
+  for (size_t d = 0; d < x.full.size(); ++d) {
+    if (x.full[d] <= 0 || x.local[d] <= 0 || x.local[d] > x.full[d]) bad("shape " + shape_str(x.local) + " of " + shape_str(x.full));
+    numel *= x.local[d];
+  }
+  if (x.shard_dim < -1 || x.shard_dim >= int(x.full.size())) bad("shard_dim " + std::to_string(x.shard_dim));
+  if (x.shard_dim < 0 ? x.local != x.full || x.shard_begin != 0
+                      : x.shard_begin < 0 || x.shard_begin > x.full[x.shard_dim] - x.local[x.shard_dim])
+    bad("the slice lies outside the tensor");
+  for (size_t d = 0; d < x.full.size(); ++d)
+    if (int(d) != x.shard_dim && x.local[d] != x.full[d]) bad("only shard_dim may be split");
+  if (x.e0 < 0 || x.e0 >= x.e1 || x.e1 > numel) bad("element range [" + std::to_string(x.e0) + ", " + std::to_string(x.e1) + ")");
+  return x;
+}
+
+struct RankFile {
+  std::unique_ptr<H5File> file;
+  std::string path;
+  std::vector<Entry> entries;
+  nlohmann::json rank;
+};
+
+// Opens every rank file `meta` lists and reads its index (a dataset; an attribute in version 2).
+std::vector<RankFile> open_rank_files(const std::string& dir, const nlohmann::json& meta) {
+  std::vector<RankFile> files;
+  const nlohmann::json& names = meta.at("layout").at("files");
+  if (!names.is_array()) throw_error(dir, "/meta.json: layout.files is not a list");
+  const int version = meta.value("version", 0);
+  for (const auto& name_json : names) {
+    const std::string name = name_json.is_string() ? name_json.get<std::string>() : "";
+    if (name.empty() || name.find('/') != std::string::npos || name[0] == '.')
+      throw_error(dir, "/meta.json: bad rank file name ", name_json.dump(), " (must be a plain file name)");
+    RankFile fi;
+    fi.path = dir + "/" + name;
+    if (!fs::exists(fi.path)) throw_error(fi.path, ": missing (the checkpoint is incomplete)");
+    fi.file = std::make_unique<H5File>(fi.path, false);
+    nlohmann::json index;
+    try {
+      index = nlohmann::json::parse(version >= 3 ? fi.file->read_text("index") : fi.file->read_text_attr("index"));
+      fi.rank = nlohmann::json::parse(fi.file->read_text_attr("rank"));
+    } catch (const nlohmann::json::exception& e) {
+      throw_error(fi.path, ": damaged piece index: ", e.what());
+    }
+    if (!index.is_array() || !fi.rank.is_object()) throw_error(fi.path, ": damaged piece index (wrong JSON types)");
+    for (const auto& e : index) fi.entries.push_back(validate_entry(fi.path, e));
+    files.push_back(std::move(fi));
+  }
+  return files;
+}
+
+// Fills one target piece's arrays from whichever file pieces overlap it.
+void fill_piece(const ShardPiece& t, bool with_optim, std::vector<RankFile>& files, Ops& ops) {
+  const auto [loc_rows, loc_cols] = rows_cols(t.local_shape);
+  (void)loc_rows;
+  // the target slice's origin in the full tensor
+  const int64_t r0 = t.shard_dim == 0 ? t.shard_begin : 0, c0 = t.shard_dim == 1 ? t.shard_begin : 0;
+  // the target's elements [e0, e1) cover local rows [tr0, tr1)
+  const int64_t tr0 = r0 + t.e0 / loc_cols, tr1 = r0 + (t.e1 - 1) / loc_cols + 1;
+  const int64_t n = t.e1 - t.e0;
+  std::map<std::string, std::vector<float>> buf;
+  for (const ShardArray& a : t.arrays)
+    if (with_optim || a.kind == "w") buf[a.kind].assign(n, 0.0f);
+  std::vector<char> have(n, 0);
+  int64_t filled = 0;
+  for (auto& fi : files) {
+    for (const Entry& e : fi.entries) {
+      if (e.name != t.name) continue;
+      if (e.full != t.global_shape)
+        throw_error(fi.path, ": tensor '", t.name, "' has full shape ", shape_str(e.full), ", the model expects ",
+                    shape_str(t.global_shape));
+      const auto [prows, pcols] = rows_cols(e.local);
+      (void)prows;
+      const int64_t base_r = e.shard_dim == 0 ? e.shard_begin : 0, base_c = e.shard_dim == 1 ? e.shard_begin : 0;
+      const int64_t pr0 = base_r + e.e0 / pcols, pr1 = base_r + (e.e1 - 1) / pcols + 1;
+      const int64_t pc0 = base_c, pc1 = base_c + pcols;
+      if (pr1 <= tr0 || pr0 >= tr1 || pc1 <= c0 || pc0 >= c0 + loc_cols) continue;  // disjoint
+      std::map<std::string, std::vector<float>> src;
+      for (auto& [kind, _] : buf) {
+        const std::string key = "crc_" + kind;
+        std::vector<float> d = fi.file->read_floats(e.group + "/" + kind, e.e1 - e.e0);
+        if (!e.crc.contains(key) || !e.crc.at(key).is_string() ||
+            e.crc.at(key).get<std::string>() != hex(fnv1a(d.data(), d.size())))
+          throw_error(fi.path, ": checksum mismatch for '", e.group, "/", kind, "' (file damaged)");
+        src[kind] = std::move(d);
+      }
+      for (int64_t x = e.e0; x < e.e1; ++x) {
+        const int64_t fr = base_r + x / pcols, fc = base_c + x % pcols;
+        if (fc < c0 || fc >= c0 + loc_cols) continue;
+        const int64_t li = (fr - r0) * loc_cols + (fc - c0) - t.e0;  // index into the target piece
+        if (fr < r0 || li < 0 || li >= n) continue;
+        if (!have[li]) ++filled;
+        have[li] = 1;
+        for (auto& [kind, v] : buf) v[li] = src[kind][x - e.e0];
+      }
+    }
+  }
+  if (filled != n)
+    throw_error("tensor '", t.name, "' is incomplete: ", n - filled, " of the ", n,
+                " elements this rank needs are in no file");
+  for (const ShardArray& a : t.arrays)
+    if (buf.count(a.kind)) {
+      Tensor dst = a.data;
+      ops.upload(dst, buf[a.kind].data());
+    }
+}
+
 }  // namespace
 
-std::string save_checkpoint(const std::string& root, const CheckpointMeta& meta, Model& model,
-                            AdamW* optimizer, ParallelContext* par, const std::string& rank_data_position) {
+std::string write_checkpoint(const std::string& root, const CheckpointMeta& meta, const nlohmann::json& model_config,
+                             const std::vector<ShardPiece>& pieces, bool has_optimizer, Ops& ops,
+                             ParallelContext* par, int tp_rank, int dp_rank, const std::string& rank_data_position) {
   const int world_rank = par ? par->world_rank() : 0, world = par ? par->world_size() : 1;
-  const int tp = par ? par->tp_size() : 1, dp = par ? par->dp_size() : 1;
-  const int dp_rank = par ? par->dp_rank() : 0;
-  auto barrier = [&] {
-    if (par) par->world_host().barrier();
-  };
-  char name[32];
-  std::snprintf(name, sizeof name, "step_%08lld", (long long)meta.step);
+  const std::string name = step_dir_name(meta.step);
   const fs::path final_dir = fs::path(root) / name;
-  const fs::path tmp_dir = fs::path(root) / (std::string(".tmp.") + name);
-  if (world_rank == 0) {
-    std::error_code ec;
-    fs::create_directories(root, ec);
-    if (ec) throw_error(root, ": cannot create checkpoint directory: ", ec.message());
-    fs::remove_all(tmp_dir);
-    fs::create_directories(tmp_dir);
-  }
-  barrier();
+  const fs::path tmp_dir = fs::path(root) / (".tmp." + name);
 
-  Ops& ops = model.ops();
-  auto& params = model.params();
-  nlohmann::json index = nlohmann::json::array();
-  {
-    H5File f((tmp_dir / rank_file_name(world_rank)).string(), true);
-    for (const OwnedPiece& o : owned_pieces(model, optimizer, dp_rank)) {
-      const Param& p = params[o.param];
-      const std::string group = p.name + "/tp" + std::to_string(std::max<int64_t>(p.shard_begin, 0)) +
-                                "_e" + std::to_string(o.e0);
-      nlohmann::json e = {{"name", p.name},
-                          {"group", group},
-                          {"full_shape", p.full_shape.empty() ? p.value.shape() : p.full_shape},
-                          {"local_shape", p.value.shape()},
-                          {"shard_dim", p.shard_dim},
-                          {"shard_begin", p.shard_begin},
-                          {"e0", o.e0},
-                          {"e1", o.e1}};
-      std::vector<float> w = to_host(ops, o.master);
-      f.write(group + "/w", w);
-      e["crc_w"] = hex(fnv1a(w.data(), w.size()));
-      if (o.m.defined()) {
-        std::vector<float> m = to_host(ops, o.m), v = to_host(ops, o.v);
-        f.write(group + "/m", m);
-        f.write(group + "/v", v);
-        e["crc_m"] = hex(fnv1a(m.data(), m.size()));
-        e["crc_v"] = hex(fnv1a(v.data(), v.size()));
-      }
-      index.push_back(e);
-    }
-    f.write_text_attr("index", index.dump());
-    nlohmann::json info = {{"world_rank", world_rank}, {"tp_rank", model.tp_rank()}, {"dp_rank", dp_rank},
+  // 1. rank 0 makes a fresh temporary directory
+  std::string err;
+  if (world_rank == 0)
+    err = capture([&] {
+      std::error_code ec;
+      fs::create_directories(root, ec);
+      if (ec || !fs::is_directory(root)) throw_error(root, ": cannot create checkpoint directory: ", ec.message());
+      fs::remove_all(tmp_dir, ec);
+      if (!fs::create_directory(tmp_dir, ec) || ec) throw_error(tmp_dir.string(), ": cannot create: ", ec.message());
+    });
+  agree(par, err, "creating " + tmp_dir.string());
+
+  // 2. every rank writes and syncs its file
+  err = capture([&] {
+    nlohmann::json info = {{"world_rank", world_rank}, {"tp_rank", tp_rank}, {"dp_rank", dp_rank},
                            {"data_position", rank_data_position.empty() ? meta.data_position : rank_data_position}};
-    f.write_text_attr("rank", info.dump());
-  }
-  barrier();  // every rank's file is complete
+    write_rank_file(tmp_dir / rank_file_name(world_rank), pieces, ops, info);
+  });
+  agree(par, err, "writing the checkpoint's rank files");
 
-  if (world_rank == 0) {
-    nlohmann::json j;
-    j["format"] = "difftron-checkpoint";
-    j["version"] = kFormatVersion;
-    j["model_config"] = model.config();
-    j["step"] = meta.step;
-    j["tokens_seen"] = meta.tokens_seen;
-    j["seed"] = meta.seed;
-    j["data_position"] = meta.data_position;
-    nlohmann::json files = nlohmann::json::array();
-    for (int r = 0; r < world; ++r) files.push_back(rank_file_name(r));
-    j["layout"] = {{"tp", tp}, {"dp", dp}, {"world", world}, {"files", files}};
-    j["has_optimizer"] = optimizer != nullptr;
-    j["extra"] = meta.extra;
-    write_text_atomically(tmp_dir / "meta.json", j.dump(2) + "\n");
-    fs::remove_all(final_dir);  // a checkpoint of the same step from an earlier, interrupted run
-    fs::rename(tmp_dir, final_dir);
-    write_text_atomically(fs::path(root) / "latest", std::string(name) + "\n");
+  // 3. rank 0 writes meta.json and moves the checkpoint into place, then `latest`
+  if (world_rank == 0)
+    err = capture([&] {
+      nlohmann::json j;
+      j["format"] = "difftron-checkpoint";
+      j["version"] = kFormatVersion;
+      j["model_config"] = model_config;
+      j["step"] = meta.step;
+      j["tokens_seen"] = meta.tokens_seen;
+      j["seed"] = meta.seed;
+      j["data_position"] = meta.data_position;
+      nlohmann::json files = nlohmann::json::array();
+      for (int r = 0; r < world; ++r) files.push_back(rank_file_name(r));
+      j["layout"] = {{"tp", par ? par->tp_size() : 1}, {"dp", par ? par->dp_size() : 1}, {"world", world}, {"files", files}};
+      j["has_optimizer"] = has_optimizer;
+      j["extra"] = meta.extra;
+      write_file_durably(tmp_dir / "meta.json", j.dump(2) + "\n");
+      fsync_path(tmp_dir);
+      replace_directory(tmp_dir, final_dir, fs::path(root) / (".replaced." + name));
+      fsync_path(root);
+      write_file_durably(fs::path(root) / "latest", name + "\n");
+    });
+  if (!err.empty() && world_rank == 0) {
+    std::error_code ec;
+    fs::remove_all(tmp_dir, ec);
   }
-  barrier();  // nobody reads or rewrites the root before it is consistent
+  agree(par, err, "publishing the checkpoint");
   return final_dir.string();
+}
+
+std::string save_checkpoint(const std::string& root, const CheckpointMeta& meta, Model& model, AdamW* optimizer,
+                            ParallelContext* par, const std::string& rank_data_position) {
+  const int dp_rank = par ? par->dp_rank() : 0;
+  return write_checkpoint(root, meta, nlohmann::json(model.config()), pieces_to_save(model, optimizer, dp_rank),
+                          optimizer != nullptr, model.ops(), par, model.tp_rank(), dp_rank, rank_data_position);
 }
 
 std::string latest_checkpoint(const std::string& root) {
@@ -275,13 +522,23 @@ std::string latest_checkpoint(const std::string& root) {
   if (!f) return "";
   std::string name;
   std::getline(f, name);
+  const bool plain = !name.empty() && name.find('/') == std::string::npos && name[0] != '.';
   fs::path dir = fs::path(root) / name;
-  if (name.empty() || !fs::exists(dir / "meta.json"))
+  if (plain && !fs::exists(dir / "meta.json")) {
+    // a save that replaced this step died between its two renames: the old copy is aside
+    fs::path aside = fs::path(root) / (".replaced." + name);
+    if (fs::exists(aside / "meta.json")) {
+      LOG(WARNING) << root << "/latest names " << name << ", found as " << aside.string()
+                   << " (a save replacing it was interrupted); using it";
+      return aside.string();
+    }
+  }
+  if (!plain || !fs::exists(dir / "meta.json"))
     throw_error(root, "/latest names '", name, "', which is not a complete checkpoint");
   return dir.string();
 }
 
-static nlohmann::json read_meta(const std::string& dir) {
+nlohmann::json read_checkpoint_meta(const std::string& dir) {
   const std::string path = dir + "/meta.json";
   std::ifstream f(path);
   if (!f) throw_error(path, ": cannot open (is '", dir, "' a checkpoint directory?)");
@@ -291,131 +548,56 @@ static nlohmann::json read_meta(const std::string& dir) {
   } catch (const nlohmann::json::exception& e) {
     throw_error(path, ": not valid JSON: ", e.what());
   }
-  if (j.value("format", std::string()) != "difftron-checkpoint")
+  if (!j.is_object() || j.value("format", std::string()) != "difftron-checkpoint")
     throw_error(path, ": format is not 'difftron-checkpoint'");
-  if (j.value("version", 0) != kFormatVersion)
-    throw_error(path, ": checkpoint version ", j.value("version", 0), " is not supported (this build reads ",
+  const int v = j.value("version", 0);
+  if (v < kOldestReadable || v > kFormatVersion)
+    throw_error(path, ": checkpoint version ", v, " is not supported (this build reads ", kOldestReadable, " to ",
                 kFormatVersion, ")");
+  for (const char* key : {"model_config", "step", "layout"})
+    if (!j.contains(key)) throw_error(path, ": missing '", key, "'");
   return j;
 }
 
 ModelConfig read_checkpoint_config(const std::string& dir) {
-  ModelConfig c = read_meta(dir).at("model_config").get<ModelConfig>();
-  c.resolve_and_validate();
+  ModelConfig c;
+  try {
+    c = read_checkpoint_meta(dir).at("model_config").get<ModelConfig>();
+  } catch (const nlohmann::json::exception& e) {
+    throw_error(dir, "/meta.json: bad model_config: ", e.what());
+  }
+  try {
+    c.resolve_and_validate();
+  } catch (const Error& e) {
+    throw_error(dir, "/meta.json: ", e.what());
+  }
   return c;
 }
 
+void read_checkpoint_pieces(const std::string& dir, const std::vector<ShardPiece>& pieces, bool with_optimizer,
+                            Ops& ops) {
+  nlohmann::json j = read_checkpoint_meta(dir);
+  if (with_optimizer && !j.value("has_optimizer", false))
+    throw_error(dir, ": holds weights only; cannot resume the optimizer from it");
+  std::vector<RankFile> files = open_rank_files(dir, j);
+  for (const ShardPiece& p : pieces) {
+    try {
+      fill_piece(p, with_optimizer, files, ops);
+    } catch (const Error& e) {
+      const std::string w = e.what();
+      if (w.rfind("tensor '", 0) == 0) throw_error(dir, ": ", w);
+      throw;
+    }
+  }
+}
+
 CheckpointMeta load_checkpoint(const std::string& dir, Model& model, AdamW* optimizer, ParallelContext* par) {
-  nlohmann::json j = read_meta(dir);
+  nlohmann::json j = read_checkpoint_meta(dir);
   nlohmann::json stored = j.at("model_config");
   nlohmann::json ours = model.config();
   if (stored != ours)
     throw_error(dir, ": the checkpoint's model config ", stored.dump(), " differs from the model's ", ours.dump());
-  const bool with_optim = optimizer != nullptr;
-  if (with_optim && !j.value("has_optimizer", false))
-    throw_error(dir, ": holds weights only; cannot resume the optimizer from it");
-
-  // Open every rank file and read its index.
-  struct FileIndex {
-    std::unique_ptr<H5File> file;
-    std::string path;
-    nlohmann::json index, rank;
-  };
-  std::vector<FileIndex> files;
-  for (const auto& name : j.at("layout").at("files")) {
-    FileIndex fi;
-    fi.path = dir + "/" + name.get<std::string>();
-    if (!fs::exists(fi.path)) throw_error(fi.path, ": missing (the checkpoint is incomplete)");
-    fi.file = std::make_unique<H5File>(fi.path, false);
-    try {
-      fi.index = nlohmann::json::parse(fi.file->read_text_attr("index"));
-      fi.rank = nlohmann::json::parse(fi.file->read_text_attr("rank"));
-    } catch (const nlohmann::json::exception& e) {
-      throw_error(fi.path, ": damaged piece index: ", e.what());
-    }
-    files.push_back(std::move(fi));
-  }
-
-  Ops& ops = model.ops();
-  auto& params = model.params();
-  const int dp_rank = par ? par->dp_rank() : 0;
-  for (int k = 0; k < int(params.size()); ++k) {
-    Param& p = params[k];
-    const Shape full = p.full_shape.empty() ? p.value.shape() : p.full_shape;
-    const auto [full_rows, full_cols] = rows_cols(full);
-    const auto [loc_rows, loc_cols] = rows_cols(p.value.shape());
-    // this rank's slice of the full tensor: rows [r0, r0 + loc_rows), cols [c0, c0 + loc_cols)
-    const int64_t r0 = p.shard_dim == 0 ? p.shard_begin : 0, c0 = p.shard_dim == 1 ? p.shard_begin : 0;
-    const int64_t n_local = p.value.numel();
-    std::vector<float> w(n_local), m(with_optim ? n_local : 0), v(with_optim ? n_local : 0);
-    std::vector<char> have(n_local, 0);
-    int64_t filled = 0;
-    for (auto& fi : files) {
-      for (const auto& e : fi.index) {
-        if (e.at("name").get<std::string>() != p.name) continue;
-        if (e.at("full_shape").get<Shape>() != full)
-          throw_error(fi.path, ": tensor '", p.name, "' has full shape ", shape_str(e.at("full_shape").get<Shape>()),
-                      ", the model expects ", shape_str(full));
-        const Shape pshape = e.at("local_shape").get<Shape>();
-        const auto [prows, pcols] = rows_cols(pshape);
-        const int sd = e.at("shard_dim").get<int>();
-        const int64_t sb = e.at("shard_begin").get<int64_t>();
-        const int64_t e0 = e.at("e0"), e1 = e.at("e1");
-        const int64_t pr0 = (sd == 0 ? sb : 0) + e0 / pcols, pr1 = (sd == 0 ? sb : 0) + (e1 - 1) / pcols + 1;
-        const int64_t pc0 = sd == 1 ? sb : 0, pc1 = pc0 + pcols;
-        if (pr1 <= r0 || pr0 >= r0 + loc_rows || pc1 <= c0 || pc0 >= c0 + loc_cols) continue;  // disjoint
-        const std::string g = e.at("group");
-        auto read_checked = [&](const char* what, const char* crc_key) {
-          std::vector<float> d = fi.file->read(g + "/" + what, e1 - e0);
-          if (!e.contains(crc_key) || e.at(crc_key).get<std::string>() != hex(fnv1a(d.data(), d.size())))
-            throw_error(fi.path, ": checksum mismatch for '", g, "/", what, "' (file damaged)");
-          return d;
-        };
-        std::vector<float> pw = read_checked("w", "crc_w"), pm, pv;
-        if (with_optim) {
-          pm = read_checked("m", "crc_m");
-          pv = read_checked("v", "crc_v");
-        }
-        for (int64_t x = e0; x < e1; ++x) {
-          const int64_t fr = (sd == 0 ? sb : 0) + x / pcols, fc = (sd == 1 ? sb : 0) + x % pcols;
-          if (fr < r0 || fr >= r0 + loc_rows || fc < c0 || fc >= c0 + loc_cols) continue;
-          const int64_t li = (fr - r0) * loc_cols + (fc - c0);
-          if (!have[li]) ++filled;
-          have[li] = 1;
-          w[li] = pw[x - e0];
-          if (with_optim) {
-            m[li] = pm[x - e0];
-            v[li] = pv[x - e0];
-          }
-        }
-      }
-    }
-    (void)full_rows;
-    (void)full_cols;
-    if (filled != n_local)
-      throw_error(dir, ": tensor '", p.name, "' is incomplete: ", n_local - filled, " of the ", n_local,
-                  " elements this rank needs are in no file");
-    ops.upload(p.value, w.data());
-    if (!with_optim) continue;
-    if (ZeroOptimizer* z = optimizer->zero()) {
-      for (const auto& zp : z->pieces()) {
-        if (zp.segment != k) continue;
-        const int64_t e0 = zp.flat - p.flat_offset;
-        if (z->shard_master().defined()) {
-          Tensor t = z->shard_master().flat_slice(zp.shard, zp.numel);
-          ops.upload(t, w.data() + e0);
-        }
-        Tensor tm = z->shard_m().flat_slice(zp.shard, zp.numel), tv = z->shard_v().flat_slice(zp.shard, zp.numel);
-        ops.upload(tm, m.data() + e0);
-        ops.upload(tv, v.data() + e0);
-      }
-    } else {
-      auto& st = optimizer->state()[k];
-      if (st.master.raw() != p.value.raw()) ops.upload(st.master, w.data());
-      ops.upload(st.m, m.data());
-      ops.upload(st.v, v.data());
-    }
-  }
+  read_checkpoint_pieces(dir, pieces_to_load(model, optimizer), optimizer != nullptr, model.ops());
 
   CheckpointMeta meta;
   meta.step = j.at("step");
@@ -423,13 +605,43 @@ CheckpointMeta load_checkpoint(const std::string& dir, Model& model, AdamW* opti
   meta.seed = j.value("seed", uint64_t(0));
   meta.data_position = j.value("data_position", std::string());
   meta.extra = j.value("extra", nlohmann::json::object());
-  const int dp_now = par ? par->dp_size() : 1;
+  const int dp_now = par ? par->dp_size() : 1, dp_rank = par ? par->dp_rank() : 0;
   if (j.at("layout").value("dp", 1) == dp_now) {  // same DP size: each DP rank resumes its own stream
-    for (auto& fi : files)
+    for (auto& fi : open_rank_files(dir, j))
       if (fi.rank.value("dp_rank", -1) == dp_rank && fi.rank.value("tp_rank", -1) == 0)
         meta.data_position = fi.rank.value("data_position", meta.data_position);
   }
   return meta;
+}
+
+std::map<std::string, std::string> checkpoint_digests(const std::string& dir) {
+  std::map<std::string, std::string> out;
+  for (auto& fi : open_rank_files(dir, read_checkpoint_meta(dir)))
+    for (const Entry& e : fi.entries)
+      for (auto it = e.crc.begin(); it != e.crc.end(); ++it)
+        if (it.key().rfind("crc_", 0) == 0)
+          out[fs::path(fi.path).filename().string() + ":" + e.group + "/" + it.key().substr(4)] = it.value().dump();
+  return out;
+}
+
+int prune_checkpoints(const std::string& root, int keep) {
+  if (keep <= 0) return 0;
+  const std::string latest = fs::path(latest_checkpoint(root)).filename().string();
+  std::vector<std::string> steps;
+  std::error_code ec;
+  for (const auto& d : fs::directory_iterator(root, ec)) {
+    const std::string n = d.path().filename().string();
+    if (n.rfind("step_", 0) == 0 && d.is_directory()) steps.push_back(n);
+  }
+  std::sort(steps.begin(), steps.end());  // zero-padded: by step
+  int removed = 0;
+  for (size_t i = 0; i + size_t(keep) < steps.size(); ++i) {
+    if (steps[i] == latest) continue;
+    fs::remove_all(fs::path(root) / steps[i], ec);
+    if (ec) LOG(WARNING) << (fs::path(root) / steps[i]).string() << ": cannot remove old checkpoint: " << ec.message();
+    else ++removed;
+  }
+  return removed;
 }
 
 }  // namespace difftron

@@ -1,6 +1,8 @@
 // `difftron <command> [flags]`: dispatch to the registered subcommands (train, prepare,
 // inspect, generate, ...). `difftron help` lists them; `difftron <command> --help` shows
 // a command's flags.
+#include <cstdio>
+#include <cstdlib>
 #include <cstring>
 #include <iostream>
 
@@ -46,13 +48,19 @@ int main(int argc, char** argv) {
   for (int i = 2; i < argc; ++i) args.push_back(argv[i]);
   int n = int(args.size());
   gflags::SetUsageMessage("difftron " + name + ": " + it->second.summary);
+  std::string error;
   try {
     return it->second.run(n, args.data());
   } catch (const difftron::Error& e) {
-    std::cerr << "difftron " << name << ": error: " << e.what() << "\n";
-    return 1;
+    error = std::string("error: ") + e.what();
   } catch (const std::exception& e) {
-    std::cerr << "difftron " << name << ": unexpected error: " << e.what() << "\n";
-    return 1;
+    error = std::string("unexpected error: ") + e.what();
   }
+  // The command's objects (MPI included) are gone by now. Leave without the exit handlers:
+  // after a failed write (disk full, I/O error) HDF5 1.10's handler tries to close the broken
+  // file again and crashes, which would turn a clear rc 1 into a segfault.
+  std::cerr << "difftron " << name << ": " << error << std::endl;
+  google::FlushLogFiles(google::GLOG_INFO);
+  std::fflush(nullptr);
+  std::_Exit(1);
 }

@@ -21,6 +21,7 @@
 #include "core/trainer.h"
 #include "io/checkpoint.h"
 #include "io/dataset.h"
+#include "io/run_lock.h"
 #include "io/synthetic_data.h"
 #include "io/tokenizer.h"
 #include "launch/command.h"
@@ -64,6 +65,9 @@ DEFINE_string(sample_prompt, "", "prompt text for the sample (needs a text datas
 DEFINE_double(temperature, 0.8, "sampling temperature (0: greedy)");
 DEFINE_string(ckpt_dir, "", "checkpoint root: saved every --ckpt_every steps, at the end, and on SIGTERM/SIGINT");
 DEFINE_int64(ckpt_every, 0, "save a checkpoint every N steps (0: only at the end / on a signal)");
+DEFINE_int32(ckpt_keep, 0,
+             "keep only the newest N checkpoints under --ckpt_dir, deleting older step_* directories after "
+             "each successful save (0: keep all; the one `latest` names is never deleted)");
 DEFINE_bool(resume, true, "continue from --ckpt_dir's latest checkpoint when there is one");
 DEFINE_int64(top_k, 40, "sample from the k most likely tokens (0: all)");
 DEFINE_bool(keep_attention_state, true,
@@ -167,6 +171,94 @@ ModelConfig model_config_from_flags(int64_t data_vocab) {
   return c;
 }
 
+// Numeric flags checked before anything is allocated: ranges, and products that must not
+// overflow (tokens per step, tokens of the whole run).
+void check_run_flags(int dp) {
+  auto in_range = [](const char* flag, int64_t v, int64_t lo, int64_t hi) {
+    if (v < lo || v > hi) throw_error("--", flag, "=", v, " is out of range [", lo, ", ", hi, "]");
+  };
+  in_range("batch", FLAGS_batch, 1, int64_t(1) << 24);
+  in_range("seq", FLAGS_seq, 2, int64_t(1) << 24);
+  in_range("grad_accum", FLAGS_grad_accum, 1, int64_t(1) << 24);
+  in_range("steps", FLAGS_steps, 0, int64_t(1) << 40);
+  in_range("warmup", FLAGS_warmup, 0, int64_t(1) << 40);
+  in_range("ckpt_every", FLAGS_ckpt_every, 0, int64_t(1) << 40);
+  in_range("ckpt_keep", FLAGS_ckpt_keep, 0, 1 << 20);
+  in_range("eval_batches", FLAGS_eval_batches, 1, int64_t(1) << 24);
+  int64_t rows = 0, tokens = 0, total = 0;
+  if (__builtin_mul_overflow(FLAGS_batch, FLAGS_grad_accum, &rows) || __builtin_mul_overflow(rows, int64_t(dp), &rows) ||
+      __builtin_mul_overflow(rows, FLAGS_seq, &tokens) || tokens > (int64_t(1) << 53) ||
+      __builtin_mul_overflow(tokens, std::max<int64_t>(FLAGS_steps, 1), &total))
+    throw_error("--batch=", FLAGS_batch, " x --seq=", FLAGS_seq, " x --grad_accum=", FLAGS_grad_accum, " x --dp=", dp,
+                " x --steps=", FLAGS_steps, " tokens overflow a 64-bit count");
+}
+
+// The flags of the optimizer, schedule and batch that a checkpoint records; a resumed run
+// logs every one that changed.
+nlohmann::json run_flags() {
+  return {{"lr", FLAGS_lr},           {"min_lr_ratio", FLAGS_min_lr_ratio}, {"warmup", FLAGS_warmup},
+          {"lr_schedule", FLAGS_lr_schedule}, {"beta1", FLAGS_beta1},   {"beta2", FLAGS_beta2},
+          {"weight_decay", FLAGS_weight_decay}, {"grad_clip", FLAGS_grad_clip}, {"steps", FLAGS_steps},
+          {"batch", FLAGS_batch},     {"seq", FLAGS_seq},                   {"grad_accum", FLAGS_grad_accum},
+          {"seed", FLAGS_seed}};
+}
+
+// Resuming: a model flag the user gave must agree with the checkpoint's model (the run
+// would otherwise silently train the old one); changed optimizer/schedule flags are logged.
+void check_resume_flags(const std::string& dir, const ModelConfig& ckpt, const nlohmann::json& extra) {
+  std::string conflicts;
+  auto check = [&](const char* flag, int64_t given, int64_t stored) {
+    if (flag_set(flag) && given != stored)
+      conflicts += "\n  --" + std::string(flag) + "=" + std::to_string(given) + ", the checkpoint has " + std::to_string(stored);
+  };
+  check("d_model", FLAGS_d_model, ckpt.d_model);
+  check("n_layers", FLAGS_n_layers, ckpt.n_layers);
+  check("n_heads", FLAGS_n_heads, ckpt.n_heads);
+  check("n_kv_heads", FLAGS_n_kv_heads > 0 ? FLAGS_n_kv_heads : FLAGS_n_heads, ckpt.n_kv_heads);
+  check("head_dim", FLAGS_head_dim, ckpt.head_dim);
+  check("ffn_dim", FLAGS_ffn_dim, ckpt.ffn_dim);
+  check("vocab_size", FLAGS_vocab_size, ckpt.vocab_size);
+  if (flag_set("attention") && parse_attention_kind(FLAGS_attention) != ckpt.attention)
+    conflicts += "\n  --attention=" + FLAGS_attention + ", the checkpoint has " + attention_kind_name(ckpt.attention);
+  if (!FLAGS_model_config.empty()) {
+    std::ifstream f(FLAGS_model_config);
+    ModelConfig want;
+    try {
+      want = nlohmann::json::parse(f).get<ModelConfig>();
+      want.resolve_and_validate();
+    } catch (const std::exception& e) {
+      throw_error("--model_config: '", FLAGS_model_config, "' is not a valid model config: ", e.what());
+    }
+    if (nlohmann::json(want) != nlohmann::json(ckpt))
+      conflicts += "\n  --model_config=" + FLAGS_model_config + " describes " + want.summary() + ", the checkpoint " + ckpt.summary();
+  }
+  if (!conflicts.empty())
+    throw_error("resuming from ", dir, ": model flags conflict with the checkpoint's model:", conflicts,
+                "\nDrop these flags to continue that run, or start a new run with another --ckpt_dir (or --resume=false).");
+  const nlohmann::json before = extra.value("flags", nlohmann::json::object()), now = run_flags();
+  for (auto it = now.begin(); it != now.end(); ++it)
+    if (before.contains(it.key()) && before[it.key()] != it.value())
+      LOG(WARNING) << "--" << it.key() << " changed on resume: " << before[it.key()].dump() << " -> "
+                   << it.value().dump()
+                   << (it.key() == "steps" || it.key() == "warmup" || it.key() == "lr" || it.key() == "lr_schedule" ||
+                               it.key() == "min_lr_ratio"
+                           ? " (the learning-rate schedule is rebuilt from these flags)"
+                           : "");
+}
+
+// The validation set must give at least one batch: found now, not after the whole run.
+void check_validation_data(BatchSource& val) {
+  const std::string pos = val.position();
+  std::vector<int32_t> tok(FLAGS_batch * FLAGS_seq), tgt(tok.size());
+  try {
+    val.next_batch(FLAGS_batch, FLAGS_seq, tok.data(), tgt.data());
+  } catch (const Error& e) {
+    throw_error("--val_data=", FLAGS_val_data, ": cannot give a batch of --batch=", FLAGS_batch, " x --seq=", FLAGS_seq,
+                ": ", e.what());
+  }
+  val.restore_position(pos);
+}
+
 // The world size an MPI launcher announced (mpirun, srun), 1 when started directly.
 int launcher_world_size() {
   for (const char* v : {"OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "SLURM_STEP_NUM_TASKS"})
@@ -222,6 +314,21 @@ int train_main(int argc, char** argv) {
     LOG(INFO) << "process grid: tp " << FLAGS_tp << " x dp " << FLAGS_dp << "; " << par->describe();
   }
   const int dp_rank = par ? par->dp_rank() : 0, dp_size = par ? par->dp_size() : 1;
+  check_run_flags(dp_size);
+
+  // ---- the run directory: writable, and ours alone (rank 0 holds the lock for the job)
+  std::unique_ptr<RunDirLock> lock;
+  if (!FLAGS_ckpt_dir.empty()) {
+    std::string err;
+    if (rank0) {
+      try {
+        lock = std::make_unique<RunDirLock>(FLAGS_ckpt_dir);
+      } catch (const Error& e) {
+        err = e.what();
+      }
+    }
+    agree_or_throw(par ? &par->world_host() : nullptr, err, "checking --ckpt_dir");
+  }
 
   // ---- data
   const bool synthetic = FLAGS_data.rfind("synthetic:", 0) == 0;
@@ -241,6 +348,8 @@ int train_main(int argc, char** argv) {
   std::string resume_dir;
   if (!FLAGS_ckpt_dir.empty() && FLAGS_resume) resume_dir = latest_checkpoint(FLAGS_ckpt_dir);
   ModelConfig cfg = resume_dir.empty() ? model_config_from_flags(data_vocab) : read_checkpoint_config(resume_dir);
+  if (!resume_dir.empty())
+    check_resume_flags(resume_dir, cfg, read_checkpoint_meta(resume_dir).value("extra", nlohmann::json::object()));
   if (!synthetic) {
     DatasetOptions d;
     d.path = FLAGS_data;
@@ -256,6 +365,7 @@ int train_main(int argc, char** argv) {
       val = open_token_dataset(d);
     }
   }
+  if (val) check_validation_data(*val);
 
   // ---- model + optimizer
   if (ops->device() == Device::CPU) check_host_memory(cfg, FLAGS_tp, FLAGS_dp);
@@ -301,9 +411,14 @@ int train_main(int argc, char** argv) {
     meta.seed = FLAGS_seed;
     meta.data_position = train->position();
     meta.extra = {{"tokenizer", tokenizer ? tokenizer->spec() : std::string("")},
-                  {"data", FLAGS_data}};
-    LOG(INFO) << "checkpoint written: "
-              << save_checkpoint(FLAGS_ckpt_dir, meta, model, &opt, par.get(), train->position());
+                  {"data", FLAGS_data},
+                  {"flags", run_flags()}};
+    const std::string dir = save_checkpoint(FLAGS_ckpt_dir, meta, model, &opt, par.get(), train->position());
+    LOG(INFO) << "checkpoint written: " << dir;
+    if (rank0 && FLAGS_ckpt_keep > 0) {
+      const int removed = prune_checkpoints(FLAGS_ckpt_dir, FLAGS_ckpt_keep);
+      if (removed > 0) LOG(INFO) << "removed " << removed << " old checkpoint(s) (--ckpt_keep=" << FLAGS_ckpt_keep << ")";
+    }
   };
   if (FLAGS_ckpt_every > 0)
     trainer.on_step = [&](int64_t step, double) {

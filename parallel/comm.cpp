@@ -3,7 +3,10 @@
 #include "parallel/comm.h"
 
 #include <cstring>
+#include <string>
+#include <vector>
 
+#include "core/error.h"
 #include "kernels/ops.h"
 
 namespace difftron {
@@ -114,6 +117,23 @@ void all_gather_host(Communicator& comm, const double* in, double* out, int64_t 
   Tensor ti = host_tensor(const_cast<double*>(in), n, DType::F64);
   Tensor to = host_tensor(out, n * comm.size(), DType::F64);
   comm.all_gather(ti, to);
+}
+
+void agree_or_throw(Communicator* comm, const std::string& my_error, const std::string& what) {
+  if (!comm || comm->size() == 1) {
+    if (!my_error.empty()) throw Error(my_error);
+    return;
+  }
+  const int n = comm->size();
+  double mine = my_error.empty() ? 0.0 : 1.0;
+  std::vector<double> all(n);
+  all_gather_host(*comm, &mine, all.data(), 1);
+  std::string failed;
+  for (int r = 0; r < n; ++r)
+    if (all[r] != 0) failed += (failed.empty() ? "" : ", ") + std::to_string(r);
+  if (failed.empty()) return;
+  if (!my_error.empty()) throw Error(my_error);
+  throw_error(what, " failed on rank(s) ", failed, " (their messages name the file and the error)");
 }
 
 }  // namespace difftron

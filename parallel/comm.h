@@ -102,6 +102,11 @@ void all_reduce_host(Communicator& comm, double* x, int64_t n);
 // out [size * n] = every rank's in [n], in rank order.
 void all_gather_host(Communicator& comm, const double* in, double* out, int64_t n);
 
+// Every rank of `comm` (host memory; null: one process) reports whether its part of a
+// collective task succeeded (`my_error` empty) or failed; throws difftron::Error on every rank
+// when one failed: the rank's own message where it failed, else one naming the failed ranks.
+void agree_or_throw(Communicator* comm, const std::string& my_error, const std::string& what);
+
 // "f32[4, 8]": a tensor in watchdog messages (no device: the group says where).
 std::string brief(const Tensor& t);
 

@@ -18,6 +18,7 @@ packages=(
   libopenblas-dev                     # GEMM for the CPU reference backend
   zlib1g-dev                          # reading .gz text in `difftron prepare`
   linux-doc                           # the default English corpus of the main job
+  strace                              # fault injection in the checkpoint durability tests
   python3 python3-pip
 )
 
