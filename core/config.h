@@ -41,7 +41,7 @@ struct ModelConfig {
   int64_t kv_dim() const { return 2 * n_kv_heads * head_dim; } // width of x Wk and of x Wv
   int64_t num_parameters() const;
   int64_t num_embedding_parameters() const { return vocab_size * d_model; }
-  // Training FLOPs per token (DESIGN.md section 6) at sequence length `seq`.
+  // Training FLOPs per token (docs/MODEL.md section 4) at sequence length `seq`.
   double flops_per_token(int64_t seq) const;
   std::string summary() const;
 };

@@ -1,4 +1,4 @@
-// The Differential Transformer (DESIGN.md section 1) and the baseline Transformer, with a
+// The Differential Transformer (docs/MODEL.md) and the baseline Transformer, with a
 // hand-written backward, written once against the op interface (kernels/ops.h) so the
 // same code runs on the CPU reference and on the GPU. Parameters carry Hugging Face Llama
 // names; the Q/K/V column order is difftron's interleaved layout (kernels/ops.h).

@@ -1,4 +1,4 @@
-// Opening a token dataset (a directory or glob of HDF5 shards, DESIGN.md section 4) as a
+// Opening a token dataset (a directory or glob of HDF5 shards, docs/DATA.md) as a
 // stream of training batches. Implemented by io/loader.cpp.
 #pragma once
 #include <cstdint>

@@ -1,5 +1,5 @@
 // Import from and export to Hugging Face transformers' DiffLlama (model_type "diffllama":
-// config.json + model.safetensors). Conventions differ from difftron's (DESIGN.md section 4):
+// config.json + model.safetensors). Conventions differ from difftron's (docs/MODEL.md section 2):
 // HF counts 2h single-map heads and puts map 2 of every differential head in the second half
 // of q_proj/k_proj/v_proj rows; difftron interleaves the two maps per head. HF's sub-layer norm
 // has no weight, so export folds w_sub into the matching o_proj columns and import sets it to 1.

@@ -1,4 +1,4 @@
-// HDF5 token shards (DESIGN.md section 4, docs/DATA.md): writing one shard, opening one
+// HDF5 token shards (docs/DATA.md): writing one shard, opening one
 // for reading with every attribute and layout checked, and fast reads of token ranges.
 // A reader maps the file and copies tokens straight out of the page cache (no HDF5 call
 // after open), so any thread may read from it concurrently.

@@ -189,7 +189,7 @@ std::string format_plan(const Plan& p, double tp_gbps, double dp_gbps, double pe
      << " (on the critical path: not overlapped)\n";
   os << "  DP total " << bytes_str(p.dp_bytes_per_rank) << " at " << dp_gbps << " GB/s: " << ms_str(t_dp)
      << " (the reduce-scatters overlap the last backward)\n";
-  os << "  compute " << p.flops_per_rank / 1e12 << " TFLOP per rank (DESIGN.md section 6 count) at " << peak_tflops
+  os << "  compute " << p.flops_per_rank / 1e12 << " TFLOP per rank (docs/MODEL.md section 4 count) at " << peak_tflops
      << " TFLOP/s x MFU " << mfu << ": " << ms_str(t_compute) << "\n";
   return os.str();
 }

@@ -50,7 +50,7 @@ struct Plan {
   std::vector<CommLine> lines;
   double tp_bytes_per_rank = 0, dp_bytes_per_rank = 0;  // per step
   int64_t tokens_per_step = 0;                          // global
-  double flops_per_rank = 0;                            // per step (DESIGN.md section 6)
+  double flops_per_rank = 0;                            // per step (docs/MODEL.md section 4)
 };
 
 // Throws difftron::Error when the config does not split over tp (same rules as the model).

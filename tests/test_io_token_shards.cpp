@@ -1,5 +1,5 @@
 // Token shards (io/token_shards.h): the writer's files are checked with raw HDF5 calls
-// against DESIGN.md section 4 and an independent bitwise CRC-32; the reader round-trips
+// against docs/DATA.md and an independent bitwise CRC-32; the reader round-trips
 // every layout (chunked, contiguous, compressed); damaged and malformed files must give an
 // Error naming the file and the problem, never a crash or wrong data.
 #include <sys/stat.h>

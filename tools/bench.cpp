@@ -1,4 +1,4 @@
-// `difftron bench`: times every CUDA op at the sizes of the 1.3B model of ANCHORS.md
+// `difftron bench`: times every CUDA op at the sizes of the 1.3B model (d 2048, L 24, h 8, dh 128, ffn 5632)
 // (d 2048, ffn 5632, vocab 32000, 16k tokens per batch, h 8 x dh 128) with CUDA events on
 // the backend's stream, and whole training steps of a small and a ~350M model. Per op it
 // prints ms (median), achieved GB/s (bytes read + written) or TFLOP/s, and the percentage of
@@ -42,7 +42,7 @@ namespace {
 
 #if DIFFTRON_HAVE_CUDA
 
-constexpr double kPeakMfu = 989e12;  // dense bf16 per H100/H200 (DESIGN.md section 6)
+constexpr double kPeakMfu = 989e12;  // dense bf16 per H100/H200 (docs/MODEL.md section 4)
 
 struct Ceilings {
   double copy_gbs = 0;      // GB/s of a device copy
@@ -399,7 +399,7 @@ int bench_main(int argc, char** argv) {
     m350.n_kv_heads = 8;
     m350.ffn_dim = 2816;
     bench.guarded("step diff-350M", [&] { bench.training_step("diff-350M", m350, 8, 2048); });
-    ModelConfig std350 = m350;  // the baseline of the same size (ANCHORS.md: 195k tokens/s in PyTorch)
+    ModelConfig std350 = m350;  // the baseline of the same size (PyTorch: 195k tokens/s, docs/PERFORMANCE.md)
     std350.attention = AttentionKind::Standard;
     bench.guarded("step std-350M", [&] { bench.training_step("std-350M", std350, 8, 2048); });
   }

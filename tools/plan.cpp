@@ -1,6 +1,6 @@
 // `difftron plan`: memory and communication per rank for a model on a TP x DP grid, so
 // that runs at scale can be sized on paper (formulas: docs/PARALLEL.md). Takes the model
-// flags of `difftron train` (or --preset, one of DESIGN.md's paper configurations).
+// flags of `difftron train` (or --preset, one of the paper's configurations, docs/MODEL.md).
 #include <iostream>
 
 #include <gflags/gflags.h>
@@ -28,7 +28,7 @@ DECLARE_int32(dp);
 DECLARE_string(device);
 
 DECLARE_bool(keep_attention_state);
-DEFINE_string(preset, "", "paper configuration: 830M, 1.4B, 2.8B, 6.8B, 13.1B or 3B (DESIGN.md section 1); "
+DEFINE_string(preset, "", "paper configuration: 830M, 1.4B, 2.8B, 6.8B, 13.1B or 3B (docs/MODEL.md); "
               "model flags given explicitly override it");
 DEFINE_double(plan_tp_gbps, 370, "plan: TP bus bandwidth in GB/s (NVLink within a node)");
 DEFINE_double(plan_dp_gbps, 45, "plan: DP bus bandwidth in GB/s (e.g. 400 Gb/s InfiniBand per GPU)");
