@@ -3,17 +3,23 @@
 #include "io/checkpoint.h"
 
 #include <fcntl.h>
+#include <pthread.h>
+#include <signal.h>
 #include <sys/stat.h>
 #include <sys/syscall.h>
 #include <unistd.h>
 
 #include <algorithm>
 #include <cerrno>
+#include <chrono>
+#include <csignal>
 #include <cstdio>
 #include <cstring>
 #include <filesystem>
 #include <fstream>
 #include <memory>
+#include <system_error>
+#include <thread>
 
 #include <glog/logging.h>
 #include <hdf5.h>
@@ -293,17 +299,23 @@ std::string index_entry_group(const ShardPiece& p) {
   return p.name + "/tp" + std::to_string(p.shard_begin) + "_e" + std::to_string(p.e0);
 }
 
-void write_rank_file(const fs::path& path, const std::vector<ShardPiece>& pieces, Ops& ops,
-                     const nlohmann::json& rank_info) {
+// Writes, closes and fsyncs one rank's file. The values of array j (in piece order) are
+// host[j] when given (a snapshot), else downloaded from the tensor through `ops` one at a time.
+void write_rank_file(const fs::path& path, const std::vector<ShardPiece>& pieces,
+                     const std::vector<std::vector<float>>* host, Ops* ops, const nlohmann::json& rank_info) {
   nlohmann::json index = nlohmann::json::array();
   H5File f(path.string(), true);
+  size_t j = 0;
   for (const ShardPiece& p : pieces) {
     const std::string group = index_entry_group(p);
     nlohmann::json e = {{"name", p.name},         {"group", group},          {"full_shape", p.global_shape},
                         {"local_shape", p.local_shape}, {"shard_dim", p.shard_dim}, {"shard_begin", p.shard_begin},
                         {"e0", p.e0},             {"e1", p.e1}};
     for (const ShardArray& a : p.arrays) {
-      std::vector<float> v = to_host(ops, a.data);
+      std::vector<float> downloaded;
+      if (!host) downloaded = to_host(*ops, a.data);
+      const std::vector<float>& v = host ? host->at(j) : downloaded;
+      ++j;
       f.write_floats(group + "/" + a.kind, v);
       e["crc_" + a.kind] = hex(fnv1a(v.data(), v.size()));
     }
@@ -452,62 +464,135 @@ void fill_piece(const ShardPiece& t, bool with_optim, std::vector<RankFile>& fil
 
 }  // namespace
 
-std::string write_checkpoint(const std::string& root, const CheckpointMeta& meta, const nlohmann::json& model_config,
-                             const std::vector<ShardPiece>& pieces, bool has_optimizer, Ops& ops,
-                             ParallelContext* par, int tp_rank, int dp_rank, const std::string& rank_data_position) {
-  const int world_rank = par ? par->world_rank() : 0, world = par ? par->world_size() : 1;
-  const std::string name = step_dir_name(meta.step);
-  const fs::path final_dir = fs::path(root) / name;
-  const fs::path tmp_dir = fs::path(root) / (".tmp." + name);
+// A save split into its steps: begin_save (collective: the temporary directory), optionally
+// snapshot, write_rank (this rank alone, any thread), finish_save (collective: agreement and
+// publish). write_checkpoint runs them in a row; AsyncCheckpointer runs write_rank on a thread.
+struct PendingSave {
+  std::string root, name;
+  fs::path tmp_dir, final_dir;
+  CheckpointMeta meta;
+  nlohmann::json model_config, rank_info;
+  bool has_optimizer = false;
+  ParallelContext* par = nullptr;
+  int world_rank = 0, world = 1;
+  std::vector<ShardPiece> pieces;
+  bool snapshotted = false;
+  std::vector<std::vector<float>> host;  // the snapshot: array j's values, in piece order
+  std::string error;                     // this rank's failure so far ("" if none)
+  double write_seconds = 0;
+};
 
-  // 1. rank 0 makes a fresh temporary directory
+namespace {
+
+double seconds_since(std::chrono::steady_clock::time_point t0) {
+  return std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+}
+
+// 1. rank 0 makes a fresh temporary directory (collective)
+std::unique_ptr<PendingSave> begin_save(const std::string& root, const CheckpointMeta& meta,
+                                        const nlohmann::json& model_config, std::vector<ShardPiece> pieces,
+                                        bool has_optimizer, ParallelContext* par, int tp_rank, int dp_rank,
+                                        const std::string& rank_data_position) {
+  auto s = std::make_unique<PendingSave>();
+  s->root = root;
+  s->name = step_dir_name(meta.step);
+  s->final_dir = fs::path(root) / s->name;
+  s->tmp_dir = fs::path(root) / (".tmp." + s->name);
+  s->meta = meta;
+  s->model_config = model_config;
+  s->has_optimizer = has_optimizer;
+  s->par = par;
+  s->world_rank = par ? par->world_rank() : 0;
+  s->world = par ? par->world_size() : 1;
+  s->pieces = std::move(pieces);
+  s->rank_info = {{"world_rank", s->world_rank}, {"tp_rank", tp_rank}, {"dp_rank", dp_rank},
+                  {"data_position", rank_data_position.empty() ? meta.data_position : rank_data_position}};
   std::string err;
-  if (world_rank == 0)
+  if (s->world_rank == 0)
     err = capture([&] {
       std::error_code ec;
       fs::create_directories(root, ec);
       if (ec || !fs::is_directory(root)) throw_error(root, ": cannot create checkpoint directory: ", ec.message());
-      fs::remove_all(tmp_dir, ec);
-      if (!fs::create_directory(tmp_dir, ec) || ec) throw_error(tmp_dir.string(), ": cannot create: ", ec.message());
+      fs::remove_all(s->tmp_dir, ec);
+      if (!fs::create_directory(s->tmp_dir, ec) || ec) throw_error(s->tmp_dir.string(), ": cannot create: ", ec.message());
     });
-  agree(par, err, "creating " + tmp_dir.string());
+  agree(par, err, "creating " + s->tmp_dir.string());
+  return s;
+}
 
-  // 2. every rank writes and syncs its file
-  err = capture([&] {
-    nlohmann::json info = {{"world_rank", world_rank}, {"tp_rank", tp_rank}, {"dp_rank", dp_rank},
-                           {"data_position", rank_data_position.empty() ? meta.data_position : rank_data_position}};
-    write_rank_file(tmp_dir / rank_file_name(world_rank), pieces, ops, info);
+// Copies every array to host memory and drops the tensors, so that the writer needs neither
+// them nor `ops`. A failure (say, out of host memory) is kept for finish_save to report on
+// every rank, as a failed write would be.
+void snapshot(PendingSave& s, Ops& ops) {
+  s.error = capture([&] {
+    for (ShardPiece& p : s.pieces)
+      for (ShardArray& a : p.arrays) {
+        s.host.push_back(to_host(ops, a.data));
+        a.data = Tensor();
+      }
   });
-  agree(par, err, "writing the checkpoint's rank files");
+  s.snapshotted = true;
+}
 
-  // 3. rank 0 writes meta.json and moves the checkpoint into place, then `latest`
-  if (world_rank == 0)
+// 2. this rank writes and syncs its file (from the snapshot when there is one, else through `ops`)
+void write_rank(PendingSave& s, Ops* ops) {
+  const auto t0 = std::chrono::steady_clock::now();
+  if (s.error.empty())
+    s.error = capture([&] {
+      write_rank_file(s.tmp_dir / rank_file_name(s.world_rank), s.pieces, s.snapshotted ? &s.host : nullptr, ops,
+                      s.rank_info);
+    });
+  s.host.clear();
+  s.host.shrink_to_fit();  // give the snapshot's memory back before the publish
+  s.write_seconds = seconds_since(t0);
+}
+
+// 3. the ranks agree that every file is on disk; rank 0 writes meta.json and moves the
+// checkpoint into place, then `latest` (collective)
+std::string finish_save(PendingSave& s) {
+  const auto t0 = std::chrono::steady_clock::now();
+  agree(s.par, s.error, "writing the checkpoint's rank files");
+  const fs::path& tmp_dir = s.tmp_dir;
+  std::string err;
+  if (s.world_rank == 0)
     err = capture([&] {
       nlohmann::json j;
       j["format"] = "difftron-checkpoint";
       j["version"] = kFormatVersion;
-      j["model_config"] = model_config;
-      j["step"] = meta.step;
-      j["tokens_seen"] = meta.tokens_seen;
-      j["seed"] = meta.seed;
-      j["data_position"] = meta.data_position;
+      j["model_config"] = s.model_config;
+      j["step"] = s.meta.step;
+      j["tokens_seen"] = s.meta.tokens_seen;
+      j["seed"] = s.meta.seed;
+      j["data_position"] = s.meta.data_position;
       nlohmann::json files = nlohmann::json::array();
-      for (int r = 0; r < world; ++r) files.push_back(rank_file_name(r));
-      j["layout"] = {{"tp", par ? par->tp_size() : 1}, {"dp", par ? par->dp_size() : 1}, {"world", world}, {"files", files}};
-      j["has_optimizer"] = has_optimizer;
-      j["extra"] = meta.extra;
+      for (int r = 0; r < s.world; ++r) files.push_back(rank_file_name(r));
+      j["layout"] = {{"tp", s.par ? s.par->tp_size() : 1}, {"dp", s.par ? s.par->dp_size() : 1},
+                     {"world", s.world}, {"files", files}};
+      j["has_optimizer"] = s.has_optimizer;
+      j["extra"] = s.meta.extra;
       write_file_durably(tmp_dir / "meta.json", j.dump(2) + "\n");
       fsync_path(tmp_dir);
-      replace_directory(tmp_dir, final_dir, fs::path(root) / (".replaced." + name));
-      fsync_path(root);
-      write_file_durably(fs::path(root) / "latest", name + "\n");
+      replace_directory(tmp_dir, s.final_dir, fs::path(s.root) / (".replaced." + s.name));
+      fsync_path(s.root);
+      write_file_durably(fs::path(s.root) / "latest", s.name + "\n");
     });
-  if (!err.empty() && world_rank == 0) {
+  if (!err.empty() && s.world_rank == 0) {
     std::error_code ec;
     fs::remove_all(tmp_dir, ec);
   }
-  agree(par, err, "publishing the checkpoint");
-  return final_dir.string();
+  agree(s.par, err, "publishing the checkpoint");
+  s.write_seconds += seconds_since(t0);
+  return s.final_dir.string();
+}
+
+}  // namespace
+
+std::string write_checkpoint(const std::string& root, const CheckpointMeta& meta, const nlohmann::json& model_config,
+                             const std::vector<ShardPiece>& pieces, bool has_optimizer, Ops& ops,
+                             ParallelContext* par, int tp_rank, int dp_rank, const std::string& rank_data_position) {
+  auto s = begin_save(root, meta, model_config, pieces, has_optimizer, par, tp_rank, dp_rank, rank_data_position);
+  write_rank(*s, &ops);
+  return finish_save(*s);
 }
 
 std::string save_checkpoint(const std::string& root, const CheckpointMeta& meta, Model& model, AdamW* optimizer,
@@ -515,6 +600,61 @@ std::string save_checkpoint(const std::string& root, const CheckpointMeta& meta,
   const int dp_rank = par ? par->dp_rank() : 0;
   return write_checkpoint(root, meta, nlohmann::json(model.config()), pieces_to_save(model, optimizer, dp_rank),
                           optimizer != nullptr, model.ops(), par, model.tp_rank(), dp_rank, rank_data_position);
+}
+
+AsyncCheckpointer::AsyncCheckpointer() = default;
+
+AsyncCheckpointer::~AsyncCheckpointer() {
+  if (!save_) return;
+  if (save_->world > 1 && std::uncaught_exceptions() > 0) {
+    if (writer_.joinable()) writer_.join();
+    LOG(WARNING) << "checkpoint step " << save_->meta.step << " left unpublished in " << save_->tmp_dir.string()
+                 << " (this rank is failing; the ranks cannot agree that it is complete)";
+    return;
+  }
+  try {
+    wait();
+  } catch (const std::exception& e) {
+    LOG(ERROR) << "checkpoint save failed: " << e.what();
+  }
+}
+
+int64_t AsyncCheckpointer::in_flight_step() const { return save_ ? save_->meta.step : -1; }
+
+void AsyncCheckpointer::start(const std::string& root, const CheckpointMeta& meta, Model& model, AdamW* optimizer,
+                              ParallelContext* par, const std::string& rank_data_position) {
+  wait();
+  const auto t0 = std::chrono::steady_clock::now();
+  const int dp_rank = par ? par->dp_rank() : 0;
+  std::unique_ptr<PendingSave> s =
+      begin_save(root, meta, nlohmann::json(model.config()), pieces_to_save(model, optimizer, dp_rank),
+                 optimizer != nullptr, par, model.tp_rank(), dp_rank, rank_data_position);
+  snapshot(*s, model.ops());
+  snapshot_seconds_ = seconds_since(t0);
+  // The writer inherits this thread's signal mask: with SIGTERM/SIGINT blocked there, the
+  // stop signal is handled by the training thread and never interrupts the writer's calls.
+  sigset_t stop, old;
+  sigemptyset(&stop);
+  sigaddset(&stop, SIGTERM);
+  sigaddset(&stop, SIGINT);
+  pthread_sigmask(SIG_BLOCK, &stop, &old);
+  PendingSave* job = s.get();
+  try {
+    writer_ = std::thread([job] { write_rank(*job, nullptr); });
+  } catch (const std::system_error&) {
+    write_rank(*job, nullptr);  // no thread to be had: write now rather than fail this rank alone
+  }
+  pthread_sigmask(SIG_SETMASK, &old, nullptr);
+  save_ = std::move(s);
+}
+
+std::string AsyncCheckpointer::wait() {
+  if (!save_) return "";
+  if (writer_.joinable()) writer_.join();
+  const std::unique_ptr<PendingSave> s = std::move(save_);  // done with, whatever finish_save does
+  const std::string dir = finish_save(*s);
+  if (on_published) on_published(dir, s->meta.step, s->write_seconds);
+  return dir;
 }
 
 std::string latest_checkpoint(const std::string& root) {

@@ -13,10 +13,17 @@
 // difftron::Error naming the file and the OS error on every rank and leaves `latest` on the
 // previous checkpoint. Readers treat files as untrusted: every index entry is checked against
 // the model and the file's real size before anything is allocated.
+//
+// Asynchronous saves (AsyncCheckpointer): the same steps, with this rank's file written and
+// fsynced on a background thread from a host copy of its pieces; the agreement and rank 0's
+// publish (meta.json, rename, latest) run on the training thread in wait().
 #pragma once
 #include <cstdint>
+#include <functional>
 #include <map>
+#include <memory>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include <nlohmann/json.hpp>
@@ -44,10 +51,56 @@ std::string write_checkpoint(const std::string& root, const CheckpointMeta& meta
                              const std::vector<ShardPiece>& pieces, bool has_optimizer, Ops& ops,
                              ParallelContext* parallel, int tp_rank, int dp_rank,
                              const std::string& rank_data_position);
-// The same for a model and its optimizer (null: weights only, e.g. for export).
+// The same for a model and its optimizer (null: weights only, e.g. for export). Synchronous:
+// streams one array at a time to the file, so it needs no host copy of the whole state.
 std::string save_checkpoint(const std::string& root, const CheckpointMeta& meta, Model& model,
                             AdamW* optimizer, ParallelContext* parallel = nullptr,
                             const std::string& rank_data_position = "");
+
+struct PendingSave;  // a save between its snapshot and its publish (io/checkpoint.cpp)
+
+// Saves while training goes on, one save in flight at a time. start() copies this rank's
+// pieces to host buffers (the only part the step loop waits for; host memory for one copy of
+// this rank's state) and starts a thread that writes and fsyncs this rank's file; it touches
+// no tensor, Ops or MPI. wait() joins that thread, then, on the calling thread, the ranks agree
+// that every file is on disk and rank 0 publishes: MPI runs at MPI_THREAD_FUNNELED
+// (parallel/mpi_comm.cpp), so only the thread that initialised it may call it. The durability
+// is write_checkpoint's: `latest` moves only after every rank's file is on disk.
+// Collective over `parallel` like write_checkpoint: every rank calls start() and wait() in the
+// same order (start() first waits for the previous save).
+class AsyncCheckpointer {
+ public:
+  AsyncCheckpointer();
+  // Waits for a save in flight and publishes it; logs a failure instead of throwing. While an
+  // exception unwinds a multi-rank run it only joins the writer: the other ranks may never
+  // come to agree, so that save is left unpublished (`latest` stays on the previous one).
+  ~AsyncCheckpointer();
+  AsyncCheckpointer(const AsyncCheckpointer&) = delete;
+  AsyncCheckpointer& operator=(const AsyncCheckpointer&) = delete;
+
+  // Waits for the previous save (rethrowing its failure), makes ROOT/.tmp.step_N (collective),
+  // snapshots this rank's pieces and starts the write. A snapshot failure is reported by wait().
+  void start(const std::string& root, const CheckpointMeta& meta, Model& model, AdamW* optimizer,
+             ParallelContext* parallel = nullptr, const std::string& rank_data_position = "");
+  // Finishes the save in flight: joins the writer, agrees, publishes, calls on_published; returns
+  // the checkpoint directory ("" when none was in flight). A failure on any rank throws
+  // difftron::Error on every rank (naming the file and the OS error where it happened) and
+  // leaves `latest` on the previous checkpoint; the checkpointer can then start again.
+  std::string wait();
+
+  bool in_flight() const { return save_ != nullptr; }
+  int64_t in_flight_step() const;  // the step of the save in flight, -1 if none
+  double last_snapshot_seconds() const { return snapshot_seconds_; }
+  // Called by wait() on every rank after a save is published: its directory, step and the seconds
+  // its writing took (this rank's file, plus the agreement and publish; not the time the
+  // finished write waited for wait()), e.g. to log or to prune old checkpoints.
+  std::function<void(const std::string& dir, int64_t step, double write_seconds)> on_published;
+
+ private:
+  std::unique_ptr<PendingSave> save_;
+  std::thread writer_;
+  double snapshot_seconds_ = 0;
+};
 // The directory ROOT/latest names, or "" when ROOT has no checkpoint yet.
 std::string latest_checkpoint(const std::string& root);
 // The model config stored in a checkpoint directory.

@@ -5,6 +5,7 @@
 // process and never touches MPI.
 #include <algorithm>
 #include <atomic>
+#include <chrono>
 #include <csignal>
 #include <cstdio>
 #include <cstdlib>
@@ -68,6 +69,10 @@ DEFINE_int64(ckpt_every, 0, "save a checkpoint every N steps (0: only at the end
 DEFINE_int32(ckpt_keep, 0,
              "keep only the newest N checkpoints under --ckpt_dir, deleting older step_* directories after "
              "each successful save (0: keep all; the one `latest` names is never deleted)");
+DEFINE_bool(async_save, true,
+            "--ckpt_every saves: training goes on while the checkpoint is written (it waits only while "
+            "this rank's state is copied to host memory, which needs room for one such copy); false: "
+            "every save blocks until written. The final and the signal saves always block");
 DEFINE_bool(resume, true, "continue from --ckpt_dir's latest checkpoint when there is one");
 DEFINE_int64(top_k, 40, "sample from the k most likely tokens (0: all)");
 DEFINE_bool(keep_attention_state, true,
@@ -403,8 +408,7 @@ int train_main(int argc, char** argv) {
   to.eval_every = FLAGS_eval_every;
   to.eval_batches = FLAGS_eval_batches;
   Trainer trainer(model, opt, *train, val.get(), to, par.get());
-  auto save = [&](int64_t steps_done) {
-    if (FLAGS_ckpt_dir.empty()) return;
+  auto meta_at = [&](int64_t steps_done) {
     CheckpointMeta meta;
     meta.step = steps_done;
     meta.tokens_seen = steps_done * FLAGS_batch * FLAGS_seq * FLAGS_grad_accum * dp_size;
@@ -413,16 +417,42 @@ int train_main(int argc, char** argv) {
     meta.extra = {{"tokenizer", tokenizer ? tokenizer->spec() : std::string("")},
                   {"data", FLAGS_data},
                   {"flags", run_flags()}};
-    const std::string dir = save_checkpoint(FLAGS_ckpt_dir, meta, model, &opt, par.get(), train->position());
-    LOG(INFO) << "checkpoint written: " << dir;
+    return meta;
+  };
+  int64_t last_published = -1;
+  auto published = [&](const std::string& dir, int64_t step, double write_s) {
+    last_published = step;
+    char secs[32];
+    std::snprintf(secs, sizeof secs, "%.2f", write_s);
+    LOG(INFO) << "checkpoint written: " << dir << " (write " << secs << " s)";
+    // pruning only after a publish: `latest` then names the new checkpoint, which is kept
     if (rank0 && FLAGS_ckpt_keep > 0) {
       const int removed = prune_checkpoints(FLAGS_ckpt_dir, FLAGS_ckpt_keep);
       if (removed > 0) LOG(INFO) << "removed " << removed << " old checkpoint(s) (--ckpt_keep=" << FLAGS_ckpt_keep << ")";
     }
   };
-  if (FLAGS_ckpt_every > 0)
+  // Declared after the model, optimizer and grid, so it is destroyed (waiting for a save in
+  // flight) before them; the run-directory lock outlives it.
+  AsyncCheckpointer async_ckpt;
+  async_ckpt.on_published = published;
+  // Blocking save: first the one in flight, then this step unless that was it.
+  auto save = [&](int64_t steps_done) {
+    if (FLAGS_ckpt_dir.empty()) return;
+    async_ckpt.wait();
+    if (last_published == steps_done) return;
+    const auto t0 = std::chrono::steady_clock::now();
+    const std::string dir = save_checkpoint(FLAGS_ckpt_dir, meta_at(steps_done), model, &opt, par.get(), train->position());
+    published(dir, steps_done, std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
+  };
+  if (FLAGS_ckpt_every > 0 && !FLAGS_ckpt_dir.empty())
     trainer.on_step = [&](int64_t step, double) {
-      if ((step + 1) % FLAGS_ckpt_every == 0 && step + 1 < FLAGS_steps) save(step + 1);
+      if ((step + 1) % FLAGS_ckpt_every != 0 || step + 1 >= FLAGS_steps) return;
+      if (!FLAGS_async_save) return save(step + 1);
+      async_ckpt.start(FLAGS_ckpt_dir, meta_at(step + 1), model, &opt, par.get(), train->position());
+      char secs[32];
+      std::snprintf(secs, sizeof secs, "%.2f", async_ckpt.last_snapshot_seconds());
+      LOG(INFO) << "checkpoint step " << step + 1 << ": snapshot took " << secs
+                << " s (training continues; writing in the background)";
     };
   std::signal(SIGTERM, on_stop_signal);
   std::signal(SIGINT, on_stop_signal);
