@@ -10,7 +10,6 @@
 #include <cmath>
 #include <numeric>
 
-#include "core/rng.h"
 #include "parallel/comm.h"
 
 namespace difftron {
@@ -267,38 +266,35 @@ Tensor Model::head_grad() {
 }
 
 void Model::init_weights(uint64_t seed) {
-  Rng rng(seed);
+  // Normal tensors are generated where they live, by the backend's counter-based generator
+  // (Ops::init_normal): tensor t = its index in params() (the same on every TP rank), each
+  // element keyed by its index in the full tensor, so a TP rank generates exactly its slice
+  // of the one-process tensor and no per-element work runs on the host.
   const double out_std = cfg_.init_std / std::sqrt(2.0 * double(cfg_.n_layers));
-  for (auto& p : params_) {
-    std::vector<float> host(shape_numel(p.full_shape));  // the full tensor, the same at any TP
+  for (size_t t = 0; t < params_.size(); ++t) {
+    Param& p = params_[t];
     const std::string& n = p.name;
     auto ends_with = [&](const char* suf) {
       std::string s(suf);
       return n.size() >= s.size() && n.compare(n.size() - s.size(), s.size(), s) == 0;
     };
     if (ends_with("layernorm.weight") || ends_with("norm.weight") || ends_with("subln.weight")) {
-      std::fill(host.begin(), host.end(), 1.0f);
-    } else if (n.find(".lambda_") != std::string::npos) {
-      for (auto& x : host) x = float(cfg_.lambda_std * rng.normal());
-    } else {
-      double std = (ends_with("o_proj.weight") || ends_with("down_proj.weight")) ? out_std : cfg_.init_std;
-      for (auto& x : host) x = float(std * rng.normal());
-    }
-    if (p.value.numel() == int64_t(host.size())) {
-      ops_.upload(p.value, host.data());
+      std::vector<float> ones(p.value.numel(), 1.0f);  // [d] or [2 dh]: small
+      ops_.upload(p.value, ones.data());
       continue;
     }
-    // this rank's slice: rows [b, b + n) (dim 0) or columns [b, b + n) of every row (dim 1)
-    std::vector<float> local(p.value.numel());
-    const int64_t rows = p.full_shape[0], cols = p.full_shape.size() > 1 ? p.full_shape[1] : 1;
-    const int64_t b = p.shard_begin, len = p.value.dim(p.shard_dim);
-    if (p.shard_dim == 0) {
-      std::copy(host.begin() + b * cols, host.begin() + (b + len) * cols, local.begin());
-    } else {
-      for (int64_t r = 0; r < rows; ++r)
-        std::copy(host.begin() + r * cols + b, host.begin() + r * cols + b + len, local.begin() + r * len);
-    }
-    ops_.upload(p.value, local.data());
+    double std = cfg_.init_std;
+    if (n.find(".lambda_") != std::string::npos)
+      std = cfg_.lambda_std;
+    else if (ends_with("o_proj.weight") || ends_with("down_proj.weight"))
+      std = out_std;
+    DT_CHECK(p.full_shape.size() <= 2, "init_weights: parameter ", n, " is not 1-D or 2-D");
+    // this rank's block of the full [rows, cols] matrix (a 1-D tensor is [n, 1]): rows
+    // [b, b + len) (shard_dim 0) or columns [b, b + len) (shard_dim 1)
+    const int64_t full_cols = p.full_shape.size() > 1 ? p.full_shape[1] : 1;
+    const int64_t row0 = p.shard_dim == 0 ? p.shard_begin : 0;
+    const int64_t col0 = p.shard_dim == 1 ? p.shard_begin : 0;
+    ops_.init_normal(p.value, seed, uint64_t(t), std, full_cols, row0, col0);
   }
 }
 

@@ -51,6 +51,35 @@ class Ops {
   virtual void download(const Tensor& src, double* dst) = 0;
   virtual void synchronize() {}
 
+  // ---- initialisation ----------------------------------------------------------------
+  // Counter-based N(0, std^2) values: element g (flat row-major index in the FULL,
+  // unsharded tensor) of tensor `tensor_id` under `seed` depends on (seed, tensor_id, g)
+  // only, so any block can be generated on its own and a TP rank's slice equals the same
+  // slice of the one-process tensor. The contract every backend implements (u64 wrapping
+  // arithmetic; ^ xor; >> logical shift):
+  //   mix(z)  = z ^= z >> 30; z *= 0xBF58476D1CE4E5B9; z ^= z >> 27; z *= 0x94D049BB133111EB;
+  //             return z ^ (z >> 31)                               (splitmix64's finaliser)
+  //   key     = mix(mix(seed * 0x9E3779B97F4A7C15 + 0x632BE59BD9B4E019)
+  //                 ^ (tensor_id * 0xD1B54A32D192ED03 + 0x8CB92BA72F3D8DD7))
+  //   h(i)    = mix(key + (i + 1) * 0x9E3779B97F4A7C15)           (splitmix64's i-th output)
+  //   u1      = double((h(2g) >> 11) + 1) * 2^-53                  in (0, 1]
+  //   u2      = double(h(2g + 1) >> 11) * 2^-53                    in [0, 1)
+  //   value   = std * (sqrt(-2 * log(u1)) * cos((2 * pi) * u2))    in double, evaluated as
+  //             double(std) * (std::sqrt(-2.0 * std::log(u1)) * std::cos(2.0 * M_PI * u2))
+  // then rounded to out's dtype: f64 as is; f32 round-to-nearest-even; bf16 the f32 value
+  // rounded to nearest even (double -> f32 -> bf16, as an upload of floats does). Backends
+  // may differ from the CPU reference by the last bit of the double log/cos only (so an f32
+  // or bf16 result by at most one unit of its last place, rarely).
+  // `out` (f32, f64 or bf16; viewed as [rows, cols] = [numel / last dim, last dim], a 1-D
+  // tensor as [n, 1]) is the block at (row0, col0) of a full matrix with `full_cols`
+  // columns: out element (r, c) is g = (row0 + r) * full_cols + (col0 + c). Requires
+  // full_cols >= 1, row0 >= 0, 0 <= col0, col0 + cols <= full_cols, std finite and >= 0,
+  // and the last g below 2^62 (errors name the op and the value). Overwrites out.
+  // The CPU reference is kernels/cpu/init_normal.cpp, which also defines this default for
+  // backends without their own kernel: computed on the host, then upload(out, double*).
+  virtual void init_normal(Tensor& out, uint64_t seed, uint64_t tensor_id, double std,
+                           int64_t full_cols, int64_t row0, int64_t col0);
+
   // ---- dense ---------------------------------------------------------------------
   // y[M,N] = alpha * op(a) @ op(b) + beta * y, op(t) = t^T when trans_t. a, b, y are
   // seen as 2-D [rows, cols].

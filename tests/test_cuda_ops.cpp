@@ -167,6 +167,24 @@ std::vector<Case> make_cases() {
       Tensor y = e.output("y", {3001}, t);
       e.ops().upload(y, h.data());
     });
+  // init_normal: the CPU runs in f64, so the GPU's error is its rounding to f32 / bf16 (at
+  // most half a unit of the last place, bf16 via f32) plus the last bit of CUDA's double
+  // log / cos: the bound is one unit of the last place, 2^-23 (f32) or 2^-7 (bf16).
+  struct IN { Shape shape; int64_t full_cols, row0, col0; };
+  for (DType t : {F32, BF16})
+    for (IN s : {IN{{1000, 3}, 3, 0, 0}, IN{{257, 96}, 384, 1024, 192}, IN{{3, 5, 64}, 64, 7, 0},
+                 IN{{4099}, 1, 12288, 0}, IN{{2, 11}, int64_t(1) << 40, (int64_t(1) << 22) - 2, 17}}) {
+      const std::string name = std::string("init_normal/") + prec(t) + "/" + shape_str(s.shape) +
+                               "@" + std::to_string(s.row0) + "," + std::to_string(s.col0) + "/of" +
+                               std::to_string(s.full_cols);
+      const double tol = t == BF16 ? 0x1p-7 : 0x1p-23;
+      add(name, [t, s](Env& e) {
+        Tensor x = e.output("x", s.shape, t);
+        e.ops().init_normal(x, 20251201, 5, 0.02, s.full_cols, s.row0, s.col0);
+        Tensor y = e.output("y_std1_other_id", s.shape, t);
+        e.ops().init_normal(y, 20251201, 6, 1.0, s.full_cols, s.row0, s.col0);
+      }, {{"x", tol}, {"y_std1_other_id", tol}});
+    }
   add("copy/f32->bf16/misaligned", [](Env& e) {
     Tensor x = e.input("x", {1001}, F32);
     Tensor y = e.output("y", {1001}, BF16);

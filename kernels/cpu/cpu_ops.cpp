@@ -9,6 +9,13 @@
 #include "kernels/ops.h"
 
 namespace difftron {
+namespace cpu {
+// kernels/cpu/init_normal.cpp (declared here rather than in reference.h: it takes the tensor,
+// whose dtype (f32, f64 or bf16) it dispatches on itself, and checks the arguments).
+void init_normal(Tensor& out, uint64_t seed, uint64_t tensor_id, double std, int64_t full_cols,
+                 int64_t row0, int64_t col0);
+}  // namespace cpu
+
 namespace {
 
 void require(bool ok, const char* op, const std::string& what) {
@@ -106,6 +113,11 @@ class CpuOps final : public Ops {
   }
   void download(const Tensor& src, float* dst) override { download_impl(src, dst); }
   void download(const Tensor& src, double* dst) override { download_impl(src, dst); }
+
+  void init_normal(Tensor& out, uint64_t seed, uint64_t tensor_id, double std, int64_t full_cols,
+                   int64_t row0, int64_t col0) override {
+    cpu::init_normal(out, seed, tensor_id, std, full_cols, row0, col0);
+  }
 
   void matmul(const Tensor& a, bool ta, const Tensor& b, bool tb, Tensor& y, float alpha,
               float beta) override {

@@ -13,6 +13,11 @@ namespace difftron::cuda {
 // copy.cu: dst = src converted (f32 <-> bf16); same dtype is a plain device copy.
 void copy(CudaContext& ctx, const Tensor& src, Tensor& dst);
 
+// init_normal.cu: out (f32 or bf16) seen as [rows, cols] is the block at (row0, col0) of a
+// full matrix of full_cols columns; the counter-based normals of kernels/ops.h.
+void init_normal(CudaContext& ctx, Tensor& out, int64_t rows, int64_t cols, uint64_t seed,
+                 uint64_t tensor_id, double std, int64_t full_cols, int64_t row0, int64_t col0);
+
 // reduce.cu
 double sum_squares(CudaContext& ctx, const Tensor& x);  // synchronises
 void axpy(CudaContext& ctx, float alpha, const Tensor& x, Tensor& y);

@@ -17,6 +17,12 @@
 #include "kernels/ops.h"
 
 namespace difftron {
+namespace cpu {
+// kernels/cpu/init_normal.cpp: the argument checks of Ops::init_normal, shared by the backends.
+void init_normal_check(const char* backend, const Tensor& out, double std, int64_t full_cols,
+                       int64_t row0, int64_t col0, int64_t* rows, int64_t* cols);
+}  // namespace cpu
+
 namespace {
 
 // ---- host-side bf16 conversion (round to nearest even, as __float2bfloat16_rn) ----------
@@ -169,6 +175,15 @@ class CudaOps final : public Ops {
   }
   void download(const Tensor& src, float* dst) override { download_impl(src, dst); }
   void download(const Tensor& src, double* dst) override { download_impl(src, dst); }
+
+  void init_normal(Tensor& out, uint64_t seed, uint64_t tensor_id, double std, int64_t full_cols,
+                   int64_t row0, int64_t col0) override {
+    float_on_gpu(out, "init_normal", "out");
+    int64_t rows = 0, cols = 0;
+    cpu::init_normal_check("cuda", out, std, full_cols, row0, col0, &rows, &cols);
+    ctx_.activate();
+    cuda::init_normal(ctx_, out, rows, cols, seed, tensor_id, std, full_cols, row0, col0);
+  }
 
   void synchronize() override {
     ctx_.activate();
