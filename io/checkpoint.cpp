@@ -639,11 +639,13 @@ void AsyncCheckpointer::start(const std::string& root, const CheckpointMeta& met
   sigaddset(&stop, SIGINT);
   pthread_sigmask(SIG_BLOCK, &stop, &old);
   PendingSave* job = s.get();
+  hbool_t threadsafe = 0;
+  H5is_library_threadsafe(&threadsafe);  // else the training thread's HDF5 calls could race the writer's
   try {
-    writer_ = std::thread([job] { write_rank(*job, nullptr); });
+    if (threadsafe) writer_ = std::thread([job] { write_rank(*job, nullptr); });
   } catch (const std::system_error&) {
-    write_rank(*job, nullptr);  // no thread to be had: write now rather than fail this rank alone
   }
+  if (!writer_.joinable()) write_rank(*job, nullptr);  // no (safe) thread: write now, as a synchronous save
   pthread_sigmask(SIG_SETMASK, &old, nullptr);
   save_ = std::move(s);
 }

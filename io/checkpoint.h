@@ -61,8 +61,9 @@ struct PendingSave;  // a save between its snapshot and its publish (io/checkpoi
 
 // Saves while training goes on, one save in flight at a time. start() copies this rank's
 // pieces to host buffers (the only part the step loop waits for; host memory for one copy of
-// this rank's state) and starts a thread that writes and fsyncs this rank's file; it touches
-// no tensor, Ops or MPI. wait() joins that thread, then, on the calling thread, the ranks agree
+// this rank's state) and starts a thread that writes and fsyncs this rank's file; that thread
+// touches no tensor, Ops or MPI, only HDF5 (written synchronously in start() where the HDF5
+// library is not built thread-safe, as other threads may use it meanwhile). wait() joins that thread, then, on the calling thread, the ranks agree
 // that every file is on disk and rank 0 publishes: MPI runs at MPI_THREAD_FUNNELED
 // (parallel/mpi_comm.cpp), so only the thread that initialised it may call it. The durability
 // is write_checkpoint's: `latest` moves only after every rank's file is on disk.
@@ -101,6 +102,7 @@ class AsyncCheckpointer {
   std::thread writer_;
   double snapshot_seconds_ = 0;
 };
+
 // The directory ROOT/latest names, or "" when ROOT has no checkpoint yet.
 std::string latest_checkpoint(const std::string& root);
 // The model config stored in a checkpoint directory.
