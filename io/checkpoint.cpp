@@ -645,8 +645,8 @@ void AsyncCheckpointer::start(const std::string& root, const CheckpointMeta& met
     if (threadsafe) writer_ = std::thread([job] { write_rank(*job, nullptr); });
   } catch (const std::system_error&) {
   }
-  if (!writer_.joinable()) write_rank(*job, nullptr);  // no (safe) thread: write now, as a synchronous save
   pthread_sigmask(SIG_SETMASK, &old, nullptr);
+  if (!writer_.joinable()) write_rank(*job, nullptr);  // no (safe) thread: write now, as a synchronous save
   save_ = std::move(s);
 }
 
