@@ -441,14 +441,31 @@ void fill_piece(const ShardPiece& t, bool with_optim, std::vector<RankFile>& fil
           throw_error(fi.path, ": checksum mismatch for '", e.group, "/", kind, "' (file damaged)");
         src[kind] = std::move(d);
       }
-      for (int64_t x = e.e0; x < e.e1; ++x) {
-        const int64_t fr = base_r + x / pcols, fc = base_c + x % pcols;
-        if (fc < c0 || fc >= c0 + loc_cols) continue;
-        const int64_t li = (fr - r0) * loc_cols + (fc - c0) - t.e0;  // index into the target piece
-        if (fr < r0 || li < 0 || li >= n) continue;
-        if (!have[li]) ++filled;
-        have[li] = 1;
-        for (auto& [kind, v] : buf) v[li] = src[kind][x - e.e0];
+      // copy row by row: within a row of the file's piece, elements run contiguously in both
+      // the file and the target (memcpy speed; a 1.3B model is ~1.3e9 elements per array)
+      for (int64_t row = e.e0 / pcols; row <= (e.e1 - 1) / pcols; ++row) {
+        const int64_t fr = base_r + row;  // global row
+        if (fr < r0) continue;
+        const int64_t x_lo = std::max(e.e0, row * pcols), x_hi = std::min(e.e1, (row + 1) * pcols);
+        const int64_t fc_lo = std::max(base_c + (x_lo - row * pcols), c0);
+        const int64_t fc_hi = std::min(base_c + (x_hi - row * pcols), c0 + loc_cols);
+        if (fc_lo >= fc_hi) continue;
+        int64_t li = (fr - r0) * loc_cols + (fc_lo - c0) - t.e0;  // index into the target piece
+        int64_t x = row * pcols + (fc_lo - base_c);                 // index into the file piece
+        int64_t len = fc_hi - fc_lo;
+        if (li < 0) {
+          x -= li;
+          len += li;
+          li = 0;
+        }
+        len = std::min(len, n - li);
+        if (len <= 0) continue;
+        for (int64_t i = li; i < li + len; ++i) filled += have[i] == 0;
+        std::fill(have.begin() + li, have.begin() + li + len, 1);
+        for (auto& [kind, v] : buf) {
+          const std::vector<float>& from = src[kind];
+          std::copy(from.begin() + (x - e.e0), from.begin() + (x - e.e0) + len, v.begin() + li);
+        }
       }
     }
   }
