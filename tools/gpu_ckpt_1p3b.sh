@@ -19,7 +19,7 @@ if [ ! -x "$BUILD_DIR/difftron" ]; then
 fi
 rm -rf "$ROOT"
 model="--device=cuda --data=synthetic:copy --vocab_size=32000 --d_model=2048 --n_layers=24 --n_heads=8 \
-  --head_dim=128 --ffn_dim=5632 --seq=2048 --batch=8 --log_every=1 --warmup=2 --ckpt_dir=$ROOT"
+  --head_dim=128 --ffn_dim=5632 --seq=2048 --batch=8 --log_every=1 --warmup=2 --ckpt_keep=1 --ckpt_dir=$ROOT"
 run() {  # name, flags
   local name=$1; shift
   local t0=$(date +%s.%N)
