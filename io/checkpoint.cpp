@@ -45,6 +45,29 @@ uint64_t fnv1a(const float* v, size_t n) {
   return h;
 }
 
+// Version 3's checksum: four independent multiply-rotate lanes over 8-byte words (several GB/s
+// where byte-serial FNV-1a manages ~1), folded and finished with splitmix64's mixer. It only
+// has to catch damage, not resist forgery.
+uint64_t hash64(const float* v, size_t n) {
+  constexpr uint64_t P1 = 0x9E3779B185EBCA87ull, P2 = 0xC2B2AE3D27D4EB4Full;
+  auto rotl = [](uint64_t x, int r) { return (x << r) | (x >> (64 - r)); };
+  const unsigned char* p = reinterpret_cast<const unsigned char*>(v);
+  const size_t bytes = n * sizeof(float);
+  uint64_t h[4] = {P1 + P2, P2, 0, uint64_t(0) - P1};
+  size_t i = 0;
+  for (; i + 32 <= bytes; i += 32)
+    for (int l = 0; l < 4; ++l) {
+      uint64_t w;
+      std::memcpy(&w, p + i + 8 * l, 8);
+      h[l] = rotl(h[l] + w * P2, 31) * P1;
+    }
+  uint64_t x = rotl(h[0], 1) + rotl(h[1], 7) + rotl(h[2], 12) + rotl(h[3], 18) + uint64_t(bytes);
+  for (; i < bytes; ++i) x = rotl(x ^ (uint64_t(p[i]) * P1), 11) * P2;
+  x = (x ^ (x >> 30)) * 0xBF58476D1CE4E5B9ull;
+  x = (x ^ (x >> 27)) * 0x94D049BB133111EBull;
+  return x ^ (x >> 31);
+}
+
 std::string hex(uint64_t x) {
   char buf[17];
   std::snprintf(buf, sizeof buf, "%016llx", (unsigned long long)x);
@@ -150,8 +173,8 @@ class H5File {
     if (!ds.ok() || H5Dwrite(ds.get(), mem_type, H5S_ALL, H5S_ALL, H5P_DEFAULT, data) < 0)
       throw_error(path_, ": cannot write dataset '", name, "': ", hdf5_error_text());
   }
-  void write_floats(const std::string& name, const std::vector<float>& v) {
-    write(name, H5T_NATIVE_FLOAT, H5T_IEEE_F32LE, v.data(), v.size());
+  void write_floats(const std::string& name, const float* v, size_t n) {
+    write(name, H5T_NATIVE_FLOAT, H5T_IEEE_F32LE, v, n);
   }
   void write_text(const std::string& name, const std::string& text) {
     write(name, H5T_NATIVE_UCHAR, H5T_STD_U8LE, text.data(), text.size());
@@ -299,10 +322,66 @@ std::string index_entry_group(const ShardPiece& p) {
   return p.name + "/tp" + std::to_string(p.shard_begin) + "_e" + std::to_string(p.e0);
 }
 
+}  // namespace
+
+// One array of a snapshot: the tensor's bytes as stored, in the snapshot's host buffer.
+struct HostArray {
+  const void* data = nullptr;
+  DType dtype = DType::F32;
+  int64_t numel = 0;
+};
+
+// The host buffer snapshots are copied into, kept from one save to the next (page-locked
+// where the backend can: a GPU-to-host copy then runs at bus speed, and allocating it is paid
+// once, not per save).
+struct SnapshotArena {
+  Ops* ops = nullptr;
+  void* data = nullptr;
+  size_t bytes = 0;
+  bool pinned = false;
+  ~SnapshotArena() { release(); }
+  void release() {
+    if (data) pinned ? ops->free_pinned(data) : std::free(data);
+    data = nullptr;
+    bytes = 0;
+  }
+  void reserve(Ops& o, size_t need) {
+    if (data && bytes >= need && ops == &o) return;
+    release();
+    ops = &o;
+    data = o.alloc_pinned(need);
+    pinned = data != nullptr;
+    if (!data) data = std::malloc(need);
+    if (!data) throw_error("checkpoint snapshot: cannot allocate ", need, " bytes of host memory");
+    bytes = need;
+  }
+};
+
+namespace {
+
+// The values of a snapshot array as floats: the buffer itself for f32, else converted.
+const float* as_floats(const HostArray& a, std::vector<float>& converted) {
+  if (a.dtype == DType::F32) return static_cast<const float*>(a.data);
+  converted.resize(a.numel);
+  if (a.dtype == DType::BF16) {
+    const uint16_t* b = static_cast<const uint16_t*>(a.data);
+    for (int64_t i = 0; i < a.numel; ++i) {
+      const uint32_t bits = uint32_t(b[i]) << 16;
+      std::memcpy(&converted[i], &bits, 4);
+    }
+  } else if (a.dtype == DType::F64) {
+    const double* d = static_cast<const double*>(a.data);
+    for (int64_t i = 0; i < a.numel; ++i) converted[i] = float(d[i]);
+  } else {
+    throw_error("checkpoint: cannot store a ", dtype_name(a.dtype), " array");
+  }
+  return converted.data();
+}
+
 // Writes, closes and fsyncs one rank's file. The values of array j (in piece order) are
 // host[j] when given (a snapshot), else downloaded from the tensor through `ops` one at a time.
 void write_rank_file(const fs::path& path, const std::vector<ShardPiece>& pieces,
-                     const std::vector<std::vector<float>>* host, Ops* ops, const nlohmann::json& rank_info) {
+                     const std::vector<HostArray>* host, Ops* ops, const nlohmann::json& rank_info) {
   nlohmann::json index = nlohmann::json::array();
   H5File f(path.string(), true);
   size_t j = 0;
@@ -312,12 +391,20 @@ void write_rank_file(const fs::path& path, const std::vector<ShardPiece>& pieces
                         {"local_shape", p.local_shape}, {"shard_dim", p.shard_dim}, {"shard_begin", p.shard_begin},
                         {"e0", p.e0},             {"e1", p.e1}};
     for (const ShardArray& a : p.arrays) {
-      std::vector<float> downloaded;
-      if (!host) downloaded = to_host(*ops, a.data);
-      const std::vector<float>& v = host ? host->at(j) : downloaded;
+      std::vector<float> values;
+      const float* v = nullptr;
+      size_t n = 0;
+      if (host) {
+        v = as_floats(host->at(j), values);
+        n = size_t(host->at(j).numel);
+      } else {
+        values = to_host(*ops, a.data);
+        v = values.data();
+        n = values.size();
+      }
       ++j;
-      f.write_floats(group + "/" + a.kind, v);
-      e["crc_" + a.kind] = hex(fnv1a(v.data(), v.size()));
+      f.write_floats(group + "/" + a.kind, v, n);
+      e["crc_" + a.kind] = hex(hash64(v, n));
     }
     index.push_back(e);
   }
@@ -376,6 +463,7 @@ struct RankFile {
   std::string path;
   std::vector<Entry> entries;
   nlohmann::json rank;
+  int version = kFormatVersion;  // which checksum: FNV-1a up to 2, hash64 from 3
 };
 
 // Opens every rank file `meta` lists and reads its index (a dataset; an attribute in version 2).
@@ -392,6 +480,7 @@ std::vector<RankFile> open_rank_files(const std::string& dir, const nlohmann::js
     fi.path = dir + "/" + name;
     if (!fs::exists(fi.path)) throw_error(fi.path, ": missing (the checkpoint is incomplete)");
     fi.file = std::make_unique<H5File>(fi.path, false);
+    fi.version = version;
     nlohmann::json index;
     try {
       index = nlohmann::json::parse(version >= 3 ? fi.file->read_text("index") : fi.file->read_text_attr("index"));
@@ -437,7 +526,8 @@ void fill_piece(const ShardPiece& t, bool with_optim, std::vector<RankFile>& fil
         const std::string key = "crc_" + kind;
         std::vector<float> d = fi.file->read_floats(e.group + "/" + kind, e.e1 - e.e0);
         if (!e.crc.contains(key) || !e.crc.at(key).is_string() ||
-            e.crc.at(key).get<std::string>() != hex(fnv1a(d.data(), d.size())))
+            e.crc.at(key).get<std::string>() !=
+                hex(fi.version >= 3 ? hash64(d.data(), d.size()) : fnv1a(d.data(), d.size())))
           throw_error(fi.path, ": checksum mismatch for '", e.group, "/", kind, "' (file damaged)");
         src[kind] = std::move(d);
       }
@@ -475,7 +565,8 @@ void fill_piece(const ShardPiece& t, bool with_optim, std::vector<RankFile>& fil
   for (const ShardArray& a : t.arrays)
     if (buf.count(a.kind)) {
       Tensor dst = a.data;
-      ops.upload(dst, buf[a.kind].data());
+      if (dst.dtype() == DType::F32) ops.upload_bytes(dst, buf[a.kind].data());  // no conversion
+      else ops.upload(dst, buf[a.kind].data());
     }
 }
 
@@ -494,7 +585,7 @@ struct PendingSave {
   int world_rank = 0, world = 1;
   std::vector<ShardPiece> pieces;
   bool snapshotted = false;
-  std::vector<std::vector<float>> host;  // the snapshot: array j's values, in piece order
+  std::vector<HostArray> host;  // the snapshot: array j's bytes (in the arena), in piece order
   std::string error;                     // this rank's failure so far ("" if none)
   double write_seconds = 0;
 };
@@ -540,11 +631,19 @@ std::unique_ptr<PendingSave> begin_save(const std::string& root, const Checkpoin
 // Copies every array to host memory and drops the tensors, so that the writer needs neither
 // them nor `ops`. A failure (say, out of host memory) is kept for finish_save to report on
 // every rank, as a failed write would be.
-void snapshot(PendingSave& s, Ops& ops) {
+void snapshot(PendingSave& s, Ops& ops, SnapshotArena& arena) {
   s.error = capture([&] {
+    auto aligned = [](size_t b) { return (b + 255) / 256 * 256; };
+    size_t need = 0;
+    for (const ShardPiece& p : s.pieces)
+      for (const ShardArray& a : p.arrays) need += aligned(a.data.nbytes());
+    arena.reserve(ops, std::max<size_t>(need, 1));
+    char* at = static_cast<char*>(arena.data);
     for (ShardPiece& p : s.pieces)
       for (ShardArray& a : p.arrays) {
-        s.host.push_back(to_host(ops, a.data));
+        ops.download_bytes(a.data, at);
+        s.host.push_back({at, a.data.dtype(), a.data.numel()});
+        at += aligned(a.data.nbytes());
         a.data = Tensor();
       }
   });
@@ -559,8 +658,7 @@ void write_rank(PendingSave& s, Ops* ops) {
       write_rank_file(s.tmp_dir / rank_file_name(s.world_rank), s.pieces, s.snapshotted ? &s.host : nullptr, ops,
                       s.rank_info);
     });
-  s.host.clear();
-  s.host.shrink_to_fit();  // give the snapshot's memory back before the publish
+  s.host.clear();  // the arena stays with the checkpointer for the next save
   s.write_seconds = seconds_since(t0);
 }
 
@@ -646,7 +744,8 @@ void AsyncCheckpointer::start(const std::string& root, const CheckpointMeta& met
   std::unique_ptr<PendingSave> s =
       begin_save(root, meta, nlohmann::json(model.config()), pieces_to_save(model, optimizer, dp_rank),
                  optimizer != nullptr, par, model.tp_rank(), dp_rank, rank_data_position);
-  snapshot(*s, model.ops());
+  if (!arena_) arena_ = std::make_unique<SnapshotArena>();
+  snapshot(*s, model.ops(), *arena_);
   snapshot_seconds_ = seconds_since(t0);
   // The writer inherits this thread's signal mask: with SIGTERM/SIGINT blocked there, the
   // stop signal is handled by the training thread and never interrupts the writer's calls.

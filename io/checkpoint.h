@@ -57,7 +57,8 @@ std::string save_checkpoint(const std::string& root, const CheckpointMeta& meta,
                             AdamW* optimizer, ParallelContext* parallel = nullptr,
                             const std::string& rank_data_position = "");
 
-struct PendingSave;  // a save between its snapshot and its publish (io/checkpoint.cpp)
+struct PendingSave;    // a save between its snapshot and its publish (io/checkpoint.cpp)
+struct SnapshotArena;  // the host buffer snapshots are copied into, kept across saves
 
 // Saves while training goes on, one save in flight at a time. start() copies this rank's
 // pieces to host buffers (the only part the step loop waits for; host memory for one copy of
@@ -98,6 +99,7 @@ class AsyncCheckpointer {
   std::function<void(const std::string& dir, int64_t step, double write_seconds)> on_published;
 
  private:
+  std::unique_ptr<SnapshotArena> arena_;  // declared first: destroyed after the save using it
   std::unique_ptr<PendingSave> save_;
   std::thread writer_;
   double snapshot_seconds_ = 0;

@@ -17,6 +17,8 @@
 //   lse [B,H,S].
 #pragma once
 #include <cstdint>
+#include <cstdlib>
+#include <cstring>
 #include <memory>
 #include <string>
 
@@ -50,6 +52,19 @@ class Ops {
   virtual void download(const Tensor& src, float* dst) = 0;
   virtual void download(const Tensor& src, double* dst) = 0;
   virtual void synchronize() {}
+  // Raw copies (the tensor's bytes as stored, no conversion) and page-locked host memory to
+  // make them at full bus speed: what a checkpoint's snapshot and load need. The defaults
+  // serve tensors in host memory; alloc_pinned returns null when it cannot allocate.
+  virtual void download_bytes(const Tensor& src, void* dst) {
+    DT_CHECK(src.device() == Device::CPU, "download_bytes: no implementation for ", src.str());
+    std::memcpy(dst, src.raw(), src.nbytes());
+  }
+  virtual void upload_bytes(Tensor& dst, const void* src) {
+    DT_CHECK(dst.device() == Device::CPU, "upload_bytes: no implementation for ", dst.str());
+    std::memcpy(dst.raw(), src, dst.nbytes());
+  }
+  virtual void* alloc_pinned(size_t bytes) { return std::malloc(bytes); }
+  virtual void free_pinned(void* p) { std::free(p); }
 
   // ---- initialisation ----------------------------------------------------------------
   // Counter-based N(0, std^2) values: element g (flat row-major index in the FULL,

@@ -283,9 +283,30 @@ TEST(Checkpoint, VersionTwoCheckpointsStillLoad) {
   CheckpointMeta meta;
   meta.step = 3;
   const std::string dir = save_checkpoint(root.string(), meta, r.model, &r.opt);
-  // rewrite it the way version 2 stored it: the index as a string attribute
+  // rewrite it the way version 2 stored it: the index as a string attribute, and 64-bit
+  // FNV-1a checksums of each array's bytes
   const fs::path file = fs::path(dir) / "rank_00000.h5";
-  write_index(file, read_index(file).dump(), true);
+  nlohmann::json index = read_index(file);
+  {
+    hid_t f = H5Fopen(file.c_str(), H5F_ACC_RDONLY, H5P_DEFAULT);
+    for (auto& e : index)
+      for (const char* kind : {"w", "m", "v"}) {
+        const std::string name = e["group"].get<std::string>() + "/" + kind;
+        hid_t ds = H5Dopen2(f, name.c_str(), H5P_DEFAULT);
+        ASSERT_GE(ds, 0) << name;
+        std::vector<float> d(e["e1"].get<int64_t>() - e["e0"].get<int64_t>());
+        H5Dread(ds, H5T_NATIVE_FLOAT, H5S_ALL, H5S_ALL, H5P_DEFAULT, d.data());
+        H5Dclose(ds);
+        uint64_t h = 1469598103934665603ull;
+        const unsigned char* p = reinterpret_cast<const unsigned char*>(d.data());
+        for (size_t i = 0; i < d.size() * sizeof(float); ++i) h = (h ^ p[i]) * 1099511628211ull;
+        char hex[17];
+        std::snprintf(hex, sizeof hex, "%016llx", (unsigned long long)h);
+        e[std::string("crc_") + kind] = hex;
+      }
+    H5Fclose(f);
+  }
+  write_index(file, index.dump(), true);
   {
     std::ifstream in(fs::path(dir) / "meta.json");
     nlohmann::json m = nlohmann::json::parse(in);

@@ -4,12 +4,15 @@
 // loss curve of 20 AdamW steps; two GPU runs with the same seed giving bit-identical losses;
 // and the fused attention's kept state (Model::keep_attention_state, on by default) against
 // the path without it. Exits 77 (skipped) when no GPU is present.
+#include <unistd.h>
+
 #include <gtest/gtest.h>
 
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <filesystem>
 #include <string>
 #include <vector>
 
@@ -17,6 +20,7 @@
 #include "core/model.h"
 #include "core/optimizer.h"
 #include "core/rng.h"
+#include "io/checkpoint.h"
 #include "kernels/ops.h"
 
 namespace difftron {
@@ -86,6 +90,46 @@ double rel_err(const std::vector<double>& a, const std::vector<double>& ref) {
   return den > 0 ? std::sqrt(num / den) : std::sqrt(num);
 }
 
+// How much a lambda vector's gradient cancels: it is (d loss / d lambda) times a vector fixed
+// by the weights, and d loss / d lambda is a sum over the target tokens whose terms cancel
+// heavily. Each term carries bf16 noise on the GPU, so the GPU's error is bounded relative to
+// sum_t |term_t|, not to |sum_t term_t|: the ratio C = sum_t ||g_t|| / ||sum_t g_t|| (g_t: the
+// gradient from target t alone, on the CPU model) scales the tolerance of a well-conditioned
+// gradient into the lambda vectors'.
+double lambda_cancellation(Model& cpu, const Batch& b, size_t param) {
+  std::vector<double> sum;
+  double sum_norms = 0;
+  for (size_t t = 0; t < b.targets.size(); ++t) {
+    if (b.targets[t] < 0) continue;
+    std::vector<int32_t> one(b.targets.size(), -1);
+    one[t] = b.targets[t];
+    cpu.zero_grads();
+    cpu.forward_backward(b.tokens.data(), one.data(), kB, kS);
+    const std::vector<double> g = host_values(cpu.ops(), cpu.params()[param].grad);
+    if (sum.empty()) sum.assign(g.size(), 0.0);
+    double n2 = 0;
+    for (size_t k = 0; k < g.size(); ++k) {
+      sum[k] += g[k];
+      n2 += g[k] * g[k];
+    }
+    sum_norms += std::sqrt(n2);
+  }
+  double s2 = 0;
+  for (double x : sum) s2 += x * x;
+  return sum_norms / std::max(std::sqrt(s2), 1e-300);
+}
+
+// The relative tolerance of one gradient against the CPU: bf16 activations and weights (unit
+// roundoff 2^-9), rounded again at each op, give errors of a few 1e-3 (seen 4e-3..1e-2), under
+// 3e-2 for a well-conditioned gradient; a lambda vector's scaled by its cancellation.
+double grad_tolerance(Model& cpu_reference_copy, const Batch& b, size_t param, const std::string& name) {
+  constexpr double kWellConditioned = 3e-2;
+  if (name.find(".lambda_") == std::string::npos) return kWellConditioned;
+  const double c = lambda_cancellation(cpu_reference_copy, b, param);
+  std::printf("  %-50s cancellation %.1f\n", name.c_str(), c);
+  return kWellConditioned * std::max(1.0, c);
+}
+
 OptimizerConfig optimizer_config() {
   OptimizerConfig oc;
   oc.lr = 3e-3;
@@ -126,6 +170,8 @@ TEST_P(CudaModel, LossAndEveryGradientMatchTheCpu) {
   cpu.zero_grads();
   const double lg = gpu.forward_backward(b.tokens.data(), b.targets.data(), kB, kS);
   const double lc = cpu.forward_backward(b.tokens.data(), b.targets.data(), kB, kS);
+  Model probe(cfg, *cpu_ops, ModelPrecision::uniform(DType::F32), kB, kS);  // for lambda_cancellation
+  copy_weights(gpu, probe);
   std::printf("%s: loss gpu %.6f cpu %.6f rel %.2e\n", attention_kind_name(cfg.attention), lg, lc,
               std::fabs(lg - lc) / lc);
   EXPECT_NEAR(lg, lc, 2e-3 * lc);  // seen: 2e-5
@@ -134,10 +180,7 @@ TEST_P(CudaModel, LossAndEveryGradientMatchTheCpu) {
     const Param& pg = gpu.params()[i];
     const auto g = host_values(*gpu_ops, pg.grad), c = host_values(*cpu_ops, cpu.params()[i].grad);
     const double err = rel_err(g, c);
-    const bool lambda = pg.name.find(".lambda_") != std::string::npos;
-    // Seen on the H200: 4e-3..1e-2, lambda vectors 3e-2..4e-2 (dlambda is a sum with heavy
-    // cancellation, each term carrying bf16 activation noise).
-    const double tol = lambda ? 1e-1 : 3e-2;
+    const double tol = grad_tolerance(probe, b, i, pg.name);
     double norm = 0;
     for (double x : c) norm += x * x;
     std::printf("  %-50s |grad| %.3e rel err %.2e%s\n", pg.name.c_str(), std::sqrt(norm), err,
@@ -208,6 +251,8 @@ TEST(CudaModelAttentionState, KeptAndRecomputedMatchTheCpu) {
   kept.init_weights(7);
   recomputed.init_weights(7);
   copy_weights(kept, cpu);
+  Model probe(cfg, *cpu_ops, ModelPrecision::uniform(DType::F32), kB, kS);  // for lambda_cancellation
+  copy_weights(kept, probe);
   Rng rng(13);
   Batch b = make_batch(rng, cfg.vocab_size);
   double loss[3];
@@ -229,8 +274,7 @@ TEST(CudaModelAttentionState, KeptAndRecomputedMatchTheCpu) {
     }
     const double e_kept = rel_err(g[0], g[2]), e_rec = rel_err(g[1], g[2]);
     const double e_pair = rel_err(g[0], g[1]);
-    // the tolerances of LossAndEveryGradientMatchTheCpu
-    const double tol = name.find(".lambda_") != std::string::npos ? 1e-1 : 3e-2;
+    const double tol = grad_tolerance(probe, b, i, name);
     std::printf("  %-50s rel err kept %.2e recomputed %.2e kept-recomputed %.2e\n", name.c_str(),
                 e_kept, e_rec, e_pair);
     EXPECT_LE(e_kept, tol) << name << " (kept)";
@@ -244,6 +288,46 @@ TEST(CudaModelAttentionState, KeptAndRecomputedMatchTheCpu) {
   EXPECT_LE(t_kept, 1.5e-2);
   EXPECT_LE(t_rec, 1.5e-2);
   EXPECT_LE(t_pair, 1.5e-2);
+}
+
+// Checkpoints of a GPU model: the asynchronous save (raw copies into pinned memory) writes
+// exactly what the synchronous one does, and a model and optimizer loaded from it (raw
+// uploads of the f32 state) continue bit for bit like the original.
+TEST(CudaModelCheckpoint, AsyncSaveAndLoadContinueBitForBit) {
+  skip_without_gpu();
+  auto ops = make_cuda_ops(0);
+  const ModelConfig cfg = tiny_config(AttentionKind::Differential);
+  Rng rng(31);
+  const Batch b = make_batch(rng, cfg.vocab_size);
+  auto step = [&](Model& m, AdamW& opt, int64_t s) {
+    m.zero_grads();
+    const double l = m.forward_backward(b.tokens.data(), b.targets.data(), kB, kS);
+    opt.step(s);
+    return l;
+  };
+  Model a(cfg, *ops, ModelPrecision::cuda_mixed(), kB, kS);
+  a.init_weights(3);
+  AdamW opt_a(optimizer_config(), a);
+  for (int64_t s = 0; s < 3; ++s) step(a, opt_a, s);
+  const std::string root = ::testing::TempDir() + "difftron_cuda_ckpt_" + std::to_string(getpid());
+  CheckpointMeta meta;
+  meta.step = 3;
+  std::string async_dir, sync_dir;
+  {
+    AsyncCheckpointer ck;
+    ck.start(root + "/async", meta, a, &opt_a);
+    async_dir = ck.wait();
+  }
+  sync_dir = save_checkpoint(root + "/sync", meta, a, &opt_a);
+  EXPECT_EQ(checkpoint_digests(async_dir), checkpoint_digests(sync_dir));
+  Model c(cfg, *ops, ModelPrecision::cuda_mixed(), kB, kS);
+  c.init_weights(99);
+  AdamW opt_c(optimizer_config(), c);
+  EXPECT_EQ(load_checkpoint(async_dir, c, &opt_c).step, 3);
+  for (size_t i = 0; i < a.params().size(); ++i)
+    EXPECT_EQ(host_values(*ops, a.params()[i].value), host_values(*ops, c.params()[i].value)) << a.params()[i].name;
+  for (int64_t s = 3; s < 6; ++s) EXPECT_EQ(step(a, opt_a, s), step(c, opt_c, s)) << "step " << s;
+  std::filesystem::remove_all(root);
 }
 
 INSTANTIATE_TEST_SUITE_P(Attention, CudaModel,

@@ -26,7 +26,7 @@ run() {  # name, flags
   "$BUILD_DIR/difftron" train $model "$@" > "$LOG_DIR/$name.log" 2>&1
   local rc=$?
   local t1=$(date +%s.%N)
-  printf '%s: rc %d, %.1f s wall\n' "$name" "$rc" "$(echo "$t1 - $t0" | bc)"
+  awk -v n="$name" -v rc="$rc" -v a="$t0" -v b="$t1" 'BEGIN { printf "%s: rc %d, %.1f s wall\n", n, rc, b - a }'
   grep -E "backend|step +[0-9]+/|checkpoint|resumed|snapshot|written|error|Error|phase|start-up" "$LOG_DIR/$name.log" |
     sed -E 's/^[IWE][0-9]{8} //' | cut -c1-220
   return $rc
