@@ -5,7 +5,7 @@
 
 #include "core/model.h"
 #include "core/optimizer.h"
-#include "parallel/zero.h"
+#include "core/zero.h"
 
 namespace difftron {
 namespace {

@@ -5,7 +5,7 @@
 #include <cmath>
 #include <numeric>
 
-#include "core/rng.h"
+#include "base/rng.h"
 
 namespace difftron {
 

@@ -11,6 +11,7 @@
 #include <numeric>
 
 #include "parallel/comm.h"
+#include "parallel/grid.h"
 
 namespace difftron {
 
@@ -43,7 +44,7 @@ Model::Model(const ModelConfig& config, Ops& ops, ModelPrecision precision, int6
     need("ffn_dim", cfg_.ffn_dim);
     if (cfg_.vocab_size % T != 0)
       bad.push_back("vocab_size (" + std::to_string(cfg_.vocab_size) + ") must be a multiple of the tensor-parallel size (" +
-                    std::to_string(T) + "): pad it, e.g. --vocab_size=" +
+                    std::to_string(T) + "): pad it, e.g. vocab_size=" +
                     std::to_string((cfg_.vocab_size + T - 1) / T * T));
     if (!bad.empty()) {
       std::string msg = "model config does not split over tensor parallelism:";
@@ -263,6 +264,14 @@ Tensor Model::head_weight() {
 Tensor Model::head_grad() {
   const int idx = lm_head_ >= 0 ? lm_head_ : embed_;
   return tp_size_ > 1 ? with_zero_row(idx, true) : G(idx);
+}
+
+ModelParallel model_parallel(ParallelContext& ctx) {
+  ModelParallel mp;
+  mp.tp = &ctx.tp();
+  mp.tp_host = &ctx.tp_host();
+  mp.flat_multiple = 64 * int64_t(ctx.dp_size());
+  return mp;
 }
 
 void Model::init_weights(uint64_t seed) {

@@ -12,7 +12,7 @@
 #include <vector>
 
 #include "core/config.h"
-#include "core/tensor.h"
+#include "base/tensor.h"
 #include "kernels/ops.h"
 
 namespace difftron {
@@ -59,6 +59,11 @@ struct ModelParallel {
   // shards them over DP: 64 x DP keeps every shard 64-element aligned).
   int64_t flat_multiple = 64;
 };
+
+class ParallelContext;
+// How a Model on a TP x DP grid is split: the grid's TP communicators, and flat buffers padded
+// so that ZeRO's DP shards stay 64-element aligned.
+ModelParallel model_parallel(ParallelContext& ctx);
 
 class Model {
  public:

@@ -1,11 +1,11 @@
 // AdamW step: norm, clip factor, one fused update per parameter, then the bf16 cast; or,
-// with a ParallelContext, the same per element on ZeRO-1 shards (parallel/zero.cpp).
+// with a ParallelContext, the same per element on ZeRO-1 shards (core/zero.cpp).
 #include "core/optimizer.h"
 
 #include <cmath>
 
 #include "parallel/grid.h"
-#include "parallel/zero.h"
+#include "core/zero.h"
 
 namespace difftron {
 
@@ -72,7 +72,7 @@ StepStats plan_step(const OptimizerConfig& config, int64_t step, double grad_nor
   st.grad_norm = grad_norm;
   if (!std::isfinite(grad_norm))
     throw_error("gradient norm is ", grad_norm, " at step ", step,
-                " (the loss diverged: lower --lr or enable --grad_clip)");
+                " (the loss diverged: lower lr or enable grad_clip)");
   if (config.grad_clip > 0 && grad_norm > config.grad_clip) st.clip_scale = config.grad_clip / grad_norm;
   return st;
 }

@@ -1,7 +1,7 @@
 // AdamW over a model's parameters: global-norm gradient clipping, decoupled weight decay
 // (by default only on projection matrices: not on norms, lambdas or embeddings), the
 // learning-rate schedule of OptimizerConfig, and f32 master weights when the working
-// weights are bf16. Given a ParallelContext it runs as ZeRO-1 (parallel/zero.h) over the
+// weights are bf16. Given a ParallelContext it runs as ZeRO-1 (core/zero.h) over the
 // model's flat buffers: DP-sharded state, bucketed gradient reduce-scatter started from
 // the model's backward, and a gradient norm over every TP and DP rank.
 #pragma once

@@ -26,9 +26,9 @@ Trainer::Trainer(Model& model, AdamW& optimizer, BatchSource& train, BatchSource
     dp_ = par_->dp_size();
     logs_ = par_->world_rank() == 0;
   }
-  if (o_.batch <= 0) throw_error("--batch (", o_.batch, ") must be positive");
-  if (o_.seq <= 0) throw_error("--seq (", o_.seq, ") must be positive");
-  if (o_.grad_accum <= 0) throw_error("--grad_accum (", o_.grad_accum, ") must be positive");
+  if (o_.batch <= 0) throw_error("batch (", o_.batch, ") must be positive");
+  if (o_.seq <= 0) throw_error("seq (", o_.seq, ") must be positive");
+  if (o_.grad_accum <= 0) throw_error("grad_accum (", o_.grad_accum, ") must be positive");
   if (o_.batch > model.max_batch() || o_.seq > model.max_seq())
     throw_error("batch ", o_.batch, " x seq ", o_.seq, " exceeds the model instance's ",
                 model.max_batch(), " x ", model.max_seq());

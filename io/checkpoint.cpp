@@ -24,7 +24,9 @@
 #include <glog/logging.h>
 #include <hdf5.h>
 
-#include "core/error.h"
+#include "base/bf16.h"
+#include "base/error.h"
+#include "io/hdf5.h"
 #include "parallel/comm.h"
 #include "parallel/grid.h"
 
@@ -123,22 +125,6 @@ int64_t file_size(const std::string& path) {
   return ::stat(path.c_str(), &st) == 0 ? int64_t(st.st_size) : -1;
 }
 
-// Owns one HDF5 identifier.
-class Hid {
- public:
-  Hid(hid_t id, herr_t (*close)(hid_t)) : id_(id), close_(close) {}
-  ~Hid() {
-    if (id_ >= 0) close_(id_);
-  }
-  Hid(const Hid&) = delete;
-  Hid& operator=(const Hid&) = delete;
-  hid_t get() const { return id_; }
-  bool ok() const { return id_ >= 0; }
-
- private:
-  hid_t id_;
-  herr_t (*close_)(hid_t);
-};
 
 // One HDF5 file of a checkpoint: 1-D datasets of f32 values or bytes, text attributes. Every
 // call is checked; close() reports what HDF5 could not flush.
@@ -170,7 +156,7 @@ class H5File {
     H5Pset_create_intermediate_group(lcpl.get(), 1);
     Hid space(H5Screate_simple(1, &dims, nullptr), H5Sclose);
     Hid ds(H5Dcreate2(id_, name.c_str(), file_type, space.get(), lcpl.get(), H5P_DEFAULT, H5P_DEFAULT), H5Dclose);
-    if (!ds.ok() || H5Dwrite(ds.get(), mem_type, H5S_ALL, H5S_ALL, H5P_DEFAULT, data) < 0)
+    if (!ds.valid() || H5Dwrite(ds.get(), mem_type, H5S_ALL, H5S_ALL, H5P_DEFAULT, data) < 0)
       throw_error(path_, ": cannot write dataset '", name, "': ", hdf5_error_text());
   }
   void write_floats(const std::string& name, const float* v, size_t n) {
@@ -186,18 +172,18 @@ class H5File {
   // a dataset whose size differs or could not fit in the file.
   void read(const std::string& name, hid_t mem_type, size_t elem_size, int64_t expect, void* out) {
     Hid ds(H5Dopen2(id_, name.c_str(), H5P_DEFAULT), H5Dclose);
-    if (!ds.ok()) throw_error(path_, ": missing dataset '", name, "'");
+    if (!ds.valid()) throw_error(path_, ": missing dataset '", name, "'");
     Hid space(H5Dget_space(ds.get()), H5Sclose);
-    const hssize_t n = space.ok() ? H5Sget_simple_extent_npoints(space.get()) : -1;
+    const hssize_t n = space.valid() ? H5Sget_simple_extent_npoints(space.get()) : -1;
     if (n != expect) throw_error(path_, ": dataset '", name, "' holds ", int64_t(n), " values, its index says ", expect);
     if (H5Dread(ds.get(), mem_type, H5S_ALL, H5S_ALL, H5P_DEFAULT, out) < 0)
       throw_error(path_, ": cannot read dataset '", name, "' (file damaged?): ", hdf5_error_text());
   }
   int64_t numel(const std::string& name) {
     Hid ds(H5Dopen2(id_, name.c_str(), H5P_DEFAULT), H5Dclose);
-    if (!ds.ok()) throw_error(path_, ": missing dataset '", name, "'");
+    if (!ds.valid()) throw_error(path_, ": missing dataset '", name, "'");
     Hid space(H5Dget_space(ds.get()), H5Sclose);
-    const hssize_t n = space.ok() ? H5Sget_simple_extent_npoints(space.get()) : -1;
+    const hssize_t n = space.valid() ? H5Sget_simple_extent_npoints(space.get()) : -1;
     if (n < 0) throw_error(path_, ": dataset '", name, "' has no readable shape");
     return int64_t(n);
   }
@@ -222,12 +208,12 @@ class H5File {
     H5Tset_size(type.get(), std::max<size_t>(text.size(), 1));
     Hid space(H5Screate(H5S_SCALAR), H5Sclose);
     Hid attr(H5Acreate2(id_, name, type.get(), space.get(), H5P_DEFAULT, H5P_DEFAULT), H5Aclose);
-    if (!attr.ok() || H5Awrite(attr.get(), type.get(), text.empty() ? " " : text.data()) < 0)
+    if (!attr.valid() || H5Awrite(attr.get(), type.get(), text.empty() ? " " : text.data()) < 0)
       throw_error(path_, ": cannot write attribute '", name, "': ", hdf5_error_text());
   }
   std::string read_text_attr(const char* name) {
     Hid attr(H5Aopen(id_, name, H5P_DEFAULT), H5Aclose);
-    if (!attr.ok()) throw_error(path_, ": missing attribute '", name, "' (not a difftron checkpoint file?)");
+    if (!attr.valid()) throw_error(path_, ": missing attribute '", name, "' (not a difftron checkpoint file?)");
     Hid type(H5Aget_type(attr.get()), H5Tclose);
     const size_t n = H5Tget_size(type.get());
     if (n == 0 || int64_t(n) > size_) throw_error(path_, ": attribute '", name, "' has a bad size");
@@ -365,10 +351,7 @@ const float* as_floats(const HostArray& a, std::vector<float>& converted) {
   converted.resize(a.numel);
   if (a.dtype == DType::BF16) {
     const uint16_t* b = static_cast<const uint16_t*>(a.data);
-    for (int64_t i = 0; i < a.numel; ++i) {
-      const uint32_t bits = uint32_t(b[i]) << 16;
-      std::memcpy(&converted[i], &bits, 4);
-    }
+    for (int64_t i = 0; i < a.numel; ++i) converted[i] = bf16_to_float(b[i]);
   } else if (a.dtype == DType::F64) {
     const double* d = static_cast<const double*>(a.data);
     for (int64_t i = 0; i < a.numel; ++i) converted[i] = float(d[i]);

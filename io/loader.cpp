@@ -17,7 +17,7 @@
 
 #include <nlohmann/json.hpp>
 
-#include "core/error.h"
+#include "base/error.h"
 
 namespace difftron {
 namespace fs = std::filesystem;

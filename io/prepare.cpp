@@ -27,7 +27,7 @@
 #include <nlohmann/json.hpp>
 #include <zlib.h>
 
-#include "core/error.h"
+#include "base/error.h"
 #include "io/token_import.h"
 #include "io/tokenizer.h"
 
@@ -445,10 +445,9 @@ struct TempDirGuard {
 
 }  // namespace
 
-PrepareReport prepare_dataset(const PrepareOptions& o) {
-  using clock = std::chrono::steady_clock;
-  const auto t0 = clock::now();
-  PrepareReport rep;
+// ---- the steps of prepare_dataset --------------------------------------------------------
+
+void check_options(const PrepareOptions& o) {
   if (o.inputs.empty()) throw_error("--input: no input given (files, folders or - for stdin)");
   if (o.out.empty()) throw_error("--out: no output folder given");
   if (o.shard_tokens <= 0) throw_error("--shard_tokens (", o.shard_tokens, ") must be positive");
@@ -465,18 +464,18 @@ PrepareReport prepare_dataset(const PrepareOptions& o) {
     throw_error("--import_vocab_size (", o.import_vocab_size, ") must be in [0, 2^32] (0 = from the format)");
   if (o.import_eos_id < -2 || o.import_eos_id >= (int64_t(1) << 32))
     throw_error("--import_eos_id (", o.import_eos_id, ") must be in [-2, 2^32)");
-  TokenFileFormat forced{};
-  const bool forced_tokens = parse_token_format(o.format, &forced);
-  if (!forced_tokens && o.format != "auto" && o.format != "text")
-    throw_error("--input_format: unknown format '", o.format,
-                "' (expected auto, text, llmc, megatron, npy, raw16 or raw32)");
+}
 
-  const fs::path out_path = absolute_path(o.out);
-  check_output_folder(o, out_path);  // before any work: a refused --out costs nothing
-
-  // ---- inputs
+// The inputs: text files (by extension from folders) or token files of one format, not both.
+struct Inputs {
   std::vector<TextInput> texts;
   std::vector<TokenFileInfo> tokens;
+};
+
+Inputs gather_inputs(const PrepareOptions& o, bool forced_tokens, TokenFileFormat forced, PrepareReport& rep) {
+  Inputs in_files;
+  std::vector<TextInput>& texts = in_files.texts;
+  std::vector<TokenFileInfo>& tokens = in_files.tokens;
   for (const std::string& in : o.inputs) {
     if (in == "-") {
       if (forced_tokens) throw_error("--input=-: stdin is read as text; token formats need files");
@@ -526,8 +525,14 @@ PrepareReport prepare_dataset(const PrepareOptions& o) {
     throw_error("no input files found in ", o.inputs[0], (o.inputs.size() > 1 ? " ..." : ""),
                 " (text files are taken from folders by extension: --extensions)");
 
-  // ---- vocabulary, EOS, tokenizer spec
-  std::unique_ptr<Tokenizer> tok;
+  return in_files;
+}
+
+// The dataset's vocabulary, EOS and tokenizer spec: the tokenizer's for text; for token files
+// the format's defaults, a --tokenizer's, or --import_vocab_size / --import_eos_id.
+ShardMeta shard_meta(const PrepareOptions& o, const Inputs& in, std::unique_ptr<Tokenizer>& tok, PrepareReport& rep) {
+  const std::vector<TextInput>& texts = in.texts;
+  const std::vector<TokenFileInfo>& tokens = in.tokens;
   ShardMeta base;
   if (!texts.empty()) {
     rep.format = "text";
@@ -569,6 +574,73 @@ PrepareReport prepare_dataset(const PrepareOptions& o) {
     if (o.inputs.size() > 8) src << " ...";
     base.source = src.str();
   }
+
+  return base;
+}
+
+// prepare.json: what was read, skipped and written (also the marker --overwrite looks for).
+void write_manifest(const PrepareOptions& o, const PrepareReport& rep, const std::string& dir) {
+  nlohmann::json j;
+  j["written_by"] = "difftron prepare";
+  j["format"] = rep.format;
+  j["inputs"] = o.inputs;
+  j["vocab_size"] = rep.vocab_size;
+  j["eos_id"] = rep.eos_id;
+  j["files_read"] = rep.files_read;
+  j["bytes_read"] = rep.bytes_read;
+  j["skipped"] = {{"extension", rep.skipped_extension}, {"binary", rep.skipped_binary},
+                  {"duplicate", rep.skipped_duplicate}, {"empty_documents", rep.skipped_empty}};
+  j["train"] = {{"documents", rep.train.documents}, {"tokens", rep.train.tokens}, {"shards", rep.train.shards}};
+  j["val"] = {{"documents", rep.val.documents}, {"tokens", rep.val.tokens}, {"shards", rep.val.shards}};
+  j["val_fraction"] = o.val_fraction;
+  j["shard_tokens"] = o.shard_tokens;
+  std::ofstream f(dir + "/prepare.json");
+  f << j.dump(2) << "\n";
+  if (!f) throw_error("cannot write ", dir, "/prepare.json");
+}
+
+// Renames the finished temporary folder to OUT, replacing an old OUT (checked again: it may
+// have changed during the run) only once the new one is complete.
+void publish(const PrepareOptions& o, const fs::path& out_path, TempDirGuard& tmp) {
+  std::error_code ec;
+  const std::string out = out_path.string();
+  check_output_folder(o, out_path);  // again: OUT may have changed during the run
+  if (fs::exists(fs::symlink_status(out, ec))) {
+    const std::string old = out + ".old-" + std::to_string(::getpid());
+    fs::rename(out, old, ec);
+    if (ec) throw_error("cannot move the existing ", out, " aside: ", ec.message());
+    fs::rename(tmp.path, out, ec);
+    if (ec) {
+      std::error_code ec2;
+      fs::rename(old, out, ec2);
+      throw_error("cannot rename ", tmp.path, " to ", out, ": ", ec.message());
+    }
+    fs::remove_all(old, ec);
+  } else {
+    fs::rename(tmp.path, out, ec);
+    if (ec) throw_error("cannot rename ", tmp.path, " to ", out, ": ", ec.message());
+  }
+  tmp.keep = true;
+}
+
+PrepareReport prepare_dataset(const PrepareOptions& o) {
+  using clock = std::chrono::steady_clock;
+  const auto t0 = clock::now();
+  PrepareReport rep;
+  check_options(o);
+  TokenFileFormat forced{};
+  const bool forced_tokens = parse_token_format(o.format, &forced);
+  if (!forced_tokens && o.format != "auto" && o.format != "text")
+    throw_error("--input_format: unknown format '", o.format,
+                "' (expected auto, text, llmc, megatron, npy, raw16 or raw32)");
+  const fs::path out_path = absolute_path(o.out);
+  check_output_folder(o, out_path);  // before any work: a refused --out costs nothing
+
+  const Inputs in = gather_inputs(o, forced_tokens, forced, rep);
+  const std::vector<TextInput>& texts = in.texts;
+  const std::vector<TokenFileInfo>& tokens = in.tokens;
+  std::unique_ptr<Tokenizer> tok;
+  const ShardMeta base = shard_meta(o, in, tok, rep);
 
   // ---- output folder, built under a temporary name
   std::error_code ec;
@@ -666,44 +738,8 @@ PrepareReport prepare_dataset(const PrepareOptions& o) {
                 o.val_fraction, " (use more documents, a larger fraction, --doc_separator, or --val_fraction=0)");
   rep.seconds = std::chrono::duration<double>(clock::now() - t0).count();
 
-  {
-    nlohmann::json j;
-    j["written_by"] = "difftron prepare";
-    j["format"] = rep.format;
-    j["inputs"] = o.inputs;
-    j["vocab_size"] = rep.vocab_size;
-    j["eos_id"] = rep.eos_id;
-    j["files_read"] = rep.files_read;
-    j["bytes_read"] = rep.bytes_read;
-    j["skipped"] = {{"extension", rep.skipped_extension}, {"binary", rep.skipped_binary},
-                    {"duplicate", rep.skipped_duplicate}, {"empty_documents", rep.skipped_empty}};
-    j["train"] = {{"documents", rep.train.documents}, {"tokens", rep.train.tokens}, {"shards", rep.train.shards}};
-    j["val"] = {{"documents", rep.val.documents}, {"tokens", rep.val.tokens}, {"shards", rep.val.shards}};
-    j["val_fraction"] = o.val_fraction;
-    j["shard_tokens"] = o.shard_tokens;
-    std::ofstream f(tmp.path + "/prepare.json");
-    f << j.dump(2) << "\n";
-    if (!f) throw_error("cannot write ", tmp.path, "/prepare.json");
-  }
-
-  // ---- publish: rename the finished folder into place
-  check_output_folder(o, out_path);  // again: OUT may have changed during the run
-  if (fs::exists(fs::symlink_status(out, ec))) {
-    const std::string old = out + ".old-" + std::to_string(::getpid());
-    fs::rename(out, old, ec);
-    if (ec) throw_error("cannot move the existing ", out, " aside: ", ec.message());
-    fs::rename(tmp.path, out, ec);
-    if (ec) {
-      std::error_code ec2;
-      fs::rename(old, out, ec2);
-      throw_error("cannot rename ", tmp.path, " to ", out, ": ", ec.message());
-    }
-    fs::remove_all(old, ec);
-  } else {
-    fs::rename(tmp.path, out, ec);
-    if (ec) throw_error("cannot rename ", tmp.path, " to ", out, ": ", ec.message());
-  }
-  tmp.keep = true;
+  write_manifest(o, rep, tmp.path);
+  publish(o, out_path, tmp);
   report(true);
   return rep;
 }

@@ -13,7 +13,7 @@
 
 #include <glog/logging.h>
 
-#include "core/error.h"
+#include "base/error.h"
 
 namespace fs = std::filesystem;
 

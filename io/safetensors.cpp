@@ -7,18 +7,12 @@
 
 #include <nlohmann/json.hpp>
 
-#include "core/error.h"
-#include "core/tensor.h"
+#include "base/bf16.h"
+#include "base/error.h"
+#include "base/tensor.h"
 
 namespace difftron {
 namespace {
-
-float bf16_to_f32(uint16_t b) {
-  uint32_t u = uint32_t(b) << 16;
-  float f;
-  std::memcpy(&f, &u, 4);
-  return f;
-}
 
 float f16_to_f32(uint16_t h) {
   uint32_t sign = uint32_t(h & 0x8000) << 16, exp = (h >> 10) & 0x1f, man = h & 0x3ff, u;
@@ -105,7 +99,7 @@ std::map<std::string, HostTensor> read_safetensors(const std::string& path) {
       } else {
         uint16_t h;
         std::memcpy(&h, p, 2);
-        t.data[i] = dtype == "BF16" ? bf16_to_f32(h) : f16_to_f32(h);
+        t.data[i] = dtype == "BF16" ? bf16_to_float(h) : f16_to_f32(h);
       }
     }
     out.emplace(name, std::move(t));

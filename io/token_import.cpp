@@ -13,7 +13,7 @@
 #include <filesystem>
 #include <vector>
 
-#include "core/error.h"
+#include "base/error.h"
 
 namespace difftron {
 namespace {

@@ -17,7 +17,8 @@
 #include <hdf5.h>
 #include <zlib.h>
 
-#include "core/error.h"
+#include "base/error.h"
+#include "io/hdf5.h"
 
 static_assert(__BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__,
               "token shards are read by mapping little-endian data; port before use");
@@ -27,33 +28,6 @@ namespace {
 
 // ---- HDF5 helpers -------------------------------------------------------------------
 
-// Owns one HDF5 identifier and closes it with the matching H5?close.
-class Hid {
- public:
-  Hid() = default;
-  Hid(hid_t id, herr_t (*closer)(hid_t)) : id_(id), closer_(closer) {}
-  ~Hid() { reset(); }
-  Hid(Hid&& o) noexcept : id_(o.id_), closer_(o.closer_) { o.id_ = -1; }
-  Hid& operator=(Hid&& o) noexcept {
-    if (this != &o) {
-      reset();
-      id_ = o.id_;
-      closer_ = o.closer_;
-      o.id_ = -1;
-    }
-    return *this;
-  }
-  void reset() {
-    if (id_ >= 0 && closer_) closer_(id_);
-    id_ = -1;
-  }
-  hid_t get() const { return id_; }
-  bool valid() const { return id_ >= 0; }
-
- private:
-  hid_t id_ = -1;
-  herr_t (*closer_)(hid_t) = nullptr;
-};
 
 herr_t collect_error(unsigned, const H5E_error2_t* e, void* data) {
   auto* v = static_cast<std::vector<std::string>*>(data);

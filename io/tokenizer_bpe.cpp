@@ -14,7 +14,7 @@
 
 #include <nlohmann/json.hpp>
 
-#include "core/error.h"
+#include "base/error.h"
 #include "io/tokenizer.h"
 
 namespace difftron {

@@ -1,7 +1,7 @@
 // The built-in byte-level tokenizer: one token per byte, EOS = 256.
 #include "io/tokenizer.h"
 
-#include "core/error.h"
+#include "base/error.h"
 
 namespace difftron {
 namespace {

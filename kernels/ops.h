@@ -22,7 +22,7 @@
 #include <memory>
 #include <string>
 
-#include "core/tensor.h"
+#include "base/tensor.h"
 
 namespace difftron {
 
@@ -183,7 +183,14 @@ class Ops {
 std::unique_ptr<Ops> make_cpu_ops();
 // The CUDA backend on `device_index`; throws difftron::Error when CUDA is not built in
 // or no GPU is present.
-std::unique_ptr<Ops> make_cuda_ops(int device_index);
+// Options of the CUDA backend, chosen by the program (`train --deterministic`, benchmarks).
+struct CudaOptions {
+  bool deterministic = false;   // fixed-order reductions: bitwise repeatable steps (the fused
+                                // attention backward's dQ without f32 atomics; ~20% slower)
+  bool hopper_kernels = true;   // the sm_90a fused attention kernels where the GPU has them
+                                // (false: the mma.sync kernels every GPU runs, for A/B runs)
+};
+std::unique_ptr<Ops> make_cuda_ops(int device_index, const CudaOptions& options = {});
 bool cuda_available();  // built with CUDA and at least one GPU visible
 
 }  // namespace difftron

@@ -28,7 +28,7 @@
 #include "launch/command.h"
 #include "parallel/grid.h"
 #include "parallel/mpi_comm.h"
-#include "parallel/plan.h"
+#include "core/plan.h"
 #ifdef DIFFTRON_HAVE_CUDA
 #include "kernels/cuda/cuda_ops.h"
 #endif
@@ -82,7 +82,7 @@ DEFINE_bool(keep_attention_state, true,
 DEFINE_bool(deterministic, false,
             "GPU: bitwise repeatable steps. By default the Hopper fused attention backward adds "
             "dQ with float atomics (fastest; last-bit differences between runs); this selects "
-            "its fixed-order path (sets DIFFTRON_FLASH_DETERMINISTIC=1; ~20% slower attention "
+            "its fixed-order path (~20% slower attention "
             "backward)");
 DEFINE_int32(tp, 1, "tensor-parallel ranks (consecutive ranks, one node); world size = tp x dp");
 DEFINE_int32(dp, 1, "data-parallel (ZeRO-1) ranks; world size = tp x dp");
@@ -271,6 +271,220 @@ int launcher_world_size() {
   return 1;
 }
 
+// ---- the sections of train_main --------------------------------------------------------
+
+// The backend (--device) and the precision it trains in.
+std::unique_ptr<Ops> make_backend(int local_rank, ModelPrecision* precision) {
+  *precision = ModelPrecision::uniform(DType::F32);
+  if (FLAGS_device == "cuda" || (FLAGS_device == "auto" && cuda_available())) {
+    CudaOptions co;
+    co.deterministic = FLAGS_deterministic;
+    *precision = ModelPrecision::cuda_mixed();
+    return make_cuda_ops(local_rank, co);  // one GPU per rank of a node
+  }
+  if (FLAGS_device == "cpu" || FLAGS_device == "auto") return make_cpu_ops();
+  throw_error("--device: unknown device '", FLAGS_device, "' (expected cpu, cuda or auto)");
+}
+
+// The TP x DP grid over the MPI world (--tp, --dp), on the backend's memory.
+std::unique_ptr<ParallelContext> make_grid(Ops& ops, int local_rank) {
+  GridOptions go;
+  go.tp = FLAGS_tp;
+  go.dp = FLAGS_dp;
+  go.device = ops.device();
+  go.cuda_device = local_rank;
+  go.ops = &ops;
+#ifdef DIFFTRON_HAVE_CUDA
+  // NCCL work is ordered after the backend's stream by events (no host waits)
+  if (auto* cctx = cuda::context_of(ops)) go.cuda_stream = cctx->stream();
+#endif
+  go.watchdog.collective_timeout_s = FLAGS_collective_timeout;
+  go.watchdog.step_timeout_s = FLAGS_step_timeout;
+  auto par = ParallelContext::from_mpi_world(go);
+  LOG(INFO) << "process grid: tp " << FLAGS_tp << " x dp " << FLAGS_dp << "; " << par->describe();
+  return par;
+}
+
+// --ckpt_dir writable and ours alone: rank 0 holds the lock for the job; every rank agrees.
+std::unique_ptr<RunDirLock> lock_run_dir(bool rank0, ParallelContext* par) {
+  if (FLAGS_ckpt_dir.empty()) return nullptr;
+  std::unique_ptr<RunDirLock> lock;
+  std::string err;
+  if (rank0) {
+    try {
+      lock = std::make_unique<RunDirLock>(FLAGS_ckpt_dir);
+    } catch (const Error& e) {
+      err = e.what();
+    }
+  }
+  agree_or_throw(par ? &par->world_host() : nullptr, err, "checking --ckpt_dir");
+  return lock;
+}
+
+// The training and validation data (--data, --val_data): opened in two steps, since a token
+// dataset's reader needs the model's vocabulary, which may come from a checkpoint.
+struct RunData {
+  bool synthetic = false;
+  int64_t vocab = 16;  // the data's vocabulary (synthetic: 16 unless --vocab_size)
+  std::unique_ptr<BatchSource> train, val;
+  std::unique_ptr<Tokenizer> tokenizer;
+};
+
+RunData describe_data(int dp_rank, int dp_size) {
+  RunData d;
+  d.synthetic = FLAGS_data.rfind("synthetic:", 0) == 0;
+  if (d.synthetic) {
+    const int64_t vocab = FLAGS_vocab_size > 0 ? FLAGS_vocab_size : d.vocab;
+    // one global stream, each DP rank its share of every step (the TP ranks of a DP group
+    // read the same rows); resumable on another DP size (io/synthetic_data.h)
+    d.train = make_synthetic_source(FLAGS_data.substr(10), vocab, FLAGS_seed, dp_rank, dp_size);
+    d.val = make_synthetic_source(FLAGS_data.substr(10), vocab, FLAGS_seed + 1, dp_rank, dp_size);
+  } else {
+    d.vocab = dataset_vocab_size(FLAGS_data);
+    d.tokenizer = load_tokenizer(dataset_tokenizer_spec(FLAGS_data));
+  }
+  return d;
+}
+
+void open_data(RunData& d, const ModelConfig& cfg, int dp_rank, int dp_size) {
+  if (!d.synthetic) {
+    DatasetOptions o;
+    o.path = FLAGS_data;
+    o.vocab_size = cfg.vocab_size;
+    o.seed = FLAGS_seed;
+    o.dp_rank = dp_rank;
+    o.dp_size = dp_size;
+    d.train = open_token_dataset(o);
+    if (!FLAGS_val_data.empty()) {
+      o.path = FLAGS_val_data;
+      o.shuffle = false;
+      o.cycle_batches = FLAGS_eval_batches;  // every evaluation scores the same batches
+      d.val = open_token_dataset(o);
+    }
+  }
+  if (d.val) check_validation_data(*d.val);
+}
+
+OptimizerConfig optimizer_config_from_flags() {
+  OptimizerConfig oc;
+  oc.lr = FLAGS_lr;
+  oc.min_lr_ratio = FLAGS_min_lr_ratio;
+  oc.warmup_steps = FLAGS_warmup;
+  oc.total_steps = FLAGS_steps;
+  oc.schedule = parse_lr_schedule(FLAGS_lr_schedule);
+  oc.beta1 = FLAGS_beta1;
+  oc.beta2 = FLAGS_beta2;
+  oc.weight_decay = FLAGS_weight_decay;
+  oc.grad_clip = FLAGS_grad_clip;
+  return oc;
+}
+
+TrainOptions train_options_from_flags() {
+  TrainOptions to;
+  to.steps = FLAGS_steps;
+  to.batch = FLAGS_batch;
+  to.seq = FLAGS_seq;
+  to.grad_accum = FLAGS_grad_accum;
+  to.log_every = FLAGS_log_every;
+  to.eval_every = FLAGS_eval_every;
+  to.eval_batches = FLAGS_eval_batches;
+  return to;
+}
+
+// The run's checkpoints under --ckpt_dir: periodic saves in the background (--ckpt_every,
+// --async_save), blocking saves at the end and on a signal, pruning (--ckpt_keep).
+class RunCheckpoints {
+ public:
+  RunCheckpoints(Model& model, AdamW& opt, ParallelContext* par, BatchSource& train, const Tokenizer* tokenizer,
+                 bool rank0)
+      : model_(model), opt_(opt), par_(par), train_(train), tokenizer_(tokenizer), rank0_(rank0) {
+    async_.on_published = [this](const std::string& dir, int64_t step, double write_s) { published(dir, step, write_s); };
+  }
+  // After optimizer step `step` (0-based): a periodic save, in the background.
+  void after_step(int64_t step) {
+    if (FLAGS_ckpt_dir.empty() || FLAGS_ckpt_every <= 0) return;
+    if ((step + 1) % FLAGS_ckpt_every != 0 || step + 1 >= FLAGS_steps) return;
+    if (!FLAGS_async_save) return save(step + 1);
+    async_.start(FLAGS_ckpt_dir, meta_at(step + 1), model_, &opt_, par_, train_.position());
+    char secs[32];
+    std::snprintf(secs, sizeof secs, "%.2f", async_.last_snapshot_seconds());
+    LOG(INFO) << "checkpoint step " << step + 1 << ": snapshot took " << secs
+              << " s (training continues; writing in the background)";
+  }
+  // Blocking save: first the one in flight, then this step unless that was it.
+  void save(int64_t steps_done) {
+    if (FLAGS_ckpt_dir.empty()) return;
+    async_.wait();
+    if (last_published_ == steps_done) return;
+    const auto t0 = std::chrono::steady_clock::now();
+    const std::string dir = save_checkpoint(FLAGS_ckpt_dir, meta_at(steps_done), model_, &opt_, par_, train_.position());
+    published(dir, steps_done, std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
+  }
+
+ private:
+  CheckpointMeta meta_at(int64_t steps_done) const {
+    CheckpointMeta meta;
+    meta.step = steps_done;
+    meta.tokens_seen = steps_done * FLAGS_batch * FLAGS_seq * FLAGS_grad_accum * (par_ ? par_->dp_size() : 1);
+    meta.seed = FLAGS_seed;
+    meta.data_position = train_.position();
+    meta.extra = {{"tokenizer", tokenizer_ ? tokenizer_->spec() : std::string("")},
+                  {"data", FLAGS_data},
+                  {"flags", run_flags()}};
+    return meta;
+  }
+  void published(const std::string& dir, int64_t step, double write_s) {
+    last_published_ = step;
+    char secs[32];
+    std::snprintf(secs, sizeof secs, "%.2f", write_s);
+    LOG(INFO) << "checkpoint written: " << dir << " (write " << secs << " s)";
+    // pruning only after a publish: `latest` then names the new checkpoint, which is kept
+    if (rank0_ && FLAGS_ckpt_keep > 0) {
+      const int removed = prune_checkpoints(FLAGS_ckpt_dir, FLAGS_ckpt_keep);
+      if (removed > 0) LOG(INFO) << "removed " << removed << " old checkpoint(s) (--ckpt_keep=" << FLAGS_ckpt_keep << ")";
+    }
+  }
+
+  Model& model_;
+  AdamW& opt_;
+  ParallelContext* par_;
+  BatchSource& train_;
+  const Tokenizer* tokenizer_;
+  bool rank0_;
+  int64_t last_published_ = -1;
+  AsyncCheckpointer async_;  // its destructor waits for a save in flight
+};
+
+// After training: --sample_tokens from --sample_prompt (a text dataset's tokenizer), or, for
+// the synthetic copy task, a prompt and the model's greedy continuation. Every rank runs it
+// (under TP the logits are gathered); rank 0 prints.
+void print_sample(Model& model, BatchSource& train, const Tokenizer* tokenizer) {
+  SampleOptions so;
+  so.max_new_tokens = FLAGS_sample_tokens;
+  so.temperature = FLAGS_temperature;
+  so.top_k = FLAGS_top_k;
+  so.seed = FLAGS_seed;
+  std::vector<int32_t> prompt;
+  if (tokenizer) {
+    prompt = tokenizer->encode(FLAGS_sample_prompt.empty() ? "The" : FLAGS_sample_prompt);
+    auto ids = sample(model, prompt, so);
+    std::cout << "----- sample -----\n" << tokenizer->decode(ids) << "\n------------------\n";
+    return;
+  }
+  std::vector<int32_t> tok(FLAGS_seq), tgt(FLAGS_seq);
+  train.next_batch(1, FLAGS_seq, tok.data(), tgt.data());
+  const int64_t m = FLAGS_seq / 2;
+  prompt.assign(tok.begin(), tok.begin() + m + 1);
+  so.max_new_tokens = std::min<int64_t>(FLAGS_sample_tokens, m);
+  so.temperature = 0;
+  auto ids = sample(model, prompt, so);
+  std::cout << "prompt:       ";
+  for (int64_t i = 0; i < m; ++i) std::cout << tok[i] << " ";
+  std::cout << "\ncontinuation: ";
+  for (size_t i = m + 1; i < ids.size(); ++i) std::cout << ids[i] << " ";
+  std::cout << "\n";
+}
+
 int train_main(int argc, char** argv) {
   gflags::ParseCommandLineFlags(&argc, &argv, true);
   if (argc > 1) throw_error("unexpected argument '", argv[1], "' (flags are --name=value)");
@@ -289,174 +503,45 @@ int train_main(int argc, char** argv) {
   const bool rank0 = !mpi || mpi->world_rank() == 0;
   if (!rank0) FLAGS_minloglevel = std::max(FLAGS_minloglevel, 1);  // rank 0 tells the story
 
-  // ---- backend
-  std::unique_ptr<Ops> ops;
-  ModelPrecision precision = ModelPrecision::uniform(DType::F32);
-  if (FLAGS_device == "cuda" || (FLAGS_device == "auto" && cuda_available())) {
-    ops = make_cuda_ops(local_rank);  // one GPU per rank of a node
-    precision = ModelPrecision::cuda_mixed();
-  } else if (FLAGS_device == "cpu" || FLAGS_device == "auto") {
-    ops = make_cpu_ops();
-  } else {
-    throw_error("--device: unknown device '", FLAGS_device, "' (expected cpu, cuda or auto)");
-  }
+  // ---- backend, grid, run directory
+  ModelPrecision precision;
+  std::unique_ptr<Ops> ops = make_backend(local_rank, &precision);
   LOG(INFO) << "backend: " << ops->name();
-  std::unique_ptr<ParallelContext> par;
-  if (multi) {
-    GridOptions go;
-    go.tp = FLAGS_tp;
-    go.dp = FLAGS_dp;
-    go.device = ops->device();
-    go.cuda_device = local_rank;
-    go.ops = ops.get();
-#ifdef DIFFTRON_HAVE_CUDA
-    // NCCL work is ordered after the backend's stream by events (no host waits)
-    if (auto* cctx = cuda::context_of(*ops)) go.cuda_stream = cctx->stream();
-#endif
-    go.watchdog.collective_timeout_s = FLAGS_collective_timeout;
-    go.watchdog.step_timeout_s = FLAGS_step_timeout;
-    par = ParallelContext::from_mpi_world(go);
-    LOG(INFO) << "process grid: tp " << FLAGS_tp << " x dp " << FLAGS_dp << "; " << par->describe();
-  }
+  std::unique_ptr<ParallelContext> par = multi ? make_grid(*ops, local_rank) : nullptr;
   const int dp_rank = par ? par->dp_rank() : 0, dp_size = par ? par->dp_size() : 1;
   check_run_flags(dp_size);
+  std::unique_ptr<RunDirLock> lock = lock_run_dir(rank0, par.get());
 
-  // ---- the run directory: writable, and ours alone (rank 0 holds the lock for the job)
-  std::unique_ptr<RunDirLock> lock;
-  if (!FLAGS_ckpt_dir.empty()) {
-    std::string err;
-    if (rank0) {
-      try {
-        lock = std::make_unique<RunDirLock>(FLAGS_ckpt_dir);
-      } catch (const Error& e) {
-        err = e.what();
-      }
-    }
-    agree_or_throw(par ? &par->world_host() : nullptr, err, "checking --ckpt_dir");
-  }
-
-  // ---- data
-  const bool synthetic = FLAGS_data.rfind("synthetic:", 0) == 0;
-  std::unique_ptr<BatchSource> train, val;
-  std::unique_ptr<Tokenizer> tokenizer;
-  int64_t data_vocab = 16;
-  if (synthetic) {
-    int64_t vocab = FLAGS_vocab_size > 0 ? FLAGS_vocab_size : data_vocab;
-    // one global stream, each DP rank its share of every step (the TP ranks of a DP group
-    // read the same rows); resumable on another DP size (io/synthetic_data.h)
-    train = make_synthetic_source(FLAGS_data.substr(10), vocab, FLAGS_seed, dp_rank, dp_size);
-    val = make_synthetic_source(FLAGS_data.substr(10), vocab, FLAGS_seed + 1, dp_rank, dp_size);
-  } else {
-    data_vocab = dataset_vocab_size(FLAGS_data);
-    tokenizer = load_tokenizer(dataset_tokenizer_spec(FLAGS_data));
-  }
+  // ---- data and model config (from the checkpoint when resuming)
+  RunData data = describe_data(dp_rank, dp_size);
   std::string resume_dir;
   if (!FLAGS_ckpt_dir.empty() && FLAGS_resume) resume_dir = latest_checkpoint(FLAGS_ckpt_dir);
-  ModelConfig cfg = resume_dir.empty() ? model_config_from_flags(data_vocab) : read_checkpoint_config(resume_dir);
+  ModelConfig cfg = resume_dir.empty() ? model_config_from_flags(data.vocab) : read_checkpoint_config(resume_dir);
   if (!resume_dir.empty())
     check_resume_flags(resume_dir, cfg, read_checkpoint_meta(resume_dir).value("extra", nlohmann::json::object()));
-  if (!synthetic) {
-    DatasetOptions d;
-    d.path = FLAGS_data;
-    d.vocab_size = cfg.vocab_size;
-    d.seed = FLAGS_seed;
-    d.dp_rank = dp_rank;
-    d.dp_size = dp_size;
-    train = open_token_dataset(d);
-    if (!FLAGS_val_data.empty()) {
-      d.path = FLAGS_val_data;
-      d.shuffle = false;
-      d.cycle_batches = FLAGS_eval_batches;  // every evaluation scores the same batches
-      val = open_token_dataset(d);
-    }
-  }
-  if (val) check_validation_data(*val);
+  open_data(data, cfg, dp_rank, dp_size);
 
-  // ---- model + optimizer
+  // ---- model + optimizer, resumed
   if (ops->device() == Device::CPU) check_host_memory(cfg, FLAGS_tp, FLAGS_dp);
   Model model(cfg, *ops, precision, FLAGS_batch, FLAGS_seq, par ? model_parallel(*par) : ModelParallel{});
   model.init_weights(FLAGS_seed);
   model.keep_attention_state(FLAGS_keep_attention_state);
-  if (FLAGS_deterministic) setenv("DIFFTRON_FLASH_DETERMINISTIC", "1", 1);
-  OptimizerConfig oc;
-  oc.lr = FLAGS_lr;
-  oc.min_lr_ratio = FLAGS_min_lr_ratio;
-  oc.warmup_steps = FLAGS_warmup;
-  oc.total_steps = FLAGS_steps;
-  oc.schedule = parse_lr_schedule(FLAGS_lr_schedule);
-  oc.beta1 = FLAGS_beta1;
-  oc.beta2 = FLAGS_beta2;
-  oc.weight_decay = FLAGS_weight_decay;
-  oc.grad_clip = FLAGS_grad_clip;
-  AdamW opt(oc, model, par.get());
-
+  AdamW opt(optimizer_config_from_flags(), model, par.get());
   int64_t start_step = 0;
   if (!resume_dir.empty()) {
     CheckpointMeta meta = load_checkpoint(resume_dir, model, &opt, par.get());
     start_step = meta.step;
-    if (!meta.data_position.empty()) train->restore_position(meta.data_position);
+    if (!meta.data_position.empty()) data.train->restore_position(meta.data_position);
     LOG(INFO) << "resumed from " << resume_dir << " at step " << start_step;
     if (start_step >= FLAGS_steps) LOG(WARNING) << "--steps=" << FLAGS_steps << " already reached";
   }
 
-  TrainOptions to;
-  to.steps = FLAGS_steps;
-  to.batch = FLAGS_batch;
-  to.seq = FLAGS_seq;
-  to.grad_accum = FLAGS_grad_accum;
-  to.log_every = FLAGS_log_every;
-  to.eval_every = FLAGS_eval_every;
-  to.eval_batches = FLAGS_eval_batches;
-  Trainer trainer(model, opt, *train, val.get(), to, par.get());
-  auto meta_at = [&](int64_t steps_done) {
-    CheckpointMeta meta;
-    meta.step = steps_done;
-    meta.tokens_seen = steps_done * FLAGS_batch * FLAGS_seq * FLAGS_grad_accum * dp_size;
-    meta.seed = FLAGS_seed;
-    meta.data_position = train->position();
-    meta.extra = {{"tokenizer", tokenizer ? tokenizer->spec() : std::string("")},
-                  {"data", FLAGS_data},
-                  {"flags", run_flags()}};
-    return meta;
-  };
-  int64_t last_published = -1;
-  auto published = [&](const std::string& dir, int64_t step, double write_s) {
-    last_published = step;
-    char secs[32];
-    std::snprintf(secs, sizeof secs, "%.2f", write_s);
-    LOG(INFO) << "checkpoint written: " << dir << " (write " << secs << " s)";
-    // pruning only after a publish: `latest` then names the new checkpoint, which is kept
-    if (rank0 && FLAGS_ckpt_keep > 0) {
-      const int removed = prune_checkpoints(FLAGS_ckpt_dir, FLAGS_ckpt_keep);
-      if (removed > 0) LOG(INFO) << "removed " << removed << " old checkpoint(s) (--ckpt_keep=" << FLAGS_ckpt_keep << ")";
-    }
-  };
-  // Declared after the model, optimizer and grid, so it is destroyed (waiting for a save in
-  // flight) before them; the run-directory lock outlives it.
-  AsyncCheckpointer async_ckpt;
-  async_ckpt.on_published = published;
-  // Blocking save: first the one in flight, then this step unless that was it.
-  auto save = [&](int64_t steps_done) {
-    if (FLAGS_ckpt_dir.empty()) return;
-    async_ckpt.wait();
-    if (last_published == steps_done) return;
-    const auto t0 = std::chrono::steady_clock::now();
-    const std::string dir = save_checkpoint(FLAGS_ckpt_dir, meta_at(steps_done), model, &opt, par.get(), train->position());
-    published(dir, steps_done, std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
-  };
-  if (FLAGS_ckpt_every > 0 && !FLAGS_ckpt_dir.empty())
-    trainer.on_step = [&](int64_t step, double) {
-      if ((step + 1) % FLAGS_ckpt_every != 0 || step + 1 >= FLAGS_steps) return;
-      if (!FLAGS_async_save) return save(step + 1);
-      async_ckpt.start(FLAGS_ckpt_dir, meta_at(step + 1), model, &opt, par.get(), train->position());
-      char secs[32];
-      std::snprintf(secs, sizeof secs, "%.2f", async_ckpt.last_snapshot_seconds());
-      LOG(INFO) << "checkpoint step " << step + 1 << ": snapshot took " << secs
-                << " s (training continues; writing in the background)";
-    };
+  // ---- train, checkpointing; every rank stops after the same step
+  Trainer trainer(model, opt, *data.train, data.val.get(), train_options_from_flags(), par.get());
+  RunCheckpoints checkpoints(model, opt, par.get(), *data.train, data.tokenizer.get(), rank0);
+  trainer.on_step = [&](int64_t step, double) { checkpoints.after_step(step); };
   std::signal(SIGTERM, on_stop_signal);
   std::signal(SIGINT, on_stop_signal);
-  // Every rank must stop after the same step: under MPI the ranks agree on the flag each step.
   std::unique_ptr<Ops> host_ops = par ? make_cpu_ops() : nullptr;
   Tensor stop_flag = par ? host_ops->empty({1}, DType::F32) : Tensor();
   trainer.should_stop = [&] {
@@ -470,7 +555,7 @@ int train_main(int argc, char** argv) {
   };
   TrainResult res = trainer.run(start_step);
   const int64_t steps_done = start_step + int64_t(res.losses.size());
-  save(steps_done);
+  checkpoints.save(steps_done);
   if (g_stop_signal) {
     LOG(WARNING) << "stopped by signal " << g_stop_signal << " after step " << steps_done
                  << (FLAGS_ckpt_dir.empty() ? " (no --ckpt_dir: progress not saved)" : "; resume with the same command");
@@ -480,35 +565,8 @@ int train_main(int argc, char** argv) {
     LOG(INFO) << "done: first loss " << res.losses.front() << ", last loss " << res.losses.back()
               << ", " << static_cast<int64_t>(res.tokens_per_second) << " tokens/s";
 
-  // ---- sample (every rank runs it: under TP the logits are gathered; rank 0 prints)
   if (!rank0) std::cout.setstate(std::ios::failbit);
-  if (FLAGS_sample_tokens > 0) {
-    SampleOptions so;
-    so.max_new_tokens = FLAGS_sample_tokens;
-    so.temperature = FLAGS_temperature;
-    so.top_k = FLAGS_top_k;
-    so.seed = FLAGS_seed;
-    std::vector<int32_t> prompt;
-    if (tokenizer) {
-      prompt = tokenizer->encode(FLAGS_sample_prompt.empty() ? "The" : FLAGS_sample_prompt);
-      auto ids = sample(model, prompt, so);
-      std::cout << "----- sample -----\n" << tokenizer->decode(ids) << "\n------------------\n";
-    } else {
-      // synthetic copy task: show a prompt (symbols + separator) and the model's continuation
-      std::vector<int32_t> tok(FLAGS_seq), tgt(FLAGS_seq);
-      train->next_batch(1, FLAGS_seq, tok.data(), tgt.data());
-      int64_t m = FLAGS_seq / 2;
-      prompt.assign(tok.begin(), tok.begin() + m + 1);
-      so.max_new_tokens = std::min<int64_t>(FLAGS_sample_tokens, m);
-      so.temperature = 0;
-      auto ids = sample(model, prompt, so);
-      std::cout << "prompt:       ";
-      for (int64_t i = 0; i < m; ++i) std::cout << tok[i] << " ";
-      std::cout << "\ncontinuation: ";
-      for (size_t i = m + 1; i < ids.size(); ++i) std::cout << ids[i] << " ";
-      std::cout << "\n";
-    }
-  }
+  if (FLAGS_sample_tokens > 0) print_sample(model, *data.train, data.tokenizer.get());
   return 0;
 }
 

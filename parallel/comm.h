@@ -7,7 +7,7 @@
 #include <memory>
 #include <string>
 
-#include "core/tensor.h"
+#include "base/tensor.h"
 
 namespace difftron {
 

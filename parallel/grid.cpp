@@ -6,7 +6,6 @@
 
 #include <sstream>
 
-#include "core/model.h"
 #include "parallel/mpi_comm.h"
 #include "parallel/nccl_comm.h"
 
@@ -43,12 +42,12 @@ std::unique_ptr<ParallelContext> ParallelContext::single(Device device, Ops* ops
 std::unique_ptr<ParallelContext> ParallelContext::from_mpi_world(const GridOptions& o) {
   if (!MpiRuntime::initialized())
     throw_error("the process grid needs MPI, which is not initialised (start through MpiRuntime)");
-  if (o.tp < 1 || o.dp < 1) throw_error("--tp (", o.tp, ") and --dp (", o.dp, ") must be at least 1");
+  if (o.tp < 1 || o.dp < 1) throw_error("tp (", o.tp, ") and dp (", o.dp, ") must be at least 1");
   std::unique_ptr<ParallelContext> c(new ParallelContext());
   DT_MPI_CHECK(MPI_Comm_rank(MPI_COMM_WORLD, &c->world_rank_));
   DT_MPI_CHECK(MPI_Comm_size(MPI_COMM_WORLD, &c->world_size_));
   if (int64_t(o.tp) * o.dp != c->world_size_)
-    throw_error("--tp (", o.tp, ") x --dp (", o.dp, ") = ", int64_t(o.tp) * o.dp,
+    throw_error("tp (", o.tp, ") x dp (", o.dp, ") = ", int64_t(o.tp) * o.dp,
                 " must equal the number of MPI ranks (", c->world_size_, ")");
   c->device_ = o.device;
   c->host_ = host_name();
@@ -106,14 +105,6 @@ std::string ParallelContext::describe() const {
      << tp_->size() << ", dp " << dp_->rank() << " of " << dp_->size() << "), host " << host_
      << ", collectives on " << device_name(device_) << " memory";
   return os.str();
-}
-
-ModelParallel model_parallel(ParallelContext& ctx) {
-  ModelParallel mp;
-  mp.tp = &ctx.tp();
-  mp.tp_host = &ctx.tp_host();
-  mp.flat_multiple = 64 * int64_t(ctx.dp_size());
-  return mp;
 }
 
 int node_local_rank() {

@@ -65,11 +65,6 @@ class ParallelContext {
   Communicator *tp_ = nullptr, *dp_ = nullptr, *world_ = nullptr;
 };
 
-struct ModelParallel;
-// How a Model on this grid is split: the TP communicators, and flat buffers padded so that
-// ZeRO's DP shards stay 64-element aligned (core/model.h).
-ModelParallel model_parallel(ParallelContext& ctx);
-
 // The rank of this process among the ranks on its node (MPI_COMM_TYPE_SHARED), for
 // choosing its GPU before the grid is built; 0 without MPI.
 int node_local_rank();

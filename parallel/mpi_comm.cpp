@@ -9,6 +9,7 @@
 #include <cstring>
 #include <vector>
 
+#include "base/bf16.h"
 #include "parallel/watchdog.h"
 
 namespace difftron {
@@ -85,20 +86,6 @@ constexpr int kTag = 0x6474;              // "dt"
 constexpr int64_t kMaxMessage = 1 << 30;  // bytes per point-to-point message
 constexpr int64_t kPieceBytes = 64 << 20; // per-peer receive buffer of a reduction round
 
-float bf16_to_float(uint16_t b) {
-  uint32_t u = uint32_t(b) << 16;
-  float f;
-  std::memcpy(&f, &u, 4);
-  return f;
-}
-
-uint16_t float_to_bf16(float f) {  // round to nearest even; NaN stays NaN
-  uint32_t u;
-  std::memcpy(&u, &f, 4);
-  if ((u & 0x7fffffffu) > 0x7f800000u) return uint16_t((u >> 16) | 0x40);
-  u += 0x7fffu + ((u >> 16) & 1u);
-  return uint16_t(u >> 16);
-}
 
 // dst[j] = ((src[0][j] + src[1][j]) + ...) in the dtype's own arithmetic (bf16: f32 sums
 // rounded once at the end).

@@ -7,7 +7,7 @@
 
 #include <gtest/gtest.h>
 
-#include "core/rng.h"
+#include "base/rng.h"
 
 namespace difftron::testing {
 

@@ -15,7 +15,7 @@
 #include <gtest/gtest.h>
 #include <hdf5.h>
 
-#include "core/error.h"
+#include "base/error.h"
 
 namespace iotest {
 

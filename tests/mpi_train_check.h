@@ -14,7 +14,7 @@
 #include "core/batch_source.h"
 #include "core/model.h"
 #include "core/optimizer.h"
-#include "core/rng.h"
+#include "base/rng.h"
 #include "core/trainer.h"
 #include "kernels/ops.h"
 #include "parallel/grid.h"

@@ -18,7 +18,17 @@ bool has(const Result& r, const std::string& s) { return r.output.find(s) != std
 TEST(Cli, InvalidModelConfigNamesTheFields) {
   auto r = run("train --device=cpu --d_model=96 --n_heads=3 --n_kv_heads=2 --steps=1");
   EXPECT_EQ(r.status, 1) << r.output;
-  EXPECT_TRUE(has(r, "n_heads (3) must be a multiple of n_kv_heads (2)")) << r.output;
+  EXPECT_TRUE(has(r, "n_heads (3) must be a multiple of --n_kv_heads (2)")) << r.output;
+}
+
+// The library names config fields; the program names them as the flags that set them.
+TEST(Cli, ConfigFieldsInMessagesAreNamedAsFlags) {
+  auto r = run("train --device=cpu --d_model=96 --n_heads=3 --n_kv_heads=2 --steps=1");
+  EXPECT_TRUE(has(r, "--n_heads (3) must be a multiple of --n_kv_heads (2)")) << r.output;
+  r = run("plan --tp=3 --d_model=64 --n_heads=2");
+  EXPECT_EQ(r.status, 1) << r.output;
+  EXPECT_TRUE(has(r, "not a multiple of --tp (3)")) << r.output;
+  EXPECT_TRUE(has(r, "--n_heads (2)")) << r.output;
 }
 
 TEST(Cli, UnknownDevice) {

@@ -12,8 +12,8 @@
 
 #include <gtest/gtest.h>
 
-#include "core/error.h"
-#include "core/rng.h"
+#include "base/error.h"
+#include "base/rng.h"
 #include "kernels/cpu/reference.h"
 
 #if DIFFTRON_HAVE_CUDA
@@ -118,7 +118,7 @@ std::string case_name(const ::testing::TestParamInfo<Case>& info) {
 
 class DiffFlash : public ::testing::TestWithParam<Case> {};
 
-void check_case(const Case& c) {
+void check_case(const Case& c, const cuda::FlashOptions& opts) {
   const DiffFlashDims d{c.B, c.S, c.h, c.h_kv, c.dh};
   ASSERT_TRUE(cuda::diff_flash_supported(d));
   const size_t nq = c.B * c.S * c.h * 2 * c.dh, nk = c.B * c.S * c.h_kv * 2 * c.dh;
@@ -131,12 +131,12 @@ void check_case(const Case& c) {
   DevBuf<__nv_bfloat16> dq_(q.bf), dk_(k.bf), dv_(v.bf), ddo(dout.bf);
   DevBuf<__nv_bfloat16> dout_o(nq), dgq(nq), dgk(nk), dgv(nk);
   DevBuf<float> dlse(nl), dlam(std::vector<float>{lam}), dglam(1);
-  const size_t ws = cuda::diff_flash_backward_workspace_bytes(d);
+  const size_t ws = cuda::diff_flash_backward_workspace_bytes(d, opts);
   DevBuf<uint8_t> dws(ws);
 
-  cuda::diff_flash_forward(d, dq_.p, dk_.p, dv_.p, dlam.p, dout_o.p, dlse.p, nullptr);
+  cuda::diff_flash_forward(d, dq_.p, dk_.p, dv_.p, dlam.p, dout_o.p, dlse.p, nullptr, nullptr, opts);
   cuda::diff_flash_backward(d, dq_.p, dk_.p, dv_.p, dlam.p, dout_o.p, dlse.p, ddo.p, dgq.p, dgk.p,
-                            dgv.p, dglam.p, dws.p, ws, nullptr);
+                            dgv.p, dglam.p, dws.p, ws, nullptr, nullptr, opts);
   CUDA_OK(cudaDeviceSynchronize());
 
   // reference in double on the same rounded inputs (lambda rounded to f32 like the device's)
@@ -180,9 +180,9 @@ void check_case(const Case& c) {
     for (size_t i = 0; i < nq; ++i) ro2[i] = o_l0[i] - o_l1[i];
     DevBuf<__nv_bfloat16> do2(nq), dgq2(nq), dgk2(nk), dgv2(nk);
     DevBuf<float> dglam2(1);
-    cuda::diff_flash_forward(d, dq_.p, dk_.p, dv_.p, dlam.p, dout_o.p, dlse.p, nullptr, do2.p);
+    cuda::diff_flash_forward(d, dq_.p, dk_.p, dv_.p, dlam.p, dout_o.p, dlse.p, nullptr, do2.p, opts);
     cuda::diff_flash_backward(d, dq_.p, dk_.p, dv_.p, dlam.p, dout_o.p, dlse.p, ddo.p, dgq2.p,
-                              dgk2.p, dgv2.p, dglam2.p, dws.p, ws, nullptr, do2.p);
+                              dgk2.p, dgv2.p, dglam2.p, dws.p, ws, nullptr, do2.p, opts);
     CUDA_OK(cudaDeviceSynchronize());
     const double e_o2 = rel_l2(to_double(do2.get()), ro2);
     const double f_dq = rel_l2(to_double(dgq2.get()), rdq, l2(rdv));
@@ -198,12 +198,11 @@ void check_case(const Case& c) {
     EXPECT_LT(f_lam, 1e-2);
     glam_o2 = dglam2.get()[0];
     // asked for determinism, the saved-O2n backward repeats to the bit as well
-    const char* det = std::getenv("DIFFTRON_FLASH_DETERMINISTIC");
-    if (det && std::string(det) == "1") {
+    if (opts.deterministic) {
       const std::vector<double> q1 = to_double(dgq2.get()), k1 = to_double(dgk2.get());
       const std::vector<double> v1 = to_double(dgv2.get());
       cuda::diff_flash_backward(d, dq_.p, dk_.p, dv_.p, dlam.p, dout_o.p, dlse.p, ddo.p, dgq2.p,
-                                dgk2.p, dgv2.p, dglam2.p, dws.p, ws, nullptr, do2.p);
+                                dgk2.p, dgv2.p, dglam2.p, dws.p, ws, nullptr, do2.p, opts);
       CUDA_OK(cudaDeviceSynchronize());
       EXPECT_EQ(to_double(dgq2.get()), q1);
       EXPECT_EQ(to_double(dgk2.get()), k1);
@@ -214,7 +213,7 @@ void check_case(const Case& c) {
 
   // deterministic: a second backward gives the same bits
   cuda::diff_flash_backward(d, dq_.p, dk_.p, dv_.p, dlam.p, dout_o.p, dlse.p, ddo.p, dgq.p, dgk.p,
-                            dgv.p, dglam.p, dws.p, ws, nullptr);
+                            dgv.p, dglam.p, dws.p, ws, nullptr, nullptr, opts);
   CUDA_OK(cudaDeviceSynchronize());
   EXPECT_EQ(to_double(dgq.get()), gq);
   EXPECT_EQ(to_double(dgk.get()), gk);
@@ -226,24 +225,20 @@ void check_case(const Case& c) {
 }
 
 // Every kernel path: on sm_90 builds and GPUs the wgmma kernels (the default; with the saved
-// O2n at dh 64 that is the fused-dQ backward with float atomics), the same with
-// DIFFTRON_FLASH_DETERMINISTIC=1 (wgmma dK/dV + the dQ kernel), and the mma.sync kernels
-// (DIFFTRON_FLASH_WGMMA=0, every other GPU).
+// O2n at dh 64 that is the fused-dQ backward with float atomics), the same deterministic
+// (wgmma dK/dV + the dQ kernel), and the mma.sync kernels (hopper_kernels off, every other GPU).
 TEST_P(DiffFlash, ForwardAndBackwardMatchCpuReference) {
   require_gpu();
   struct Mode {
-    const char *name, *wgmma, *deterministic;
+    const char* name;
+    cuda::FlashOptions opts;
   };
-  for (const Mode& m : {Mode{"default", "1", "0"}, Mode{"deterministic", "1", "1"},
-                        Mode{"mma.sync", "0", "1"}}) {
-    setenv("DIFFTRON_FLASH_WGMMA", m.wgmma, 1);
-    setenv("DIFFTRON_FLASH_DETERMINISTIC", m.deterministic, 1);
+  for (const Mode& m : {Mode{"default", {false, true}}, Mode{"deterministic", {true, true}},
+                        Mode{"mma.sync", {true, false}}}) {
     std::printf(" %s kernels\n", m.name);
     SCOPED_TRACE(std::string("kernels: ") + m.name);
-    check_case(GetParam());
+    check_case(GetParam(), m.opts);
   }
-  unsetenv("DIFFTRON_FLASH_WGMMA");
-  unsetenv("DIFFTRON_FLASH_DETERMINISTIC");
 }
 
 INSTANTIATE_TEST_SUITE_P(

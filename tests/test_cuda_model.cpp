@@ -19,7 +19,7 @@
 #include "core/config.h"
 #include "core/model.h"
 #include "core/optimizer.h"
-#include "core/rng.h"
+#include "base/rng.h"
 #include "io/checkpoint.h"
 #include "kernels/ops.h"
 

@@ -18,8 +18,8 @@
 #include <string>
 #include <vector>
 
-#include "core/error.h"
-#include "core/rng.h"
+#include "base/error.h"
+#include "base/rng.h"
 #include "kernels/ops.h"
 
 namespace difftron {

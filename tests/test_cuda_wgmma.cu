@@ -14,7 +14,7 @@
 #include <cuda_runtime.h>
 #include <gtest/gtest.h>
 
-#include "core/rng.h"
+#include "base/rng.h"
 #include "kernels/cuda/diff_flash.cuh"
 #include "kernels/cuda/wgmma.cuh"
 

@@ -14,7 +14,7 @@
 #include <vector>
 
 #include "core/config.h"
-#include "core/error.h"
+#include "base/error.h"
 #include "core/model.h"
 #include "kernels/ops.h"
 

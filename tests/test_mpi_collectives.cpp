@@ -11,7 +11,7 @@
 
 #include <gtest/gtest.h>
 
-#include "core/rng.h"
+#include "base/rng.h"
 #include "parallel/grid.h"
 #include "parallel/mpi_comm.h"
 #include "tests/mpi_env.h"
@@ -215,7 +215,7 @@ TEST(MpiCollectives, GridMustMatchTheWorld) {
     testing::test_grid(3, 1);
     FAIL() << "no error";
   } catch (const Error& e) {
-    EXPECT_NE(std::string(e.what()).find("--tp (3) x --dp (1) = 3 must equal the number of MPI ranks (4)"),
+    EXPECT_NE(std::string(e.what()).find("tp (3) x dp (1) = 3 must equal the number of MPI ranks (4)"),
               std::string::npos)
         << e.what();
   }

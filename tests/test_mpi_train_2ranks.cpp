@@ -148,7 +148,7 @@ TEST(TensorParallel2, RejectsConfigsThatDoNotSplit) {
     EXPECT_NE(w.find("n_kv_heads (3)"), std::string::npos) << w;
     EXPECT_NE(w.find("ffn_dim (63)"), std::string::npos) << w;
     EXPECT_NE(w.find("vocab_size (33)"), std::string::npos) << w;
-    EXPECT_NE(w.find("--vocab_size=34"), std::string::npos) << w;
+    EXPECT_NE(w.find("vocab_size=34"), std::string::npos) << w;
   }
 }
 

@@ -9,13 +9,13 @@
 
 #include <gtest/gtest.h>
 
-#include "core/rng.h"
+#include "base/rng.h"
 #include "kernels/cpu/reference.h"
 #include "kernels/ops.h"
 #include "parallel/grid.h"
 #include "parallel/mpi_comm.h"
 #include "tests/mpi_env.h"
-#include "parallel/zero.h"
+#include "core/zero.h"
 
 namespace difftron {
 namespace {

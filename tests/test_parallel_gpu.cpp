@@ -17,7 +17,7 @@
 
 #include "core/model.h"
 #include "core/optimizer.h"
-#include "core/rng.h"
+#include "base/rng.h"
 #include "kernels/ops.h"
 #include "parallel/grid.h"
 #include "parallel/mpi_comm.h"

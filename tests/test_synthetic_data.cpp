@@ -9,7 +9,7 @@
 
 #include <gtest/gtest.h>
 
-#include "core/error.h"
+#include "base/error.h"
 #include "io/synthetic_data.h"
 
 namespace difftron {

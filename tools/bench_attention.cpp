@@ -13,8 +13,8 @@
 
 #include <gflags/gflags.h>
 
-#include "core/error.h"
-#include "core/rng.h"
+#include "base/error.h"
+#include "base/rng.h"
 #include "launch/command.h"
 
 #if DIFFTRON_HAVE_CUDA
@@ -28,6 +28,9 @@
 DEFINE_string(attn_shapes, "",
               "bench-attention: shapes 'B,S,h,h_kv,dh;...' (default: the issue-4 shapes and an S "
               "sweep from 1k to 16k at 16k tokens per batch, dh 64 and 128)");
+DEFINE_string(attn_kernels, "default",
+              "bench-attention: default (Hopper kernels, fused dQ with f32 atomics), deterministic "
+              "(fixed-order dQ), or mma_sync (the kernels every other GPU runs)");
 DEFINE_int32(attn_reps, 20, "bench-attention: timed repetitions per kernel (median reported)");
 DEFINE_int32(attn_simple_max_s, 4096,
              "bench-attention: also time the simple SIMT path (diff_attention_simple.cu) for "
@@ -119,6 +122,7 @@ int run(int argc, char** argv) {
   }
   cudaDeviceProp prop{};
   ck(cudaGetDeviceProperties(&prop, 0), "properties");
+  std::printf("kernels: %s\n", FLAGS_attn_kernels.c_str());
   std::printf("bench-attention on %s; FLOPs: fwd = 6 B h S^2 dh (causal), bwd = 2.5 x fwd; "
               "median of %d\n",
               prop.name, FLAGS_attn_reps);
@@ -128,13 +132,18 @@ int run(int argc, char** argv) {
   std::printf("%-26s %9s %9s %9s %8s %8s %8s %8s %8s %9s %10s\n", "shape B,S,h,h_kv,dh", "fwd ms",
               "bwd ms", "total ms", "fwd TF/s", "bwd TF/s", "all TF/s", "goal ms", "/goal",
               "no-O2n ms", "simple ms");
+  cuda::FlashOptions opts;
+  if (FLAGS_attn_kernels == "deterministic") opts.deterministic = true;
+  else if (FLAGS_attn_kernels == "mma_sync") opts.hopper_kernels = false;
+  else if (FLAGS_attn_kernels != "default")
+    throw_error("--attn_kernels: unknown '", FLAGS_attn_kernels, "' (default, deterministic or mma_sync)");
   cuda::CudaContext ctx(0);
   for (const Shape5& s : shapes) {
     cuda::DiffFlashDims d{s.B, s.S, s.h, s.h_kv, s.dh};
     std::string why;
     if (!cuda::diff_flash_supported(d, &why)) throw_error("bench-attention: shape: ", why);
     const size_t nq = s.B * s.S * s.h * 2 * s.dh, nk = s.B * s.S * s.h_kv * 2 * s.dh;
-    const size_t nl = s.B * s.h * 2 * s.S, ws = cuda::diff_flash_backward_workspace_bytes(d);
+    const size_t nl = s.B * s.h * 2 * s.S, ws = cuda::diff_flash_backward_workspace_bytes(d, opts);
     __nv_bfloat16 *q, *k, *v, *o, *o2, *dout, *dq, *dk, *dv;
     float *lse, *lam, *dlam;
     void* w;
@@ -154,20 +163,20 @@ int run(int argc, char** argv) {
     const int reps = FLAGS_attn_reps;
     // the default path: the forward saves O2n, the backward uses it
     const double fwd = median_ms(
-        [&] { cuda::diff_flash_forward(d, q, k, v, lam, o, lse, nullptr, o2); }, reps);
+        [&] { cuda::diff_flash_forward(d, q, k, v, lam, o, lse, nullptr, o2, opts); }, reps);
     const double bwd = median_ms(
         [&] {
           cuda::diff_flash_backward(d, q, k, v, lam, o, lse, dout, dq, dk, dv, dlam, w, ws,
-                                    nullptr, o2);
+                                    nullptr, o2, opts);
         },
         reps);
     // the memory-saving path: no O2n, the backward recomputes D2'
     const double fwd2 = median_ms(
-        [&] { cuda::diff_flash_forward(d, q, k, v, lam, o, lse, nullptr); }, reps);
+        [&] { cuda::diff_flash_forward(d, q, k, v, lam, o, lse, nullptr, nullptr, opts); }, reps);
     const double bwd2 = median_ms(
         [&] {
           cuda::diff_flash_backward(d, q, k, v, lam, o, lse, dout, dq, dk, dv, dlam, w, ws,
-                                    nullptr);
+                                    nullptr, nullptr, opts);
         },
         reps);
     ck(cudaDeviceSynchronize(), "sync");

@@ -13,7 +13,7 @@
 #include "io/checkpoint.h"
 #include "io/tokenizer.h"
 #include "launch/command.h"
-#include "parallel/plan.h"
+#include "core/plan.h"
 
 DEFINE_string(checkpoint, "", "a checkpoint directory, or a --ckpt_dir root (its latest checkpoint)");
 DEFINE_string(prompt, "The", "prompt text (encoded with the checkpoint's tokenizer)");

@@ -9,7 +9,7 @@
 
 #include <gflags/gflags.h>
 
-#include "core/error.h"
+#include "base/error.h"
 #include "io/loader.h"
 #include "io/tokenizer.h"
 #include "launch/command.h"

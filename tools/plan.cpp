@@ -6,9 +6,9 @@
 #include <gflags/gflags.h>
 
 #include "core/config.h"
-#include "core/error.h"
+#include "base/error.h"
 #include "launch/command.h"
-#include "parallel/plan.h"
+#include "core/plan.h"
 
 // Shared with `difftron train` (launch/train.cpp defines them).
 DECLARE_string(model_config);

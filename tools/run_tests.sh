@@ -4,6 +4,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash tools/setup.sh
+bash tools/check_includes.sh
 bash tools/build.sh
 cd "${BUILD_DIR:-build}"
 ctest --output-on-failure -j 2 --timeout 900

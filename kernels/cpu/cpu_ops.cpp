@@ -4,7 +4,7 @@
 #include <cstdlib>
 #include <cstring>
 
-#include "core/error.h"
+#include "base/error.h"
 #include "kernels/cpu/reference.h"
 #include "kernels/ops.h"
 
@@ -353,9 +353,9 @@ class CpuOps final : public Ops {
 std::unique_ptr<Ops> make_cpu_ops() { return std::make_unique<CpuOps>(); }
 
 #ifndef DIFFTRON_HAVE_CUDA
-std::unique_ptr<Ops> make_cuda_ops(int) {
+std::unique_ptr<Ops> make_cuda_ops(int, const CudaOptions&) {
   throw_error("this build of difftron has no CUDA backend (configure found no CUDA toolkit); "
-              "use --device=cpu");
+              "use the CPU backend");
 }
 bool cuda_available() { return false; }
 #endif

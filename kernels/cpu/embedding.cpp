@@ -1,7 +1,7 @@
 // Token embedding lookup and its backward (a scatter-add in token order).
 #include <cstring>
 
-#include "core/error.h"
+#include "base/error.h"
 #include "kernels/cpu/reference.h"
 
 namespace difftron::cpu {

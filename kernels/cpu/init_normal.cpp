@@ -9,7 +9,8 @@
 #include <string>
 #include <vector>
 
-#include "core/error.h"
+#include "base/bf16.h"
+#include "base/error.h"
 #include "kernels/ops.h"
 
 namespace difftron {
@@ -34,14 +35,6 @@ inline double normal_at(uint64_t key, uint64_t g, double std) {
   const double u1 = double((h1 >> 11) + 1) * (1.0 / 9007199254740992.0);  // (0, 1]
   const double u2 = double(h2 >> 11) * (1.0 / 9007199254740992.0);        // [0, 1)
   return std * (std::sqrt(-2.0 * std::log(u1)) * std::cos(2.0 * M_PI * u2));
-}
-
-// Round to nearest even, as __float2bfloat16_rn (NaN kept quiet).
-inline uint16_t float_to_bf16_bits(float f) {
-  uint32_t u;
-  std::memcpy(&u, &f, 4);
-  if ((u & 0x7fffffffu) > 0x7f800000u) return uint16_t((u >> 16) | 0x40u);
-  return uint16_t((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
 }
 
 template <typename Store>
@@ -102,7 +95,7 @@ void init_normal(Tensor& out, uint64_t seed, uint64_t tensor_id, double std, int
     default: {  // BF16 (checked above)
       uint16_t* p = out.data<uint16_t>();
       generate(rows, cols, seed, tensor_id, std, full_cols, row0, col0,
-               [p](int64_t i, double v) { p[i] = float_to_bf16_bits(float(v)); });
+               [p](int64_t i, double v) { p[i] = float_to_bf16(float(v)); });
       break;
     }
   }

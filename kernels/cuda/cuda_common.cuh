@@ -8,7 +8,7 @@
 #include <cstdint>
 #include <type_traits>
 
-#include "core/tensor.h"
+#include "base/tensor.h"
 #include "kernels/cuda/cuda_context.h"
 
 namespace difftron::cuda {

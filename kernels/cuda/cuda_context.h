@@ -13,7 +13,7 @@
 #include <memory>
 #include <tuple>
 
-#include "core/error.h"
+#include "base/error.h"
 
 namespace difftron::cuda {
 

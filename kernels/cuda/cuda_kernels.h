@@ -4,7 +4,7 @@
 #pragma once
 #include <cstdint>
 
-#include "core/tensor.h"
+#include "base/tensor.h"
 #include "kernels/cuda/cuda_context.h"
 #include "kernels/ops.h"
 

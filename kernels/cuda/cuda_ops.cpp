@@ -9,7 +9,8 @@
 #include <cstring>
 #include <vector>
 
-#include "core/error.h"
+#include "base/bf16.h"
+#include "base/error.h"
 #include "kernels/cuda/cuda_context.h"
 #include "kernels/cuda/cuda_kernels.h"
 #include "kernels/cuda/diff_flash.h"
@@ -25,19 +26,6 @@ void init_normal_check(const char* backend, const Tensor& out, double std, int64
 
 namespace {
 
-// ---- host-side bf16 conversion (round to nearest even, as __float2bfloat16_rn) ----------
-uint16_t float_to_bf16_bits(float f) {
-  uint32_t u;
-  std::memcpy(&u, &f, 4);
-  if ((u & 0x7fffffffu) > 0x7f800000u) return uint16_t((u >> 16) | 0x40u);  // quiet NaN
-  return uint16_t((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
-}
-float bf16_bits_to_float(uint16_t h) {
-  uint32_t u = uint32_t(h) << 16;
-  float f;
-  std::memcpy(&f, &u, 4);
-  return f;
-}
 
 // ---- argument checks ---------------------------------------------------------------------
 [[noreturn]] void fail(const char* op, const std::string& what) { throw_error("cuda ", op, ": ", what); }
@@ -75,7 +63,8 @@ void same_dtype(const Tensor& a, const Tensor& b, const char* op, const char* an
 
 class CudaOps final : public Ops {
  public:
-  explicit CudaOps(int device) : ctx_(device) {}
+  CudaOps(int device, const CudaOptions& options)
+      : ctx_(device), flash_{options.deterministic, options.hopper_kernels} {}
   ~CudaOps() override = default;
 
   Device device() const override { return Device::CUDA; }
@@ -136,7 +125,7 @@ class CudaOps final : public Ops {
       for (int64_t i = 0; i < n; ++i) s[i] = float(src[i]);
     } else if (dst.dtype() == DType::BF16) {
       uint16_t* s = reinterpret_cast<uint16_t*>(staging.data());
-      for (int64_t i = 0; i < n; ++i) s[i] = float_to_bf16_bits(float(src[i]));
+      for (int64_t i = 0; i < n; ++i) s[i] = float_to_bf16(float(src[i]));
     } else {
       fail("upload", "unsupported destination " + dst.str());
     }
@@ -168,7 +157,7 @@ class CudaOps final : public Ops {
       for (int64_t i = 0; i < n; ++i) dst[i] = H(s[i]);
     } else if (src.dtype() == DType::BF16) {
       const uint16_t* s = reinterpret_cast<const uint16_t*>(staging.data());
-      for (int64_t i = 0; i < n; ++i) dst[i] = H(bf16_bits_to_float(s[i]));
+      for (int64_t i = 0; i < n; ++i) dst[i] = H(bf16_to_float(s[i]));
     } else {
       fail("download", "unsupported source " + src.str());
     }
@@ -411,7 +400,8 @@ class CudaOps final : public Ops {
     if (q.dtype() == DType::BF16 && cuda::diff_flash_supported(fd)) {
       cuda::diff_flash_forward(fd, q.data<__nv_bfloat16>(), k.data<__nv_bfloat16>(),
                                v.data<__nv_bfloat16>(), lambda.data<float>(),
-                               out.data<__nv_bfloat16>(), lse.data<float>(), ctx_.stream(), o2_of(saved, q));
+                               out.data<__nv_bfloat16>(), lse.data<float>(), ctx_.stream(), o2_of(saved, q),
+                               flash_);
       return;
     }
     cuda::diff_attention_simple_forward(ctx_, q, k, v, lambda, out, lse);
@@ -429,13 +419,14 @@ class CudaOps final : public Ops {
     ctx_.activate();
     const cuda::DiffFlashDims fd{q.dim(0), q.dim(1), q.dim(2), k.dim(2), q.dim(4)};
     if (q.dtype() == DType::BF16 && cuda::diff_flash_supported(fd)) {
-      const size_t ws = cuda::diff_flash_backward_workspace_bytes(fd);
+      const size_t ws = cuda::diff_flash_backward_workspace_bytes(fd, flash_);
       cuda::diff_flash_backward(fd, q.data<__nv_bfloat16>(), k.data<__nv_bfloat16>(),
                                 v.data<__nv_bfloat16>(), lambda.data<float>(),
                                 out.data<__nv_bfloat16>(), lse.data<float>(),
                                 dout.data<__nv_bfloat16>(), dq.data<__nv_bfloat16>(),
                                 dk.data<__nv_bfloat16>(), dv.data<__nv_bfloat16>(),
-                                dlambda.data<float>(), ctx_.scratch(ws), ws, ctx_.stream(), o2_of(saved, q));
+                                dlambda.data<float>(), ctx_.scratch(ws), ws, ctx_.stream(), o2_of(saved, q),
+                                flash_);
       return;
     }
     cuda::diff_attention_simple_backward(ctx_, q, k, v, lambda, lse, dout, dq, dk, dv, dlambda);
@@ -466,10 +457,10 @@ class CudaOps final : public Ops {
     ctx_.activate();
     // Hopper: the fused flash kernels (heads in pairs, diff_flash.h); else cuBLAS GEMMs
     const cuda::DiffFlashDims sd{q.dim(0), q.dim(1), q.dim(2), k.dim(2), q.dim(3)};
-    if (q.dtype() == DType::BF16 && cuda::std_flash_supported(sd, false)) {
+    if (q.dtype() == DType::BF16 && cuda::std_flash_supported(sd, false, flash_)) {
       cuda::std_flash_forward(sd, q.data<__nv_bfloat16>(), k.data<__nv_bfloat16>(),
                               v.data<__nv_bfloat16>(), out.data<__nv_bfloat16>(), lse.data<float>(),
-                              ctx_.stream());
+                              ctx_.stream(), flash_);
       return;
     }
     if (cuda::attention_gemm_supported(q, k)) return cuda::attention_gemm_forward(ctx_, q, k, v, out, lse);
@@ -484,13 +475,13 @@ class CudaOps final : public Ops {
     check_attention_grads(q, k, v, out, lse, dout, dq, dk, dv, q.dim(0) * q.dim(2) * q.dim(1), op);
     ctx_.activate();
     const cuda::DiffFlashDims sd{q.dim(0), q.dim(1), q.dim(2), k.dim(2), q.dim(3)};
-    if (q.dtype() == DType::BF16 && cuda::std_flash_supported(sd, true)) {
+    if (q.dtype() == DType::BF16 && cuda::std_flash_supported(sd, true, flash_)) {
       const size_t ws = cuda::std_flash_backward_workspace_bytes(sd);
       cuda::std_flash_backward(sd, q.data<__nv_bfloat16>(), k.data<__nv_bfloat16>(),
                                v.data<__nv_bfloat16>(), out.data<__nv_bfloat16>(), lse.data<float>(),
                                dout.data<__nv_bfloat16>(), dq.data<__nv_bfloat16>(),
                                dk.data<__nv_bfloat16>(), dv.data<__nv_bfloat16>(), ctx_.scratch(ws),
-                               ws, ctx_.stream());
+                               ws, ctx_.stream(), flash_);
       return;
     }
     if (cuda::attention_gemm_supported(q, k))
@@ -598,6 +589,7 @@ class CudaOps final : public Ops {
 
  private:
   cuda::CudaContext ctx_;
+  cuda::FlashOptions flash_;  // from CudaOptions: determinism and the kernel family
 };
 
 }  // namespace
@@ -618,15 +610,15 @@ bool cuda_available() {
   return count > 0;
 }
 
-std::unique_ptr<Ops> make_cuda_ops(int device_index) {
+std::unique_ptr<Ops> make_cuda_ops(int device_index, const CudaOptions& options) {
   int count = 0;
   const cudaError_t err = cudaGetDeviceCount(&count);
   if (err != cudaSuccess || count == 0) {
     cudaGetLastError();
     throw_error("cuda: no GPU is visible (cudaGetDeviceCount: ",
-                err == cudaSuccess ? "0 devices" : cudaGetErrorString(err), "); use --device=cpu");
+                err == cudaSuccess ? "0 devices" : cudaGetErrorString(err), "); use the CPU backend");
   }
-  return std::make_unique<CudaOps>(device_index);
+  return std::make_unique<CudaOps>(device_index, options);
 }
 
 }  // namespace difftron

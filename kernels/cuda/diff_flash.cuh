@@ -61,16 +61,10 @@ constexpr float kLog2e = 1.4426950408889634f;
 constexpr float kLn2 = 0.6931471805599453f;
 
 // ---- configurations --------------------------------------------------------------------
-// Tuning switches (the defaults are the measured best, docs/PERFORMANCE.md):
-#ifndef DIFF_FLASH_FWD64_DUAL
-#define DIFF_FLASH_FWD64_DUAL 1  // dh 64 forward: dual warps (no pair exchange)
-#endif
+// Tile sizes (the measured best; variants measured slower, such as map-split pairs for the
+// dh 64 forward and dK/dV or a head-major grid, are in docs/PERFORMANCE.md's tuning history):
 #ifndef DIFF_FLASH_FWD64_BN
 #define DIFF_FLASH_FWD64_BN 32
-#endif
-#ifndef DIFF_FLASH_HEAD_MAJOR
-// 1: tiles fastest (L2 reuse of K/V); measured 3-6% slower than 0 (heavy tiles first, all heads)
-#define DIFF_FLASH_HEAD_MAJOR 0
 #endif
 #ifndef DIFF_FLASH_DQ64_BN
 #define DIFF_FLASH_DQ64_BN 64  // keys per tile of the dh 64 dQ kernel
@@ -78,11 +72,8 @@ constexpr float kLn2 = 0.6931471805599453f;
 #ifndef DIFF_FLASH_DKV64_BM
 #define DIFF_FLASH_DKV64_BM 64  // queries per tile of the dh 64 dK/dV kernel
 #endif
-#ifndef DIFF_FLASH_DKV64_QSPLIT
-#define DIFF_FLASH_DKV64_QSPLIT 1  // dh 64 dK/dV: query-split pairs (no per-tile exchange)
-#endif
 
-// Forward, map-split pairs (dh 128; dh 64 when DIFF_FLASH_FWD64_DUAL is 0).
+// Forward, map-split pairs (dh 128; dh 64 uses the dual-warp kernel).
 template <int DH>
 struct FwdCfg {
   static constexpr int WM = 4, WARPS = 2 * WM, THREADS = 32 * WARPS;
@@ -380,35 +371,11 @@ struct BwdParams {
 
 void check_launch(const char* what);
 
-// Grid mapping: (tile, batch * heads) <-> blockIdx, see DIFF_FLASH_HEAD_MAJOR. Tiles are
-// numbered so that the CTA with the most work of a head starts first.
-__host__ __device__ inline dim3 tile_grid(int tiles, int heads) {
-#if DIFF_FLASH_HEAD_MAJOR
-  return dim3(unsigned(tiles), unsigned(heads));
-#else
-  return dim3(unsigned(heads), unsigned(tiles));
-#endif
-}
-__device__ __forceinline__ int grid_tile() {
-#if DIFF_FLASH_HEAD_MAJOR
-  return blockIdx.x;
-#else
-  return blockIdx.y;
-#endif
-}
-__device__ __forceinline__ int grid_tiles() {
-#if DIFF_FLASH_HEAD_MAJOR
-  return gridDim.x;
-#else
-  return gridDim.y;
-#endif
-}
-__device__ __forceinline__ int grid_head() {
-#if DIFF_FLASH_HEAD_MAJOR
-  return blockIdx.y;
-#else
-  return blockIdx.x;
-#endif
-}
+// Grid mapping: blockIdx.x = batch * heads (every head's heavy tiles start first), blockIdx.y =
+// tile. Tiles are numbered so that the CTA with the most work of a head starts first.
+__host__ __device__ inline dim3 tile_grid(int tiles, int heads) { return dim3(unsigned(heads), unsigned(tiles)); }
+__device__ __forceinline__ int grid_tile() { return blockIdx.y; }
+__device__ __forceinline__ int grid_tiles() { return gridDim.y; }
+__device__ __forceinline__ int grid_head() { return blockIdx.x; }
 
 }  // namespace difftron::cuda::flash

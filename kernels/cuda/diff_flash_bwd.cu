@@ -10,7 +10,7 @@
 #include <cstring>
 #include <string>
 
-#include "core/error.h"
+#include "base/error.h"
 #include "kernels/cuda/diff_flash.cuh"
 #include "kernels/cuda/diff_flash_wgmma.h"
 
@@ -777,9 +777,7 @@ size_t round_up(size_t x) { return (x + kAlign - 1) / kAlign * kAlign; }
 size_t d_bytes(const DiffFlashDims& d) { return round_up(size_t(d.B * d.h * 2 * d.S) * 4); }
 // Key rows per CTA of the dK/dV kernel launch_bwd runs for this head_dim.
 constexpr int dkv_bn(int64_t dh) {
-  return dh != 64                 ? flash::DkvCfg<128>::BN
-         : DIFF_FLASH_DKV64_QSPLIT ? flash::DkvQCfg<64>::BN
-                                   : flash::DkvCfg<64>::BN;
+  return dh != 64 ? flash::DkvCfg<128>::BN : flash::DkvQCfg<64>::BN;
 }
 // dK/dV CTAs = dlambda partials (one each); the workspace holds this many.
 int64_t dkv_ctas(const DiffFlashDims& d) {
@@ -805,7 +803,7 @@ void launch_dlambda(const flash::BwdParams& p, int64_t n_part, int64_t max_part,
 }
 
 template <int DH>
-void launch_bwd(const DiffFlashDims& d, const flash::BwdParams& p, cudaStream_t stream) {
+void launch_bwd(const DiffFlashDims& d, const flash::BwdParams& p, cudaStream_t stream, const FlashOptions& opts) {
   using Q = flash::DqCfg<DH>;
   set_smem(flash::diff_flash_dq_kernel<DH>, Q::SMEM, "dQ");
   const dim3 gq = flash::tile_grid(int((d.S + Q::BM - 1) / Q::BM), int(d.B * d.h));
@@ -822,30 +820,27 @@ void launch_bwd(const DiffFlashDims& d, const flash::BwdParams& p, cudaStream_t 
     flash::check_launch("backward dK/dV");
     n_part = int64_t(gkv.x) * gkv.y;
   };
-  if (diff_flash_wgmma_enabled()) {  // Hopper: diff_flash_bwd_wgmma.cu
+  if (diff_flash_wgmma_enabled(opts)) {  // Hopper: diff_flash_bwd_wgmma.cu
     diff_flash_dkdv_wgmma(d, p, stream);
     n_part = diff_flash_dkdv_wgmma_ctas(d);
-  } else if constexpr (DH == 64 && DIFF_FLASH_DKV64_QSPLIT)
+  } else if constexpr (DH == 64)
     launch_dkdv(flash::diff_flash_dkdv_qsplit_kernel<DH>, flash::DkvQCfg<DH>{});
   else
     launch_dkdv(flash::diff_flash_dkdv_kernel<DH>, flash::DkvCfg<DH>{});
   launch_dlambda(p, n_part, dkv_ctas(d), stream);
 }
 
-// The fused-dQ backward (diff_flash_bwd_wgmma.cu) runs on the wgmma kernels when
-// the forward saved O2n, unless DIFFTRON_FLASH_DETERMINISTIC=1 asks for bitwise repeatability.
-bool fused_dq_possible(const DiffFlashDims&) { return diff_flash_wgmma_enabled(); }
-bool deterministic_asked() {
-  const char* env = std::getenv("DIFFTRON_FLASH_DETERMINISTIC");
-  return env && std::strcmp(env, "1") == 0;
-}
-size_t dq_acc_bytes(const DiffFlashDims& d) {
-  return fused_dq_possible(d) ? round_up(size_t(d.B * d.S * d.h * 2 * d.dh) * 4) : 0;
+// The fused-dQ backward (diff_flash_bwd_wgmma.cu) runs on the wgmma kernels when the
+// forward saved O2n, unless opts.deterministic asks for bitwise repeatability; its f32 dQ
+// accumulator is workspace only then.
+bool fused_dq(const FlashOptions& opts) { return diff_flash_wgmma_enabled(opts) && !opts.deterministic; }
+size_t dq_acc_bytes(const DiffFlashDims& d, const FlashOptions& opts) {
+  return fused_dq(opts) ? round_up(size_t(d.B * d.S * d.h * 2 * d.dh) * 4) : 0;
 }
 }  // namespace
 
-size_t diff_flash_backward_workspace_bytes(const DiffFlashDims& d) {
-  return d_bytes(d) + round_up(size_t(dkv_ctas(d)) * 4) + dq_acc_bytes(d);
+size_t diff_flash_backward_workspace_bytes(const DiffFlashDims& d, const FlashOptions& opts) {
+  return d_bytes(d) + round_up(size_t(dkv_ctas(d)) * 4) + dq_acc_bytes(d, opts);
 }
 
 void diff_flash_backward(const DiffFlashDims& d, const __nv_bfloat16* q, const __nv_bfloat16* k,
@@ -853,10 +848,10 @@ void diff_flash_backward(const DiffFlashDims& d, const __nv_bfloat16* q, const _
                          const float* lse, const __nv_bfloat16* dout, __nv_bfloat16* dq,
                          __nv_bfloat16* dk, __nv_bfloat16* dv, float* dlambda, void* workspace,
                          size_t workspace_bytes, cudaStream_t stream,
-                         const __nv_bfloat16* o2) {
+                         const __nv_bfloat16* o2, const FlashOptions& opts) {
   std::string why;
   if (!diff_flash_supported(d, &why)) throw_error("diff_flash_backward: unsupported: ", why);
-  const size_t need = diff_flash_backward_workspace_bytes(d);
+  const size_t need = diff_flash_backward_workspace_bytes(d, opts);
   if (workspace_bytes < need || workspace == nullptr)
     throw_error("diff_flash_backward: workspace of ", workspace_bytes, " bytes, need ", need);
   const void* ptrs[] = {q, k, v, out, dout, dq, dk, dv, workspace, o2};
@@ -866,19 +861,36 @@ void diff_flash_backward(const DiffFlashDims& d, const __nv_bfloat16* q, const _
       throw_error("diff_flash_backward: ", names[i], " is not 16-byte aligned");
   float* D = static_cast<float*>(workspace);
   float* part = reinterpret_cast<float*>(static_cast<char*>(workspace) + d_bytes(d));
-  flash::BwdParams p{q, k, v, out, dout, o2, lambda, lse, dq, dk, dv, D, part, dlambda,
-                     int(d.S), int(d.h), int(d.h_kv), int(d.h / d.h_kv),
-                     float(1.0 / std::sqrt(double(d.dh))),
-                     float(flash::kLog2e / std::sqrt(double(d.dh)))};
-  if (o2 && fused_dq_possible(d) && !deterministic_asked()) {
+  flash::BwdParams p{};
+  p.q = q;
+  p.k = k;
+  p.v = v;
+  p.out = out;
+  p.dout = dout;
+  p.o2 = o2;
+  p.lambda = lambda;
+  p.lse = lse;
+  p.dq = dq;
+  p.dk = dk;
+  p.dv = dv;
+  p.D = D;
+  p.dlam_part = part;
+  p.dlambda = dlambda;
+  p.S = int(d.S);
+  p.h = int(d.h);
+  p.h_kv = int(d.h_kv);
+  p.group = int(d.h / d.h_kv);
+  p.scale = float(1.0 / std::sqrt(double(d.dh)));
+  p.scale_log2 = float(flash::kLog2e / std::sqrt(double(d.dh)));
+  if (o2 && fused_dq(opts)) {
     p.dq_acc = reinterpret_cast<float*>(static_cast<char*>(workspace) + d_bytes(d) +
                                         round_up(size_t(dkv_ctas(d)) * 4));
     diff_flash_bwd_fused_dq(d, p, stream);
     launch_dlambda(p, diff_flash_dkdv_wgmma_ctas(d), dkv_ctas(d), stream);
   } else if (d.dh == 64) {
-    launch_bwd<64>(d, p, stream);
+    launch_bwd<64>(d, p, stream, opts);
   } else {
-    launch_bwd<128>(d, p, stream);
+    launch_bwd<128>(d, p, stream, opts);
   }
 }
 

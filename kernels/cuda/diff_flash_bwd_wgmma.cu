@@ -5,7 +5,7 @@
 // - fused (default with O2n): diff_flash_bwd_prep_kernel (D1, D2' per row), the dK/dV kernel
 //   with FUSE_DQ (dQ_j = dS_j K_j added into an f32 accumulator with atomics: not bitwise
 //   repeatable), diff_flash_dq_convert_kernel, then the shared dlambda reduction;
-// - deterministic (no O2n, or DIFFTRON_FLASH_DETERMINISTIC=1): the mma.sync dQ kernel (which
+// - deterministic (no O2n, or FlashOptions::deterministic): the mma.sync dQ kernel (which
 //   also writes D1, D2'), the dK/dV kernel without dQ, the dlambda reduction.
 //
 // dh 64 design: a CTA owns BN = 128 keys of one K/V group and has two warpgroups of 64 keys
@@ -26,7 +26,7 @@
 #include <cstdint>
 #include <string>
 
-#include "core/error.h"
+#include "base/error.h"
 #include "kernels/cuda/diff_flash_wgmma.cuh"
 #include "kernels/cuda/diff_flash_wgmma.h"
 
@@ -606,9 +606,9 @@ void std_flash_backward(const DiffFlashDims& d, const __nv_bfloat16* q, const __
                         const __nv_bfloat16* v, const __nv_bfloat16* out, const float* lse,
                         const __nv_bfloat16* dout, __nv_bfloat16* dq, __nv_bfloat16* dk,
                         __nv_bfloat16* dv, void* workspace, size_t workspace_bytes,
-                        cudaStream_t stream) {
+                        cudaStream_t stream, const FlashOptions& opts) {
   std::string why;
-  if (!std_flash_supported(d, true, &why)) throw_error("std_flash_backward: unsupported: ", why);
+  if (!std_flash_supported(d, true, opts, &why)) throw_error("std_flash_backward: unsupported: ", why);
   const size_t need = std_flash_backward_workspace_bytes(d);
   if (workspace == nullptr || workspace_bytes < need)
     throw_error("std_flash_backward: workspace of ", workspace_bytes, " bytes, need ", need);
@@ -623,9 +623,24 @@ void std_flash_backward(const DiffFlashDims& d, const __nv_bfloat16* q, const __
   float* D = static_cast<float*>(workspace);
   float* acc = reinterpret_cast<float*>(static_cast<char*>(workspace) +
                                         (size_t(d.B * d.h * d.S) * 4 + 255) / 256 * 256);
-  flash::BwdParams p{q, k, v, out, dout, nullptr, nullptr, lse, dq, dk, dv, D, nullptr, nullptr,
-                     int(d.S), int(d2.h), int(d2.h), 1, float(1.0 / std::sqrt(double(d.dh))),
-                     float(flash::kLog2e / std::sqrt(double(d.dh))), acc};
+  flash::BwdParams p{};  // no lambda, o2, dlambda: standard attention
+  p.q = q;
+  p.k = k;
+  p.v = v;
+  p.out = out;
+  p.dout = dout;
+  p.lse = lse;
+  p.dq = dq;
+  p.dk = dk;
+  p.dv = dv;
+  p.D = D;
+  p.S = int(d.S);
+  p.h = int(d2.h);
+  p.h_kv = int(d2.h);
+  p.group = 1;
+  p.scale = float(1.0 / std::sqrt(double(d.dh)));
+  p.scale_log2 = float(flash::kLog2e / std::sqrt(double(d.dh)));
+  p.dq_acc = acc;
   std_flash_backward_wgmma(d2, p, stream);
 }
 

@@ -5,7 +5,7 @@
 #include <cmath>
 #include <string>
 
-#include "core/error.h"
+#include "base/error.h"
 #include "kernels/cuda/diff_flash.cuh"
 #include "kernels/cuda/diff_flash_wgmma.h"
 
@@ -373,7 +373,7 @@ void launch_fwd(const DiffFlashDims& d, K kernel, const flash::FwdParams& p,
 
 void diff_flash_forward(const DiffFlashDims& d, const __nv_bfloat16* q, const __nv_bfloat16* k,
                         const __nv_bfloat16* v, const float* lambda, __nv_bfloat16* out,
-                        float* lse, cudaStream_t stream, __nv_bfloat16* o2) {
+                        float* lse, cudaStream_t stream, __nv_bfloat16* o2, const FlashOptions& opts) {
   std::string why;
   if (!diff_flash_supported(d, &why)) throw_error("diff_flash_forward: unsupported: ", why);
   check_aligned(q, "q");
@@ -382,18 +382,25 @@ void diff_flash_forward(const DiffFlashDims& d, const __nv_bfloat16* q, const __
   check_aligned(out, "out");
   check_aligned(o2, "o2");
   if (d.S > 65535LL * flash::FwdCfg<64>::BM) throw_error("diff_flash_forward: S too large");
-  flash::FwdParams p{q, k, v, lambda, out, lse, o2, int(d.S), int(d.h), int(d.h_kv),
-                     int(d.h / d.h_kv), float(flash::kLog2e / std::sqrt(double(d.dh)))};
-  if (diff_flash_wgmma_enabled()) {
+  flash::FwdParams p{};
+  p.q = q;
+  p.k = k;
+  p.v = v;
+  p.lambda = lambda;
+  p.out = out;
+  p.lse = lse;
+  p.o2 = o2;
+  p.S = int(d.S);
+  p.h = int(d.h);
+  p.h_kv = int(d.h_kv);
+  p.group = int(d.h / d.h_kv);
+  p.scale_log2 = float(flash::kLog2e / std::sqrt(double(d.dh)));
+  if (diff_flash_wgmma_enabled(opts)) {
     diff_flash_forward_wgmma(d, p, stream);
     return;
   }
   if (d.dh == 64) {
-#if DIFF_FLASH_FWD64_DUAL
     launch_fwd<flash::FwdDualCfg<64>>(d, flash::diff_flash_fwd_dual_kernel<64>, p, stream);
-#else
-    launch_fwd<flash::FwdCfg<64>>(d, flash::diff_flash_fwd_kernel<64>, p, stream);
-#endif
   } else {
     launch_fwd<flash::FwdCfg<128>>(d, flash::diff_flash_fwd_kernel<128>, p, stream);
   }

@@ -10,13 +10,14 @@
 // share every K/V tile load, and meet once in the epilogue: warpgroup 2 hands O2/l2 over
 // through shared memory, warpgroup 1 writes O = O1/l1 - lambda O2/l2 (and warpgroup 2 the
 // optional O2n). K/V tiles are double-buffered with cp.async, diagonal tile first.
+#include <atomic>
 #include <cmath>
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
 #include <string>
 
-#include "core/error.h"
+#include "base/error.h"
 #include "kernels/cuda/diff_flash_wgmma.cuh"
 #include "kernels/cuda/diff_flash_wgmma.h"
 
@@ -208,15 +209,21 @@ __global__ void __launch_bounds__(WgFwdCfg<DH>::THREADS, WgFwdCfg<DH>::MIN_BLOCK
 
 }  // namespace flash
 
-bool diff_flash_wgmma_enabled() {
+bool diff_flash_wgmma_enabled(const FlashOptions& opts) {
 #if DIFFTRON_WGMMA
-  const char* env = std::getenv("DIFFTRON_FLASH_WGMMA");
-  if (env && std::strcmp(env, "0") == 0) return false;
-  int dev = 0, major = 0;
-  return cudaGetDevice(&dev) == cudaSuccess &&
-         cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) == cudaSuccess &&
-         major == 9;
+  if (!opts.hopper_kernels) return false;
+  // the current device's answer, asked once per device (it is needed on every attention call)
+  constexpr int kMaxDevices = 64;
+  static std::atomic<signed char> cached[kMaxDevices] = {};  // 0 unknown, 1 yes, -1 no
+  int dev = 0;
+  if (cudaGetDevice(&dev) != cudaSuccess) return false;
+  if (dev >= 0 && dev < kMaxDevices && cached[dev] != 0) return cached[dev] > 0;
+  int major = 0;
+  const bool yes = cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev) == cudaSuccess && major == 9;
+  if (dev >= 0 && dev < kMaxDevices) cached[dev] = yes ? 1 : -1;
+  return yes;
 #else
+  (void)opts;
   return false;
 #endif
 }
@@ -244,19 +251,16 @@ void diff_flash_forward_wgmma(const DiffFlashDims& d, const flash::FwdParams& p,
     launch_fwd_wgmma<128>(d, p, stream);
 }
 
-bool std_flash_supported(const DiffFlashDims& d, bool backward, std::string* why) {
+bool std_flash_supported(const DiffFlashDims& d, bool backward, const FlashOptions& opts, std::string* why) {
   auto no = [&](const char* w) {
     if (why) *why = w;
     return false;
   };
-  if (!diff_flash_wgmma_enabled()) return no("needs the sm_90a kernels and a compute capability 9.x GPU");
+  if (!diff_flash_wgmma_enabled(opts)) return no("needs the sm_90a kernels and a compute capability 9.x GPU");
   if (d.B <= 0 || d.S <= 0 || d.h <= 0 || d.h % 2 != 0 || d.h_kv != d.h)
     return no("needs an even number of heads and no GQA");
   if (backward ? d.dh != 64 : d.dh != 64 && d.dh != 128) return no("head dim not supported");
-  if (backward) {
-    const char* env = std::getenv("DIFFTRON_FLASH_DETERMINISTIC");
-    if (env && std::strcmp(env, "1") == 0) return no("determinism asked (its dQ uses atomics)");
-  }
+  if (backward && opts.deterministic) return no("determinism asked (its dQ uses atomics)");
   std::string w;
   if (!diff_flash_supported(DiffFlashDims{d.B, d.S, d.h / 2, d.h / 2, d.dh}, &w)) {
     if (why) *why = w;
@@ -267,16 +271,25 @@ bool std_flash_supported(const DiffFlashDims& d, bool backward, std::string* why
 
 void std_flash_forward(const DiffFlashDims& d, const __nv_bfloat16* q, const __nv_bfloat16* k,
                        const __nv_bfloat16* v, __nv_bfloat16* out, float* lse,
-                       cudaStream_t stream) {
+                       cudaStream_t stream, const FlashOptions& opts) {
   std::string why;
-  if (!std_flash_supported(d, false, &why)) throw_error("std_flash_forward: unsupported: ", why);
+  if (!std_flash_supported(d, false, opts, &why)) throw_error("std_flash_forward: unsupported: ", why);
   for (const void* ptr : {static_cast<const void*>(q), static_cast<const void*>(k),
                           static_cast<const void*>(v), static_cast<const void*>(out)})
     if (reinterpret_cast<uintptr_t>(ptr) % 16 != 0)
       throw_error("std_flash_forward: a tensor is not 16-byte aligned");
   const DiffFlashDims d2{d.B, d.S, d.h / 2, d.h / 2, d.dh};
-  const flash::FwdParams p{q, k, v, nullptr, out, lse, nullptr, int(d.S), int(d2.h), int(d2.h), 1,
-                           float(flash::kLog2e / std::sqrt(double(d.dh)))};
+  flash::FwdParams p{};  // no lambda, no o2: standard attention
+  p.q = q;
+  p.k = k;
+  p.v = v;
+  p.out = out;
+  p.lse = lse;
+  p.S = int(d.S);
+  p.h = int(d2.h);
+  p.h_kv = int(d2.h);
+  p.group = 1;
+  p.scale_log2 = float(flash::kLog2e / std::sqrt(double(d.dh)));
   if (d.dh == 64)
     launch_fwd_wgmma<64, true>(d2, p, stream);
   else

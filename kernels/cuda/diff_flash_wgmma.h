@@ -11,10 +11,9 @@ struct FwdParams;
 struct BwdParams;
 }
 
-// True when this build has the sm_90a kernels, the current device has compute capability 9.x,
-// and the environment variable DIFFTRON_FLASH_WGMMA is not "0" (which selects the mma.sync
-// kernels, e.g. to compare the two in one benchmark run). Read on every call.
-bool diff_flash_wgmma_enabled();
+// True when opts.hopper_kernels, this build has the sm_90a kernels and the current device has
+// compute capability 9.x (asked once per device and cached).
+bool diff_flash_wgmma_enabled(const FlashOptions& opts);
 
 // The forward on wgmma; same contract as diff_flash_forward (dims already checked).
 void diff_flash_forward_wgmma(const DiffFlashDims& d, const flash::FwdParams& p,
@@ -28,7 +27,7 @@ void diff_flash_dkdv_wgmma(const DiffFlashDims& d, const flash::BwdParams& p,
 
 // The fused-dQ backward (dh 64, needs the saved O2n and p.dq_acc): D1, D2' from dO, O, O2n;
 // the dK/dV kernel also accumulating dQ with float atomics; dq = bf16(scale dq_acc). Faster
-// but not bitwise repeatable; chosen by diff_flash_backward unless DIFFTRON_FLASH_DETERMINISTIC=1.
+// but not bitwise repeatable; chosen by diff_flash_backward unless opts.deterministic.
 void diff_flash_bwd_fused_dq(const DiffFlashDims& d, const flash::BwdParams& p,
                              cudaStream_t stream);
 

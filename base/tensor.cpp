@@ -1,5 +1,5 @@
 // Tensor bookkeeping: shapes, views, names. No arithmetic lives here.
-#include "core/tensor.h"
+#include "base/tensor.h"
 
 #include <sstream>
 

@@ -12,7 +12,7 @@
 
 #include "core/config.h"
 #include "core/optimizer.h"
-#include "core/tensor.h"
+#include "base/tensor.h"
 #include "parallel/comm.h"
 
 namespace difftron {

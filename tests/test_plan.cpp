@@ -1,4 +1,4 @@
-// The planning model (parallel/plan.h) against what the code really does: the bytes a
+// The planning model (core/plan.h) against what the code really does: the bytes a
 // Model allocates (counted by an Ops wrapper) and the flat-buffer and shard sizes, for
 // TP 1/2/4, both attention kinds, tied and untied heads; and the TP collectives one
 // training micro-batch issues (counted by a recording communicator) against the plan's
@@ -13,7 +13,7 @@
 #include "core/model.h"
 #include "kernels/ops.h"
 #include "parallel/comm.h"
-#include "parallel/plan.h"
+#include "core/plan.h"
 
 namespace difftron {
 namespace {

@@ -1,6 +1,6 @@
 // The communication-volume and memory model of a TP x DP training run, so that runs at
 // scale can be planned on paper (`difftron plan`, docs/PARALLEL.md gives the formulas).
-// It follows what core/model.cpp and parallel/zero.cpp actually allocate and send:
+// It follows what core/model.cpp and core/zero.cpp actually allocate and send:
 // ring-algorithm volumes, bytes sent per rank per optimizer step.
 #pragma once
 #include <cstdint>

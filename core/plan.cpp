@@ -1,16 +1,16 @@
 // make_plan: the parameter layout, memory and per-step traffic of one rank, mirroring the
-// allocations of core/model.cpp (Model constructor, allocate_flat), parallel/zero.cpp and
+// allocations of core/model.cpp (Model constructor, allocate_flat), core/zero.cpp and
 // the collectives the model and ZeRO issue. format_plan: the table `difftron plan` prints.
-#include "parallel/plan.h"
+#include "core/plan.h"
 
 #include <algorithm>
 #include <cmath>
 #include <cstdio>
 #include <sstream>
 
-#include "core/error.h"
+#include "base/error.h"
 #include "core/model.h"
-#include "parallel/zero.h"
+#include "core/zero.h"
 
 namespace difftron {
 
@@ -31,13 +31,13 @@ Plan make_plan(const PlanInput& in) {
   p.in = in;
   const ModelConfig& c = in.cfg;
   const int64_t T = in.tp, D = in.dp;
-  if (T < 1 || D < 1) throw_error("plan: --tp (", T, ") and --dp (", D, ") must be at least 1");
+  if (T < 1 || D < 1) throw_error("plan: tp (", T, ") and dp (", D, ") must be at least 1");
   std::vector<std::string> bad;
   for (auto [name, v] : {std::pair<const char*, int64_t>{"n_heads", c.n_heads}, {"n_kv_heads", c.n_kv_heads},
                          {"ffn_dim", c.ffn_dim}, {"vocab_size", c.vocab_size}})
     if (v % T != 0) bad.push_back(std::string(name) + " (" + std::to_string(v) + ")");
   if (!bad.empty()) {
-    std::string m = "plan: not a multiple of --tp (" + std::to_string(T) + "):";
+    std::string m = "plan: not a multiple of tp (" + std::to_string(T) + "):";
     for (auto& b : bad) m += " " + b;
     throw Error(m);
   }

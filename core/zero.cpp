@@ -1,7 +1,7 @@
 // ZeroOptimizer: bucket and shard layout, reduce-scatter of ready buckets, the sharded
 // AdamW step (the same per-element arithmetic as core/optimizer.cpp, so sharding changes
 // no bits) and the all-gather of the updated weights.
-#include "parallel/zero.h"
+#include "core/zero.h"
 
 #include <algorithm>
 #include <cmath>
