@@ -614,13 +614,20 @@ std::unique_ptr<PendingSave> begin_save(const std::string& root, const Checkpoin
 // Copies every array to host memory and drops the tensors, so that the writer needs neither
 // them nor `ops`. A failure (say, out of host memory) is kept for finish_save to report on
 // every rank, as a failed write would be.
+size_t aligned_bytes(size_t b) { return (b + 255) / 256 * 256; }
+
+// Host bytes a snapshot of these pieces takes in the arena.
+size_t snapshot_bytes(const std::vector<ShardPiece>& pieces) {
+  size_t need = 0;
+  for (const ShardPiece& p : pieces)
+    for (const ShardArray& a : p.arrays) need += aligned_bytes(a.data.nbytes());
+  return std::max<size_t>(need, 1);
+}
+
 void snapshot(PendingSave& s, Ops& ops, SnapshotArena& arena) {
   s.error = capture([&] {
-    auto aligned = [](size_t b) { return (b + 255) / 256 * 256; };
-    size_t need = 0;
-    for (const ShardPiece& p : s.pieces)
-      for (const ShardArray& a : p.arrays) need += aligned(a.data.nbytes());
-    arena.reserve(ops, std::max<size_t>(need, 1));
+    auto aligned = aligned_bytes;
+    arena.reserve(ops, snapshot_bytes(s.pieces));
     char* at = static_cast<char*>(arena.data);
     for (ShardPiece& p : s.pieces)
       for (ShardArray& a : p.arrays) {
@@ -702,7 +709,23 @@ std::string save_checkpoint(const std::string& root, const CheckpointMeta& meta,
 
 AsyncCheckpointer::AsyncCheckpointer() = default;
 
+void AsyncCheckpointer::prepare(Model& model, AdamW* optimizer, ParallelContext* par) {
+  if (preparer_.joinable() || save_) return;
+  if (!arena_) arena_ = std::make_unique<SnapshotArena>();
+  const size_t bytes = snapshot_bytes(pieces_to_save(model, optimizer, par ? par->dp_rank() : 0));
+  SnapshotArena* arena = arena_.get();
+  Ops* ops = &model.ops();
+  preparer_ = std::thread([arena, ops, bytes] {
+    try {
+      arena->reserve(*ops, bytes);
+    } catch (const std::exception& e) {
+      LOG(WARNING) << "checkpoint snapshot buffer: " << e.what() << " (the first save will try again)";
+    }
+  });
+}
+
 AsyncCheckpointer::~AsyncCheckpointer() {
+  if (preparer_.joinable()) preparer_.join();
   if (!save_) return;
   if (save_->world > 1 && std::uncaught_exceptions() > 0) {
     if (writer_.joinable()) writer_.join();
@@ -727,6 +750,7 @@ void AsyncCheckpointer::start(const std::string& root, const CheckpointMeta& met
   std::unique_ptr<PendingSave> s =
       begin_save(root, meta, nlohmann::json(model.config()), pieces_to_save(model, optimizer, dp_rank),
                  optimizer != nullptr, par, model.tp_rank(), dp_rank, rank_data_position);
+  if (preparer_.joinable()) preparer_.join();
   if (!arena_) arena_ = std::make_unique<SnapshotArena>();
   snapshot(*s, model.ops(), *arena_);
   snapshot_seconds_ = seconds_since(t0);

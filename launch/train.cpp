@@ -399,6 +399,7 @@ class RunCheckpoints {
                  bool rank0)
       : model_(model), opt_(opt), par_(par), train_(train), tokenizer_(tokenizer), rank0_(rank0) {
     async_.on_published = [this](const std::string& dir, int64_t step, double write_s) { published(dir, step, write_s); };
+    if (!FLAGS_ckpt_dir.empty() && FLAGS_ckpt_every > 0 && FLAGS_async_save) async_.prepare(model, &opt, par);
   }
   // After optimizer step `step` (0-based): a periodic save, in the background.
   void after_step(int64_t step) {

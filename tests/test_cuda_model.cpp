@@ -90,44 +90,45 @@ double rel_err(const std::vector<double>& a, const std::vector<double>& ref) {
   return den > 0 ? std::sqrt(num / den) : std::sqrt(num);
 }
 
-// How much a lambda vector's gradient cancels: it is (d loss / d lambda) times a vector fixed
-// by the weights, and d loss / d lambda is a sum over the target tokens whose terms cancel
-// heavily. Each term carries bf16 noise on the GPU, so the GPU's error is bounded relative to
-// sum_t |term_t|, not to |sum_t term_t|: the ratio C = sum_t ||g_t|| / ||sum_t g_t|| (g_t: the
-// gradient from target t alone, on the CPU model) scales the tolerance of a well-conditioned
-// gradient into the lambda vectors'.
-double lambda_cancellation(Model& cpu, const Batch& b, size_t param) {
-  std::vector<double> sum;
-  double sum_norms = 0;
-  for (size_t t = 0; t < b.targets.size(); ++t) {
-    if (b.targets[t] < 0) continue;
-    std::vector<int32_t> one(b.targets.size(), -1);
-    one[t] = b.targets[t];
+// How sensitive a gradient is to bf16 rounding: the GPU model computes from bf16 weights and
+// activations, so its gradient differs from the CPU's by what bf16-sized relative changes of
+// its inputs do to it. For most gradients that is a few 1e-3 (bf16 unit roundoff 2^-9, a few
+// roundings deep). A lambda vector's gradient is (d loss / d lambda) times a fixed vector, and
+// d loss / d lambda sums terms over every query, key and head that cancel heavily, so the
+// same rounding moves it by much more. We measure that on the CPU: the gradient after random
+// relative perturbations of 2^-8 of every weight (one bf16 ulp), its largest relative change
+// over a few draws.
+double bf16_sensitivity(Model& cpu, const Batch& b, size_t param) {
+  auto grad = [&] {
     cpu.zero_grads();
-    cpu.forward_backward(b.tokens.data(), one.data(), kB, kS);
-    const std::vector<double> g = host_values(cpu.ops(), cpu.params()[param].grad);
-    if (sum.empty()) sum.assign(g.size(), 0.0);
-    double n2 = 0;
-    for (size_t k = 0; k < g.size(); ++k) {
-      sum[k] += g[k];
-      n2 += g[k] * g[k];
+    cpu.forward_backward(b.tokens.data(), b.targets.data(), kB, kS);
+    return host_values(cpu.ops(), cpu.params()[param].grad);
+  };
+  std::vector<std::vector<double>> saved;
+  for (auto& p : cpu.params()) saved.push_back(host_values(cpu.ops(), p.value));
+  const std::vector<double> base = grad();
+  double worst = 0;
+  Rng rng(977);
+  for (int draw = 0; draw < 4; ++draw) {
+    for (size_t i = 0; i < cpu.params().size(); ++i) {
+      std::vector<double> w = saved[i];
+      for (double& x : w) x *= 1.0 + (rng.uniform() < 0.5 ? -1.0 : 1.0) * std::ldexp(1.0, -8);
+      cpu.ops().upload(cpu.params()[i].value, w.data());
     }
-    sum_norms += std::sqrt(n2);
+    worst = std::max(worst, rel_err(grad(), base));
   }
-  double s2 = 0;
-  for (double x : sum) s2 += x * x;
-  return sum_norms / std::max(std::sqrt(s2), 1e-300);
+  for (size_t i = 0; i < cpu.params().size(); ++i) cpu.ops().upload(cpu.params()[i].value, saved[i].data());
+  return worst;
 }
 
-// The relative tolerance of one gradient against the CPU: bf16 activations and weights (unit
-// roundoff 2^-9), rounded again at each op, give errors of a few 1e-3 (seen 4e-3..1e-2), under
-// 3e-2 for a well-conditioned gradient; a lambda vector's scaled by its cancellation.
+// The relative tolerance of one gradient against the CPU: under 3e-2 for a well-conditioned
+// gradient (seen 4e-3..1e-2); a lambda vector's, 4x its measured bf16 sensitivity when larger.
 double grad_tolerance(Model& cpu_reference_copy, const Batch& b, size_t param, const std::string& name) {
   constexpr double kWellConditioned = 3e-2;
   if (name.find(".lambda_") == std::string::npos) return kWellConditioned;
-  const double c = lambda_cancellation(cpu_reference_copy, b, param);
-  std::printf("  %-50s cancellation %.1f\n", name.c_str(), c);
-  return kWellConditioned * std::max(1.0, c);
+  const double s = bf16_sensitivity(cpu_reference_copy, b, param);
+  std::printf("  %-50s bf16 sensitivity %.2e\n", name.c_str(), s);
+  return std::max(kWellConditioned, 4 * s);
 }
 
 OptimizerConfig optimizer_config() {
@@ -170,7 +171,7 @@ TEST_P(CudaModel, LossAndEveryGradientMatchTheCpu) {
   cpu.zero_grads();
   const double lg = gpu.forward_backward(b.tokens.data(), b.targets.data(), kB, kS);
   const double lc = cpu.forward_backward(b.tokens.data(), b.targets.data(), kB, kS);
-  Model probe(cfg, *cpu_ops, ModelPrecision::uniform(DType::F32), kB, kS);  // for lambda_cancellation
+  Model probe(cfg, *cpu_ops, ModelPrecision::uniform(DType::F32), kB, kS);  // for bf16_sensitivity
   copy_weights(gpu, probe);
   std::printf("%s: loss gpu %.6f cpu %.6f rel %.2e\n", attention_kind_name(cfg.attention), lg, lc,
               std::fabs(lg - lc) / lc);
@@ -251,7 +252,7 @@ TEST(CudaModelAttentionState, KeptAndRecomputedMatchTheCpu) {
   kept.init_weights(7);
   recomputed.init_weights(7);
   copy_weights(kept, cpu);
-  Model probe(cfg, *cpu_ops, ModelPrecision::uniform(DType::F32), kB, kS);  // for lambda_cancellation
+  Model probe(cfg, *cpu_ops, ModelPrecision::uniform(DType::F32), kB, kS);  // for bf16_sensitivity
   copy_weights(kept, probe);
   Rng rng(13);
   Batch b = make_batch(rng, cfg.vocab_size);
