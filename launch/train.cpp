@@ -399,11 +399,16 @@ class RunCheckpoints {
                  bool rank0)
       : model_(model), opt_(opt), par_(par), train_(train), tokenizer_(tokenizer), rank0_(rank0) {
     async_.on_published = [this](const std::string& dir, int64_t step, double write_s) { published(dir, step, write_s); };
-    if (!FLAGS_ckpt_dir.empty() && FLAGS_ckpt_every > 0 && FLAGS_async_save) async_.prepare(model, &opt, par);
   }
   // After optimizer step `step` (0-based): a periodic save, in the background.
   void after_step(int64_t step) {
     if (FLAGS_ckpt_dir.empty() || FLAGS_ckpt_every <= 0) return;
+    // The snapshot buffer (pinned: ~13 s for 1.3B on the H200, which holds up CUDA calls
+    // meanwhile) is allocated in the background once training runs, not before step 1.
+    if (FLAGS_async_save && !prepared_) {
+      prepared_ = true;
+      async_.prepare(model_, &opt_, par_);
+    }
     if ((step + 1) % FLAGS_ckpt_every != 0 || step + 1 >= FLAGS_steps) return;
     if (!FLAGS_async_save) return save(step + 1);
     async_.start(FLAGS_ckpt_dir, meta_at(step + 1), model_, &opt_, par_, train_.position());
@@ -453,6 +458,7 @@ class RunCheckpoints {
   const Tokenizer* tokenizer_;
   bool rank0_;
   int64_t last_published_ = -1;
+  bool prepared_ = false;
   AsyncCheckpointer async_;  // its destructor waits for a save in flight
 };
 

@@ -90,46 +90,16 @@ double rel_err(const std::vector<double>& a, const std::vector<double>& ref) {
   return den > 0 ? std::sqrt(num / den) : std::sqrt(num);
 }
 
-// How sensitive a gradient is to bf16 rounding: the GPU model computes from bf16 weights and
-// activations, so its gradient differs from the CPU's by what bf16-sized relative changes of
-// its inputs do to it. For most gradients that is a few 1e-3 (bf16 unit roundoff 2^-9, a few
-// roundings deep). A lambda vector's gradient is (d loss / d lambda) times a fixed vector, and
-// d loss / d lambda sums terms over every query, key and head that cancel heavily, so the
-// same rounding moves it by much more. We measure that on the CPU: the gradient after random
-// relative perturbations of 2^-8 of every weight (one bf16 ulp), its largest relative change
-// over a few draws.
-double bf16_sensitivity(Model& cpu, const Batch& b, size_t param) {
-  auto grad = [&] {
-    cpu.zero_grads();
-    cpu.forward_backward(b.tokens.data(), b.targets.data(), kB, kS);
-    return host_values(cpu.ops(), cpu.params()[param].grad);
-  };
-  std::vector<std::vector<double>> saved;
-  for (auto& p : cpu.params()) saved.push_back(host_values(cpu.ops(), p.value));
-  const std::vector<double> base = grad();
-  double worst = 0;
-  Rng rng(977);
-  for (int draw = 0; draw < 4; ++draw) {
-    for (size_t i = 0; i < cpu.params().size(); ++i) {
-      std::vector<double> w = saved[i];
-      for (double& x : w) x *= 1.0 + (rng.uniform() < 0.5 ? -1.0 : 1.0) * std::ldexp(1.0, -8);
-      cpu.ops().upload(cpu.params()[i].value, w.data());
-    }
-    worst = std::max(worst, rel_err(grad(), base));
-  }
-  for (size_t i = 0; i < cpu.params().size(); ++i) cpu.ops().upload(cpu.params()[i].value, saved[i].data());
-  return worst;
-}
-
-// The relative tolerance of one gradient against the CPU: under 3e-2 for a well-conditioned
-// gradient (seen 4e-3..1e-2); a lambda vector's, 4x its measured bf16 sensitivity when larger.
-double grad_tolerance(Model& cpu_reference_copy, const Batch& b, size_t param, const std::string& name) {
-  constexpr double kWellConditioned = 3e-2;
-  if (name.find(".lambda_") == std::string::npos) return kWellConditioned;
-  const double s = bf16_sensitivity(cpu_reference_copy, b, param);
-  std::printf("  %-50s bf16 sensitivity %.2e\n", name.c_str(), s);
-  return std::max(kWellConditioned, 4 * s);
-}
+// Relative tolerance of a GPU gradient against the CPU's. bf16 (unit roundoff 2^-9, a few
+// roundings deep): under 3e-2 (seen 4e-3..1e-2). Not for the lambda vectors in bf16: their
+// gradient is (d loss / d lambda) times a fixed vector, and d loss / d lambda sums terms over
+// every query, key and head that cancel to 1-5% of their magnitude, so bf16 activation noise
+// makes it differ from the f32 CPU's by 10-100% (measured on the H200, 2026-12-01) with no
+// error in the code: in bf16 they are reported, not checked. Their math is checked on the
+// GPU where rounding is small: the fused kernel's dlambda against the CPU on identical inputs
+// (test_cuda_diff_flash), and the whole model in f32 below (LambdaGradientsMatchTheCpuInF32).
+constexpr double kBf16GradTol = 3e-2;
+bool ill_conditioned_in_bf16(const std::string& name) { return name.find(".lambda_") != std::string::npos; }
 
 OptimizerConfig optimizer_config() {
   OptimizerConfig oc;
@@ -156,12 +126,14 @@ std::vector<double> train(Model& m, const std::vector<Batch>& batches) {
 
 class CudaModel : public ::testing::TestWithParam<AttentionKind> {};
 
-TEST_P(CudaModel, LossAndEveryGradientMatchTheCpu) {
-  skip_without_gpu();
+// One micro-batch's loss and gradients on the GPU (precision `prec`) against the CPU in f32,
+// from the same weights; returns the relative error of all gradients together.
+double compare_gradients(AttentionKind kind, ModelPrecision prec, double tol) {
   auto gpu_ops = make_cuda_ops(0);
   auto cpu_ops = make_cpu_ops();
-  const ModelConfig cfg = tiny_config(GetParam());
-  Model gpu(cfg, *gpu_ops, ModelPrecision::cuda_mixed(), kB, kS);
+  const ModelConfig cfg = tiny_config(kind);
+  const bool bf16 = prec.act == DType::BF16;
+  Model gpu(cfg, *gpu_ops, prec, kB, kS);
   Model cpu(cfg, *cpu_ops, ModelPrecision::uniform(DType::F32), kB, kS);
   gpu.init_weights(7);
   copy_weights(gpu, cpu);
@@ -171,28 +143,39 @@ TEST_P(CudaModel, LossAndEveryGradientMatchTheCpu) {
   cpu.zero_grads();
   const double lg = gpu.forward_backward(b.tokens.data(), b.targets.data(), kB, kS);
   const double lc = cpu.forward_backward(b.tokens.data(), b.targets.data(), kB, kS);
-  Model probe(cfg, *cpu_ops, ModelPrecision::uniform(DType::F32), kB, kS);  // for bf16_sensitivity
-  copy_weights(gpu, probe);
-  std::printf("%s: loss gpu %.6f cpu %.6f rel %.2e\n", attention_kind_name(cfg.attention), lg, lc,
-              std::fabs(lg - lc) / lc);
-  EXPECT_NEAR(lg, lc, 2e-3 * lc);  // seen: 2e-5
+  std::printf("%s %s: loss gpu %.6f cpu %.6f rel %.2e\n", attention_kind_name(cfg.attention), bf16 ? "bf16" : "f32",
+              lg, lc, std::fabs(lg - lc) / lc);
+  EXPECT_NEAR(lg, lc, (bf16 ? 2e-3 : tol) * lc);
   std::vector<double> all_g, all_c;
   for (size_t i = 0; i < gpu.params().size(); ++i) {
     const Param& pg = gpu.params()[i];
     const auto g = host_values(*gpu_ops, pg.grad), c = host_values(*cpu_ops, cpu.params()[i].grad);
     const double err = rel_err(g, c);
-    const double tol = grad_tolerance(probe, b, i, pg.name);
+    const bool checked = !(bf16 && ill_conditioned_in_bf16(pg.name));
     double norm = 0;
     for (double x : c) norm += x * x;
     std::printf("  %-50s |grad| %.3e rel err %.2e%s\n", pg.name.c_str(), std::sqrt(norm), err,
-                err <= tol ? "" : "  FAIL");
-    EXPECT_LE(err, tol) << pg.name;
+                !checked ? "  (not checked in bf16)" : err <= tol ? "" : "  FAIL");
+    if (checked) EXPECT_LE(err, tol) << pg.name;
     all_g.insert(all_g.end(), g.begin(), g.end());
     all_c.insert(all_c.end(), c.begin(), c.end());
   }
   const double total = rel_err(all_g, all_c);
   std::printf("  all gradients: rel err %.2e\n", total);
-  EXPECT_LE(total, 1.5e-2);  // seen: 5e-3
+  return total;
+}
+
+TEST_P(CudaModel, LossAndEveryGradientMatchTheCpu) {
+  skip_without_gpu();
+  EXPECT_LE(compare_gradients(GetParam(), ModelPrecision::cuda_mixed(), kBf16GradTol), 1.5e-2);  // seen: 5e-3
+}
+
+// f32 on the GPU: the same sums as the CPU in another order, so every gradient, the lambda
+// vectors' included (cancellation to ~1% of the terms' size amplifies the 2^-24 rounding of
+// sums of a few thousand terms to ~1e-5), agrees within 1e-3.
+TEST_P(CudaModel, LambdaGradientsMatchTheCpuInF32) {
+  skip_without_gpu();
+  compare_gradients(GetParam(), ModelPrecision::uniform(DType::F32), 1e-3);
 }
 
 TEST_P(CudaModel, TrainingFollowsTheCpuAndRepeatsBitForBit) {
@@ -252,8 +235,6 @@ TEST(CudaModelAttentionState, KeptAndRecomputedMatchTheCpu) {
   kept.init_weights(7);
   recomputed.init_weights(7);
   copy_weights(kept, cpu);
-  Model probe(cfg, *cpu_ops, ModelPrecision::uniform(DType::F32), kB, kS);  // for bf16_sensitivity
-  copy_weights(kept, probe);
   Rng rng(13);
   Batch b = make_batch(rng, cfg.vocab_size);
   double loss[3];
@@ -275,12 +256,15 @@ TEST(CudaModelAttentionState, KeptAndRecomputedMatchTheCpu) {
     }
     const double e_kept = rel_err(g[0], g[2]), e_rec = rel_err(g[1], g[2]);
     const double e_pair = rel_err(g[0], g[1]);
-    const double tol = grad_tolerance(probe, b, i, name);
     std::printf("  %-50s rel err kept %.2e recomputed %.2e kept-recomputed %.2e\n", name.c_str(),
                 e_kept, e_rec, e_pair);
-    EXPECT_LE(e_kept, tol) << name << " (kept)";
-    EXPECT_LE(e_rec, tol) << name << " (recomputed)";
-    EXPECT_LE(e_pair, tol) << name << " (kept vs recomputed)";
+    if (!ill_conditioned_in_bf16(name)) {  // against the f32 CPU: see kBf16GradTol
+      EXPECT_LE(e_kept, kBf16GradTol) << name << " (kept)";
+      EXPECT_LE(e_rec, kBf16GradTol) << name << " (recomputed)";
+    }
+    // kept vs recomputed: the same bf16 inputs, dlambda summed from the same recomputed f32
+    // values; they differ only in D2' (from the bf16 O2n or recomputed), every gradient within
+    EXPECT_LE(e_pair, kBf16GradTol) << name << " (kept vs recomputed)";
   }
   const double t_kept = rel_err(all[0], all[2]), t_rec = rel_err(all[1], all[2]);
   const double t_pair = rel_err(all[0], all[1]);
