@@ -7,7 +7,7 @@
 // - "accumulates" means the op adds into its output (+=); otherwise it overwrites.
 // - Statistics saved for backward (rstd, lse) use the "stat dtype": f64 when the
 //   activations are f64, else f32. The differential lambda is a [1] tensor in stat dtype.
-// - Layouts of attention tensors (s = position, DESIGN.md section 1, "interleaved"):
+// - Layouts of attention tensors (s = position, docs/MODEL.md section 1, "interleaved"):
 //     q   [B, S, h, 2, dh]     diff head i owns maps (i,0) and (i,1) (query head 2i + j)
 //     k   [B, S, h_kv, 2, dh]  group g owns maps (g,0), (g,1); head i uses g = i / (h / h_kv)
 //     v   [B, S, h_kv, 2*dh]
