@@ -12,7 +12,7 @@ cd "$(dirname "$0")/.."
 LOG_DIR=${OUT:-$PWD/gpu-logs}
 BUILD_DIR=${BUILD_DIR:-build-gpu}
 mkdir -p "$LOG_DIR"
-# Machines without gflags/glog/OpenBLAS get them from the packed .devdeps (see ../shared/device).
+# Machines without gflags/glog/OpenBLAS get them from the packed .devdeps (tools/pack_gpu_deps.sh).
 if [ -f .devdeps/env.sh ]; then source .devdeps/env.sh; fi
 
 now() { date +%s; }
