@@ -1,10 +1,16 @@
 // Runs a shell command for the tests that drive the `difftron` program (directly or under
-// mpirun): its exit status (-1 when it did not exit normally) and its stdout + stderr.
+// mpirun): its exit status (-1 when it did not exit normally) and its stdout + stderr; and the
+// small file helpers those tests share.
 #pragma once
 #include <sys/wait.h>
 
+#include <unistd.h>
+
 #include <array>
 #include <cstdio>
+#include <filesystem>
+#include <fstream>
+#include <sstream>
 #include <string>
 
 namespace difftron::testing {
@@ -29,6 +35,23 @@ inline CommandResult run_command(const std::string& cmd) {
 // `difftron <args>` from this build
 inline CommandResult run_difftron(const std::string& args) {
   return run_command(std::string(DIFFTRON_BINARY_DIR) + "/difftron " + args);
+}
+
+// A file's whole content ("" if it cannot be read).
+inline std::string read_text_file(const std::filesystem::path& p) {
+  std::ifstream f(p);
+  std::stringstream ss;
+  ss << f.rdbuf();
+  return ss.str();
+}
+
+// An empty folder TMP/<prefix><tag>_<pid> (removed first if it exists).
+inline std::filesystem::path fresh_dir(const std::string& prefix, const char* tag) {
+  namespace fs = std::filesystem;
+  fs::path p = fs::temp_directory_path() / (prefix + tag + "_" + std::to_string(getpid()));
+  fs::remove_all(p);
+  fs::create_directories(p);
+  return p;
 }
 
 }  // namespace difftron::testing

@@ -19,44 +19,15 @@
 #include "core/trainer.h"
 #include "io/checkpoint.h"
 #include "io/synthetic_data.h"
+#include "tests/checkpoint_test_util.h"
 
 namespace fs = std::filesystem;
 
 namespace difftron {
 namespace {
 
-ModelConfig cfg() {
-  ModelConfig c;
-  c.vocab_size = 16;
-  c.d_model = 32;
-  c.n_layers = 2;
-  c.n_heads = 2;
-  c.n_kv_heads = 1;
-  c.max_seq_len = 16;
-  return c;
-}
-
-struct TrainingRun {
-  std::unique_ptr<Ops> ops = make_cpu_ops();
-  Model model{cfg(), *ops, ModelPrecision::uniform(DType::F32), 4, 16};
-  OptimizerConfig oc = [] {
-    OptimizerConfig o;
-    o.lr = 3e-3;
-    o.warmup_steps = 3;
-    o.total_steps = 20;
-    return o;
-  }();
-  AdamW opt{oc, model};
-  std::unique_ptr<BatchSource> data = make_synthetic_source("copy", 16, 9);
-  TrainOptions to = [] {
-    TrainOptions t;
-    t.batch = 4;
-    t.seq = 16;
-    t.steps = 20;
-    t.log_every = 0;
-    return t;
-  }();
-};
+ModelConfig cfg() { return testing::small_checkpoint_config(); }
+using TrainingRun = testing::TrainingRunOf<20, 3>;
 
 fs::path temp_root(const char* tag) {
   fs::path p = fs::temp_directory_path() / (std::string("difftron_ckpt_") + tag + "_" + std::to_string(getpid()));

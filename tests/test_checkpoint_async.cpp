@@ -20,6 +20,7 @@
 #include "core/trainer.h"
 #include "io/checkpoint.h"
 #include "io/synthetic_data.h"
+#include "tests/checkpoint_test_util.h"
 #include "tests/run_command.h"
 
 namespace fs = std::filesystem;
@@ -29,37 +30,7 @@ namespace {
 
 constexpr int64_t kSteps = 6;
 
-ModelConfig cfg() {
-  ModelConfig c;
-  c.vocab_size = 16;
-  c.d_model = 32;
-  c.n_layers = 2;
-  c.n_heads = 2;
-  c.n_kv_heads = 1;
-  c.max_seq_len = 16;
-  return c;
-}
-
-struct TrainingRun {
-  std::unique_ptr<Ops> ops = make_cpu_ops();
-  Model model{cfg(), *ops, ModelPrecision::uniform(DType::F32), 4, 16};
-  OptimizerConfig oc = [] {
-    OptimizerConfig o;
-    o.lr = 3e-3;
-    o.warmup_steps = 2;
-    o.total_steps = kSteps;
-    return o;
-  }();
-  AdamW opt{oc, model};
-  std::unique_ptr<BatchSource> data = make_synthetic_source("copy", 16, 9);
-  TrainOptions to = [] {
-    TrainOptions t;
-    t.batch = 4;
-    t.seq = 16;
-    t.steps = kSteps;
-    t.log_every = 0;
-    return t;
-  }();
+struct TrainingRun : testing::TrainingRunOf<kSteps, 2> {
   TrainingRun() { model.init_weights(1); }
   CheckpointMeta meta(int64_t step) const {
     CheckpointMeta m;

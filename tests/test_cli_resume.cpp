@@ -28,19 +28,8 @@ const std::string kModel = " --device=cpu --data=synthetic:copy --seq=16 --batch
 using Result = difftron::testing::CommandResult;
 Result run(const std::string& cmd) { return difftron::testing::run_command(cmd); }
 
-std::string read_file(const fs::path& p) {
-  std::ifstream f(p);
-  std::stringstream ss;
-  ss << f.rdbuf();
-  return ss.str();
-}
-
-fs::path fresh(const char* tag) {
-  fs::path p = fs::temp_directory_path() / (std::string("difftron_resume_") + tag + "_" + std::to_string(getpid()));
-  fs::remove_all(p);
-  fs::create_directories(p);
-  return p;
-}
+std::string read_file(const fs::path& p) { return difftron::testing::read_text_file(p); }
+fs::path fresh(const char* tag) { return difftron::testing::fresh_dir("difftron_resume_", tag); }
 
 TEST(CliResume, SigtermCheckpointsAndTheSameCommandResumes) {
   const fs::path dir = fresh("sigterm");
