@@ -569,7 +569,7 @@ struct PendingSave {
   std::vector<ShardPiece> pieces;
   bool snapshotted = false;
   std::vector<HostArray> host;  // the snapshot: array j's bytes (in the arena), in piece order
-  std::string error;                     // this rank's failure so far ("" if none)
+  std::string error;            // this rank's failure so far ("" if none)
   double write_seconds = 0;
 };
 
@@ -611,9 +611,6 @@ std::unique_ptr<PendingSave> begin_save(const std::string& root, const Checkpoin
   return s;
 }
 
-// Copies every array to host memory and drops the tensors, so that the writer needs neither
-// them nor `ops`. A failure (say, out of host memory) is kept for finish_save to report on
-// every rank, as a failed write would be.
 size_t aligned_bytes(size_t b) { return (b + 255) / 256 * 256; }
 
 // Host bytes a snapshot of these pieces takes in the arena.
@@ -624,16 +621,18 @@ size_t snapshot_bytes(const std::vector<ShardPiece>& pieces) {
   return std::max<size_t>(need, 1);
 }
 
+// Copies every array's bytes into the arena and drops the tensors, so that the writer needs
+// neither them nor `ops`. A failure (say, out of host memory) is kept for finish_save to
+// report on every rank, as a failed write would be.
 void snapshot(PendingSave& s, Ops& ops, SnapshotArena& arena) {
   s.error = capture([&] {
-    auto aligned = aligned_bytes;
     arena.reserve(ops, snapshot_bytes(s.pieces));
     char* at = static_cast<char*>(arena.data);
     for (ShardPiece& p : s.pieces)
       for (ShardArray& a : p.arrays) {
         ops.download_bytes(a.data, at);
         s.host.push_back({at, a.data.dtype(), a.data.numel()});
-        at += aligned(a.data.nbytes());
+        at += aligned_bytes(a.data.nbytes());
         a.data = Tensor();
       }
   });
