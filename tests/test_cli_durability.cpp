@@ -72,6 +72,8 @@ TEST(Durability, DeepModelSavesResumesAndReshards) {
 
 TEST(Durability, InjectedWriteFailuresLeaveALoadableLatest) {
   if (!have("strace")) GTEST_SKIP() << "strace not found (tools/setup.sh installs it)";
+  if (std::system("strace -f -o /dev/null true > /dev/null 2>&1") != 0)
+    GTEST_SKIP() << "strace cannot trace here (ptrace not permitted): fault injection did not run";
   const fs::path dir = fresh("inject");
   const std::string ck = (dir / "ck").string();
   CommandResult r = run(kBin + " train" + kDeep + " --ckpt_dir=" + ck + " --steps=2");
