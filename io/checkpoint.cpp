@@ -479,7 +479,12 @@ std::vector<RankFile> open_rank_files(const std::string& dir, const nlohmann::js
 }
 
 // Fills one target piece's arrays from whichever file pieces overlap it.
-void fill_piece(const ShardPiece& t, bool with_optim, std::vector<RankFile>& files, Ops& ops) {
+// Verified arrays of the tensor being filled, keyed "file:group/kind": the pieces of one
+// tensor (its whole slice, then its ZeRO shards) overlap the same stored pieces, which are
+// then read and checksummed once.
+using ReadCache = std::map<std::string, std::vector<float>>;
+
+void fill_piece(const ShardPiece& t, bool with_optim, std::vector<RankFile>& files, Ops& ops, ReadCache& cache) {
   const auto [loc_rows, loc_cols] = rows_cols(t.local_shape);
   (void)loc_rows;
   // the target slice's origin in the full tensor
@@ -504,15 +509,18 @@ void fill_piece(const ShardPiece& t, bool with_optim, std::vector<RankFile>& fil
       const int64_t pr0 = base_r + e.e0 / pcols, pr1 = base_r + (e.e1 - 1) / pcols + 1;
       const int64_t pc0 = base_c, pc1 = base_c + pcols;
       if (pr1 <= tr0 || pr0 >= tr1 || pc1 <= c0 || pc0 >= c0 + loc_cols) continue;  // disjoint
-      std::map<std::string, std::vector<float>> src;
+      std::map<std::string, const std::vector<float>*> src;
       for (auto& [kind, _] : buf) {
-        const std::string key = "crc_" + kind;
-        std::vector<float> d = fi.file->read_floats(e.group + "/" + kind, e.e1 - e.e0);
-        if (!e.crc.contains(key) || !e.crc.at(key).is_string() ||
-            e.crc.at(key).get<std::string>() !=
-                hex(fi.version >= 3 ? hash64(d.data(), d.size()) : fnv1a(d.data(), d.size())))
-          throw_error(fi.path, ": checksum mismatch for '", e.group, "/", kind, "' (file damaged)");
-        src[kind] = std::move(d);
+        std::vector<float>& d = cache[fi.path + ":" + e.group + "/" + kind];
+        if (d.empty()) {
+          const std::string key = "crc_" + kind;
+          d = fi.file->read_floats(e.group + "/" + kind, e.e1 - e.e0);
+          if (!e.crc.contains(key) || !e.crc.at(key).is_string() ||
+              e.crc.at(key).get<std::string>() !=
+                  hex(fi.version >= 3 ? hash64(d.data(), d.size()) : fnv1a(d.data(), d.size())))
+            throw_error(fi.path, ": checksum mismatch for '", e.group, "/", kind, "' (file damaged)");
+        }
+        src[kind] = &d;
       }
       // copy row by row: within a row of the file's piece, elements run contiguously in both
       // the file and the target (memcpy speed; a 1.3B model is ~1.3e9 elements per array)
@@ -536,7 +544,7 @@ void fill_piece(const ShardPiece& t, bool with_optim, std::vector<RankFile>& fil
         for (int64_t i = li; i < li + len; ++i) filled += have[i] == 0;
         std::fill(have.begin() + li, have.begin() + li + len, 1);
         for (auto& [kind, v] : buf) {
-          const std::vector<float>& from = src[kind];
+          const std::vector<float>& from = *src[kind];
           std::copy(from.begin() + (x - e.e0), from.begin() + (x - e.e0) + len, v.begin() + li);
         }
       }
@@ -838,21 +846,33 @@ ModelConfig read_checkpoint_config(const std::string& dir) {
   return c;
 }
 
-void read_checkpoint_pieces(const std::string& dir, const std::vector<ShardPiece>& pieces, bool with_optimizer,
-                            Ops& ops) {
-  nlohmann::json j = read_checkpoint_meta(dir);
+namespace {
+// Fills `pieces` from the opened rank files of checkpoint `dir` (meta.json `j`).
+void fill_pieces(const std::string& dir, const nlohmann::json& j, std::vector<RankFile>& files,
+                 const std::vector<ShardPiece>& pieces, bool with_optimizer, Ops& ops) {
   if (with_optimizer && !j.value("has_optimizer", false))
     throw_error(dir, ": holds weights only; cannot resume the optimizer from it");
-  std::vector<RankFile> files = open_rank_files(dir, j);
+  ReadCache cache;
+  std::string cached_tensor;
   for (const ShardPiece& p : pieces) {
+    if (p.name != cached_tensor) cache.clear();  // one tensor's stored pieces at a time
+    cached_tensor = p.name;
     try {
-      fill_piece(p, with_optimizer, files, ops);
+      fill_piece(p, with_optimizer, files, ops, cache);
     } catch (const Error& e) {
       const std::string w = e.what();
       if (w.rfind("tensor '", 0) == 0) throw_error(dir, ": ", w);
       throw;
     }
   }
+}
+}  // namespace
+
+void read_checkpoint_pieces(const std::string& dir, const std::vector<ShardPiece>& pieces, bool with_optimizer,
+                            Ops& ops) {
+  const nlohmann::json j = read_checkpoint_meta(dir);
+  std::vector<RankFile> files = open_rank_files(dir, j);
+  fill_pieces(dir, j, files, pieces, with_optimizer, ops);
 }
 
 CheckpointMeta load_checkpoint(const std::string& dir, Model& model, AdamW* optimizer, ParallelContext* par) {
@@ -861,7 +881,8 @@ CheckpointMeta load_checkpoint(const std::string& dir, Model& model, AdamW* opti
   nlohmann::json ours = model.config();
   if (stored != ours)
     throw_error(dir, ": the checkpoint's model config ", stored.dump(), " differs from the model's ", ours.dump());
-  read_checkpoint_pieces(dir, pieces_to_load(model, optimizer), optimizer != nullptr, model.ops());
+  std::vector<RankFile> files = open_rank_files(dir, j);
+  fill_pieces(dir, j, files, pieces_to_load(model, optimizer), optimizer != nullptr, model.ops());
 
   CheckpointMeta meta;
   meta.step = j.at("step");
@@ -871,7 +892,7 @@ CheckpointMeta load_checkpoint(const std::string& dir, Model& model, AdamW* opti
   meta.extra = j.value("extra", nlohmann::json::object());
   const int dp_now = par ? par->dp_size() : 1, dp_rank = par ? par->dp_rank() : 0;
   if (j.at("layout").value("dp", 1) == dp_now) {  // same DP size: each DP rank resumes its own stream
-    for (auto& fi : open_rank_files(dir, j))
+    for (auto& fi : files)
       if (fi.rank.value("dp_rank", -1) == dp_rank && fi.rank.value("tp_rank", -1) == 0)
         meta.data_position = fi.rank.value("data_position", meta.data_position);
   }

@@ -26,6 +26,7 @@
 #include "io/synthetic_data.h"
 #include "io/tokenizer.h"
 #include "launch/command.h"
+#include "launch/host_memory.h"
 #include "parallel/grid.h"
 #include "parallel/mpi_comm.h"
 #include "core/plan.h"
@@ -92,17 +93,6 @@ DEFINE_double(step_timeout, 0, "seconds a training step may take before the watc
 
 namespace difftron {
 namespace {
-
-// Bytes of host memory the kernel says are available (MemAvailable), or -1 if unknown.
-double host_memory_available() {
-  std::ifstream f("/proc/meminfo");
-  std::string key;
-  double kb;
-  std::string unit;
-  while (f >> key >> kb >> unit)
-    if (key == "MemAvailable:") return kb * 1024.0;
-  return -1;
-}
 
 // On the CPU a too-large --batch x --seq would allocate its way into swap or the OOM killer:
 // refuse it up front with the estimate (the plan model, tested against real allocations).

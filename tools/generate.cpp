@@ -13,6 +13,7 @@
 #include "io/checkpoint.h"
 #include "io/tokenizer.h"
 #include "launch/command.h"
+#include "launch/host_memory.h"
 #include "core/plan.h"
 
 DEFINE_string(checkpoint, "", "a checkpoint directory, or a --ckpt_dir root (its latest checkpoint)");
@@ -38,17 +39,6 @@ std::string resolve_checkpoint_dir(const std::string& path) {
 namespace {
 
 constexpr int64_t kMaxNewTokens = 1000000;
-
-// Bytes of host memory the kernel says are available (MemAvailable), or -1 if unknown.
-// (launch/train.cpp has the same for train's check, private to that file.)
-double host_memory_available() {
-  std::ifstream f("/proc/meminfo");
-  std::string key, unit;
-  double kb;
-  while (f >> key >> kb >> unit)
-    if (key == "MemAvailable:") return kb * 1024.0;
-  return -1;
-}
 
 }  // namespace
 
