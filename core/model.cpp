@@ -15,9 +15,26 @@
 
 namespace difftron {
 
+Recompute parse_recompute(const std::string& name) {
+  if (name == "none") return Recompute::None;
+  if (name == "selective") return Recompute::Selective;
+  if (name == "full") return Recompute::Full;
+  throw_error("recompute: unknown mode '", name, "' (expected none, selective or full)");
+}
+
+const char* recompute_name(Recompute r) {
+  switch (r) {
+    case Recompute::None: return "none";
+    case Recompute::Selective: return "selective";
+    case Recompute::Full: return "full";
+  }
+  return "?";
+}
+
 Model::Model(const ModelConfig& config, Ops& ops, ModelPrecision precision, int64_t max_batch,
-             int64_t max_seq, ModelParallel parallel)
-    : cfg_(config), ops_(ops), prec_(precision), max_b_(max_batch), max_s_(max_seq), par_(parallel) {
+             int64_t max_seq, ModelParallel parallel, Recompute recompute)
+    : cfg_(config), ops_(ops), prec_(precision), max_b_(max_batch), max_s_(max_seq), par_(parallel),
+      recompute_(recompute) {
   cfg_.resolve_and_validate();
   if (max_batch <= 0) throw_error("batch size (", max_batch, ") must be positive");
   if (max_seq <= 0 || max_seq > cfg_.max_seq_len)
@@ -92,36 +109,27 @@ Model::Model(const ModelConfig& config, Ops& ops, ModelPrecision precision, int6
   if (!cfg_.tie_embeddings) lm_head_ = add_param("lm_head.weight", {V, d}, true, true, 0);
   allocate_flat(par_.flat_multiple);
 
-  // Activations for the largest batch.
+  // Activations for the largest batch: each layer its own, or views of one shared set
+  // where the backward recomputes them.
   const int64_t B = max_b_, S = max_s_, N = B * S;
   auto act = [&](Shape s) { return ops_.empty(s, prec_.act); };
   auto stat = [&](Shape s) { return ops_.empty(s, prec_.stat); };
-  for (auto& L : layers_) {
-    L.x_in = act({N, d});
-    L.ln1 = act({N, d});
-    L.rstd1 = stat({N});
-    if (diff) {
-      L.q = act({B, S, h_, 2, dh});
-      L.k = act({B, S, hkv_, 2, dh});
-      L.v = act({B, S, hkv_, 2 * dh});
-      L.att = act({B, S, h_, 2 * dh});
-      L.lse = stat({B, h_, 2, S});
-      L.lambda = stat({1});
-      L.sub = act({N, q_dim_});
-      L.rstd_sub = stat({N * h_});
-    } else {
-      L.q = act({B, S, 2 * h_, dh});
-      L.k = act({B, S, 2 * hkv_, dh});
-      L.v = act({B, S, 2 * hkv_, dh});
-      L.att = act({B, S, 2 * h_, dh});
-      L.lse = stat({B, 2 * h_, S});
+  if (recompute_ == Recompute::Full) {
+    const LayerActivations shared = allocate_activations(nullptr);
+    for (auto& L : layers_) {  // each layer keeps its input (and its lambda, one number)
+      static_cast<LayerActivations&>(L) = shared;
+      if (&L == &layers_[0]) continue;
+      L.x_in = act({N, d});
+      if (L.lambda.defined()) L.lambda = stat({1});
     }
-    L.x_mid = act({N, d});
-    L.ln2 = act({N, d});
-    L.rstd2 = stat({N});
-    L.gate = act({N, F_});
-    L.up = act({N, F_});
-    L.act = act({N, F_});
+  } else if (recompute_ == Recompute::Selective) {
+    LayerActivations shared;  // ln1 is dead before ln2 is written, and back in the backward
+    shared.ln1 = shared.ln2 = act({N, d});
+    if (diff) shared.sub = act({N, q_dim_});
+    shared.act = act({N, F_});
+    for (auto& L : layers_) static_cast<LayerActivations&>(L) = allocate_activations(&shared);
+  } else {
+    for (auto& L : layers_) static_cast<LayerActivations&>(L) = allocate_activations(nullptr);
   }
   tokens_ = ops_.empty({N}, DType::I32);
   targets_ = ops_.empty({N}, DType::I32);
@@ -157,7 +165,50 @@ Model::Model(const ModelConfig& config, Ops& ops, ModelPrecision precision, int6
   keep_attention_state(true);  // the default: the backend's saved attention state (if any)
 }
 
+Model::LayerActivations Model::allocate_activations(const LayerActivations* elementwise) {
+  const int64_t B = max_b_, S = max_s_, N = B * S, d = cfg_.d_model, dh = cfg_.head_dim;
+  auto act = [&](Shape s) { return ops_.empty(s, prec_.act); };
+  auto stat = [&](Shape s) { return ops_.empty(s, prec_.stat); };
+  LayerActivations L;
+  L.x_in = act({N, d});
+  L.ln1 = elementwise ? elementwise->ln1 : act({N, d});
+  L.rstd1 = stat({N});
+  if (cfg_.attention == AttentionKind::Differential) {
+    L.q = act({B, S, h_, 2, dh});
+    L.k = act({B, S, hkv_, 2, dh});
+    L.v = act({B, S, hkv_, 2 * dh});
+    L.att = act({B, S, h_, 2 * dh});
+    L.lse = stat({B, h_, 2, S});
+    L.lambda = stat({1});
+    L.sub = elementwise ? elementwise->sub : act({N, q_dim_});
+    L.rstd_sub = stat({N * h_});
+  } else {
+    L.q = act({B, S, 2 * h_, dh});
+    L.k = act({B, S, 2 * hkv_, dh});
+    L.v = act({B, S, 2 * hkv_, dh});
+    L.att = act({B, S, 2 * h_, dh});
+    L.lse = stat({B, 2 * h_, S});
+  }
+  L.x_mid = act({N, d});
+  L.ln2 = elementwise ? elementwise->ln2 : act({N, d});
+  L.rstd2 = stat({N});
+  L.gate = act({N, F_});
+  L.up = act({N, F_});
+  L.act = elementwise ? elementwise->act : act({N, F_});
+  return L;
+}
+
 void Model::keep_attention_state(bool on) {
+  if (recompute_ == Recompute::Full) {  // one layer's state at a time, shared
+    if (layers_.empty()) return;
+    const int64_t n = on && cfg_.attention == AttentionKind::Differential
+                          ? ops_.diff_attention_saved_numel(layers_[0].q)
+                          : 0;
+    if (n > 0 && layers_[0].attn_saved.defined() && layers_[0].attn_saved.numel() == n) return;
+    const Tensor saved = n > 0 ? ops_.empty({n}, DType::BF16) : Tensor();
+    for (auto& L : layers_) L.attn_saved = saved;
+    return;
+  }
   for (auto& L : layers_) {
     const int64_t n = on && L.q.defined() && cfg_.attention == AttentionKind::Differential
                           ? ops_.diff_attention_saved_numel(L.q)
@@ -328,7 +379,7 @@ void Model::check_batch(const int32_t* tokens, int64_t B, int64_t S) const {
                   cfg_.vocab_size, ")");
 }
 
-void Model::layer_forward(int64_t l, int64_t B, int64_t S) {
+void Model::layer_forward(int64_t l, int64_t B, int64_t S, bool recompute) {
   Layer& L = layers_[l];
   const int64_t N = B * S, d = cfg_.d_model, F = F_, dh = cfg_.head_dim;
   const int64_t h = h_, hkv = hkv_;
@@ -376,6 +427,7 @@ void Model::layer_forward(int64_t l, int64_t B, int64_t S) {
   ops_.matmul(ln2, false, P(L.w_gate), true, gate);
   ops_.matmul(ln2, false, P(L.w_up), true, up);
   ops_.swiglu_forward(gate, up, a);
+  if (recompute) return;  // the output is the next layer's input, kept
   Tensor x_out = (l + 1 < cfg_.n_layers ? layers_[l + 1].x_in : x_final_).view({N, d});
   if (tp_rank_ == 0) ops_.copy(x_mid, x_out);
   ops_.matmul(a, false, P(L.w_down), true, x_out, 1.0f, tp_rank_ == 0 ? 1.0f : 0.0f);  // x_mid + act Wd^T
@@ -475,11 +527,18 @@ void Model::layer_backward(int64_t l, int64_t B, int64_t S) {
   const int64_t h = h_, hkv = hkv_;
   const bool diff = cfg_.attention == AttentionKind::Differential;
   Tensor dres = dres_.view({N, d}), dln = dln_.view({N, d});
+  if (recompute_ == Recompute::Full) layer_forward(l, B, S, true);
+  const bool selective = recompute_ == Recompute::Selective;  // what it dropped is written again
 
   // ---- MLP: x_out = x_mid + swiglu(ln2 Wg^T, ln2 Wu^T) Wd^T
   Tensor gate = L.gate.view({N, F}), up = L.up.view({N, F}), a = L.act.view({N, F});
   Tensor dact = dact_.view({N, F}), dgate = dgate_.view({N, F}), dup = dup_.view({N, F});
   Tensor ln2 = L.ln2.view({N, d});
+  if (selective) {
+    ops_.swiglu_forward(gate, up, a);
+    Tensor rstd2 = L.rstd2.view({N});
+    ops_.rmsnorm_forward(L.x_mid.view({N, d}), P(L.mlp_norm), cfg_.norm_eps, 1.0f, ln2, rstd2);
+  }
   ops_.matmul(dres, false, P(L.w_down), false, dact);                 // [N, F]
   ops_.matmul(dres, true, a, false, G(L.w_down), 1.0f, 1.0f);          // [d, F]
   ops_.swiglu_backward(gate, up, dact, dgate, dup);
@@ -498,6 +557,12 @@ void Model::layer_backward(int64_t l, int64_t B, int64_t S) {
   Tensor dq = dq_.view(q.shape()), dk = dk_.view(k.shape()), dv = dv_.view(v.shape());
   Tensor dsub = dsub_.view({N, q_dim_});
   Tensor o_in = diff ? L.sub.view({N, q_dim_}) : L.att.view({N, q_dim_});
+  if (selective && diff) {
+    Tensor att_rows = L.att.view({N * h, 2 * dh}), sub_rows = L.sub.view({N * h, 2 * dh});
+    Tensor rstd_sub = L.rstd_sub.view({N * h});
+    ops_.rmsnorm_forward(att_rows, P(L.subln), cfg_.norm_eps, float(1.0 - ModelConfig::lambda_init(l)), sub_rows,
+                         rstd_sub);
+  }
   ops_.matmul(dres, false, P(L.wo), false, dsub);                     // [N, q_dim_]
   ops_.matmul(dres, true, o_in, false, G(L.wo), 1.0f, 1.0f);           // [d, q_dim_]
   if (diff) {
@@ -520,6 +585,10 @@ void Model::layer_backward(int64_t l, int64_t B, int64_t S) {
   ops_.rope(dk_heads, cfg_.rope_theta, true);
   Tensor dq2 = dq.view({N, q_dim_}), dk2 = dk.view({N, kv_dim_}), dv2 = dv.view({N, kv_dim_});
   Tensor ln1 = L.ln1.view({N, d});
+  if (selective) {
+    Tensor rstd1 = L.rstd1.view({N});
+    ops_.rmsnorm_forward(L.x_in.view({N, d}), P(L.attn_norm), cfg_.norm_eps, 1.0f, ln1, rstd1);
+  }
   ops_.matmul(dq2, false, P(L.wq), false, dln);
   ops_.matmul(dk2, false, P(L.wk), false, dln, 1.0f, 1.0f);
   ops_.matmul(dv2, false, P(L.wv), false, dln, 1.0f, 1.0f);

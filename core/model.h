@@ -48,6 +48,19 @@ struct Param {
   int64_t flat_offset = 0;  // element offset in the flat buffers
 };
 
+// Activation recomputation: what the forward keeps for the backward, and what the backward
+// computes again (docs/MODEL.md, "Recomputation").
+//   None:      every layer keeps all its activations.
+//   Selective: a layer keeps the GEMMs' and the attention's outputs; the cheap element-wise
+//              ones (the two RMSNorm outputs, the sub-layer norm output, the SwiGLU product)
+//              are recomputed in the backward: no GEMM runs twice.
+//   Full:      a layer keeps only its input; the backward runs the layer's forward again
+//              (all but the last GEMM) into one shared set of buffers.
+enum class Recompute { None, Selective, Full };
+// "none" | "selective" | "full"; throws naming the value otherwise.
+Recompute parse_recompute(const std::string& name);
+const char* recompute_name(Recompute r);
+
 class Communicator;
 
 // How this model instance is split across ranks (built from a ParallelContext, see
@@ -71,13 +84,14 @@ class Model {
   // With `parallel.tp` of size T the config must have h, h_kv, ffn_dim and vocab_size
   // divisible by T (checked, with the values in the message).
   Model(const ModelConfig& config, Ops& ops, ModelPrecision precision, int64_t max_batch,
-        int64_t max_seq, ModelParallel parallel = {});
+        int64_t max_seq, ModelParallel parallel = {}, Recompute recompute = Recompute::None);
 
   const ModelConfig& config() const { return cfg_; }
   Ops& ops() { return ops_; }
   const ModelPrecision& precision() const { return prec_; }
   int64_t max_batch() const { return max_b_; }
   int64_t max_seq() const { return max_s_; }
+  Recompute recompute() const { return recompute_; }
   std::vector<Param>& params() { return params_; }
   Param& param(const std::string& name);
   // Every parameter's value / gradient lives in these 1-D buffers (in params() order, each
@@ -131,14 +145,16 @@ class Model {
   double lambda_value(int64_t layer);
 
  private:
-  struct Layer {
-    // parameters (indices into params_)
+  struct LayerParams {  // indices into params_
     int attn_norm, wq, wk, wv, wo, lq1, lk1, lq2, lk2, subln, mlp_norm, w_gate, w_up, w_down;
-    // activations saved for backward
-    Tensor attn_saved;  // the backend's saved attention state (Ops::diff_attention_saved_numel)
-    Tensor x_in, ln1, rstd1, q, k, v, lambda, att, lse, sub, rstd_sub, x_mid, ln2, rstd2, gate,
-        up, act;
   };
+  struct LayerActivations {  // what the forward leaves for the backward
+    Tensor attn_saved;  // the backend's saved attention state (Ops::diff_attention_saved_numel)
+    Tensor x_in, ln1, rstd1, q, k, v, lambda, att, lse, sub, rstd_sub, x_mid, ln2, rstd2, gate, up, act;
+  };
+  // Under recomputation some activations of every layer are views of one shared buffer
+  // (Recompute: which ones), written again by the backward before it reads them.
+  struct Layer : LayerParams, LayerActivations {};
 
   Tensor& P(int idx) { return params_[idx].value; }
   Tensor& G(int idx) { return params_[idx].grad; }
@@ -163,8 +179,14 @@ class Model {
   void check_batch(const int32_t* tokens, int64_t B, int64_t S) const;
   // Runs embedding + all layers + final norm for B x S tokens already in tokens_.
   void forward_body(int64_t B, int64_t S);
-  void layer_forward(int64_t l, int64_t B, int64_t S);
+  // recompute: the backward's second pass under Recompute::Full (everything the layer's
+  // backward reads; the layer's output, already in the next layer's input, is not written).
+  void layer_forward(int64_t l, int64_t B, int64_t S, bool recompute = false);
+
   void layer_backward(int64_t l, int64_t B, int64_t S);
+  // The activations of one layer for max_batch x max_seq tokens; with `elementwise`, its
+  // ln1, ln2, sub and act are those views (Recompute::Selective).
+  LayerActivations allocate_activations(const LayerActivations* elementwise);
   // This layer's saved attention state for a B x S batch (undefined when the backend keeps none).
   Tensor attn_saved(const Layer& L, const Tensor& q);
   // Loss (and, when grad_scale != 0, dL/d(final norm output) and the head's weight
@@ -179,6 +201,7 @@ class Model {
   ModelPrecision prec_;
   int64_t max_b_, max_s_;
   ModelParallel par_;
+  Recompute recompute_;
   int tp_size_ = 1, tp_rank_ = 0;
   // This rank's share: diff heads, K/V groups, SwiGLU width, vocabulary rows [vocab_begin_, +V_).
   int64_t h_ = 0, hkv_ = 0, F_ = 0, V_ = 0, vocab_begin_ = 0;

@@ -82,13 +82,32 @@ Plan make_plan(const PlanInput& in) {
   // per layer: x_in ln1 x_mid ln2 | q (att sub) | k v | gate up act; stats rstd1 rstd2 lse (rstd_sub lambda)
   const double layer_act = double(N) * (4 * d + (diff ? 3 : 2) * q + 2 * kv + 3 * F);
   const double layer_stat = double(N) * (2 + 2 * h) + (diff ? double(N) * h + 1 : 0);
+  const double layer_saved = diff && in.attention_saved_o2 ? double(N) * q * 2 : 0;  // bf16 O2n
+  // Recomputation (core/model.h) keeps less per layer and adds one shared set:
+  //   selective: ln1/ln2 (one buffer), sub and act are shared;
+  //   full: a layer keeps x_in (and lambda); one layer's whole set is shared (layer 0's x_in).
+  double acts = 0, stats = 0, saved = 0;
+  const double elementwise_per_layer = double(N) * (2 * d + (diff ? q : 0) + F);
+  const double elementwise_shared = double(N) * (d + (diff ? q : 0) + F);
+  switch (in.recompute) {
+    case Recompute::None:
+      acts = L * layer_act, stats = L * layer_stat, saved = L * layer_saved;
+      break;
+    case Recompute::Selective:
+      acts = L * (layer_act - elementwise_per_layer) + elementwise_shared;
+      stats = L * layer_stat, saved = L * layer_saved;
+      break;
+    case Recompute::Full:
+      acts = layer_act + double(L - 1) * N * d;
+      stats = layer_stat + (diff ? double(L - 1) : 0), saved = layer_saved;
+      break;
+  }
   // shared: x_final lnf dres dln | dsub datt dq | dk dv | dact dgate dup | logits (+ ones, dummy)
   const double shared_act = double(N) * (4 * d + 3 * q + 2 * kv + 3 * F) + double(chunk) * Vh +
                             (T > 1 ? double(chunk) + Vh : 0);
   const double shared_stat = double(N) + 1 + 2.0 * chunk + (T > 1 ? double(chunk) : 0);
-  const double layer_saved = diff && in.attention_saved_o2 ? double(N) * q * 2 : 0;  // bf16 O2n
-  p.activation_bytes = (L * layer_act + shared_act) * in.act_bytes + (L * layer_stat + shared_stat) * in.stat_bytes +
-                       L * layer_saved + 2.0 * N * 4;  // tokens, targets (i32)
+  p.activation_bytes = (acts + shared_act) * in.act_bytes + (stats + shared_stat) * in.stat_bytes + saved +
+                       2.0 * N * 4;  // tokens, targets (i32)
   if (in.attention_fused_dq) p.attention_workspace_bytes = double(N) * (q + 2 * h) * 4;
 
   // ---- traffic per step
@@ -124,6 +143,25 @@ Plan make_plan(const PlanInput& in) {
   return p;
 }
 
+PlanInput plan_input_for_run(const ModelConfig& cfg, bool cuda, int tp, int dp, int64_t seq, int64_t micro_batch,
+                             int64_t grad_accum, bool keep_attention_state, Recompute recompute) {
+  PlanInput in;
+  in.cfg = cfg;
+  in.tp = tp;
+  in.dp = dp;
+  in.seq = seq;
+  in.micro_batch = micro_batch;
+  in.grad_accum = grad_accum;
+  in.recompute = recompute;
+  if (!cuda) in.param_bytes = in.act_bytes = in.grad_bytes = in.stat_bytes = 4;
+  // The fused kernels (head_dim 64 or 128) keep O2n per layer when asked, and their backward
+  // sums dQ in an f32 workspace.
+  const bool fused = cuda && (cfg.head_dim == 64 || cfg.head_dim == 128);
+  in.attention_saved_o2 = fused && keep_attention_state;
+  in.attention_fused_dq = fused;
+  return in;
+}
+
 namespace {
 std::string bytes_str(double b) {
   const char* unit[] = {"B", "KiB", "MiB", "GiB", "TiB"};
@@ -157,20 +195,16 @@ std::string format_plan(const Plan& p, double tp_gbps, double dp_gbps, double pe
   os << "memory per rank\n";
   char line[256];
   auto row = [&](const char* what, double b) {
-    std::snprintf(line, sizeof line, "  %-44s %12s\n", what, bytes_str(b).c_str());
+    std::snprintf(line, sizeof line, "  %-62s %12s\n", what, bytes_str(b).c_str());
     os << line;
   };
   row("weights (flat buffer)", p.weight_bytes);
   row("gradients (flat buffer)", p.grad_bytes);
   row("optimizer: f32 master + moments of the shard", p.optimizer_bytes);
-  row("activations kept for backward + scratch", p.activation_bytes);
-  const double total = p.weight_bytes + p.grad_bytes + p.optimizer_bytes + p.activation_bytes;
-  if (p.attention_workspace_bytes > 0) {
-    row("attention backward workspace (f32 dQ, D)", p.attention_workspace_bytes);
-    row("total (without other backend workspaces)", total + p.attention_workspace_bytes);
-  } else {
-    row("total (without backend workspaces)", total);
-  }
+  row((std::string("activations kept for backward + scratch (recompute ") + recompute_name(in.recompute) + ")").c_str(),
+      p.activation_bytes);
+  if (p.attention_workspace_bytes > 0) row("attention backward workspace (f32 dQ, D)", p.attention_workspace_bytes);
+  row("peak device memory (backend's small workspaces excluded)", p.peak_bytes());
   os << "\ncommunication per rank per optimizer step (ring algorithms)\n";
   std::snprintf(line, sizeof line, "  %-4s %-80s %7s %12s %12s %10s\n", "grp", "collective", "calls", "each",
                 "sent/rank", "time");

@@ -8,6 +8,7 @@
 #include <vector>
 
 #include "core/config.h"
+#include "core/model.h"
 
 namespace difftron {
 
@@ -24,6 +25,7 @@ struct PlanInput {
   // Hopper's fused attention backward (the default there) sums dQ in an f32 [N, q_dim] buffer
   // and keeps D [N, 2h] in a backend workspace, one layer at a time.
   bool attention_fused_dq = false;
+  Recompute recompute = Recompute::None;  // what the layers keep for the backward
 };
 
 // One kind of traffic: `calls` collectives per step, each over `buffer_bytes`, which puts
@@ -51,10 +53,21 @@ struct Plan {
   double tp_bytes_per_rank = 0, dp_bytes_per_rank = 0;  // per step
   int64_t tokens_per_step = 0;                          // global
   double flops_per_rank = 0;                            // per step (docs/MODEL.md section 4)
+  // What one rank's device holds at its peak: weights, gradients, optimizer, activations and
+  // the attention workspace (the backend's small workspaces excluded).
+  double peak_bytes() const {
+    return weight_bytes + grad_bytes + optimizer_bytes + activation_bytes + attention_workspace_bytes;
+  }
 };
 
 // Throws difftron::Error when the config does not split over tp (same rules as the model).
 Plan make_plan(const PlanInput& in);
+
+// The input for a run as `difftron train` sets it up: element sizes of the backend (CUDA's
+// mixed precision, or all f32 on the CPU) and, on CUDA, the fused attention's saved state
+// (keep_attention_state, head_dim 64 or 128) and dQ workspace.
+PlanInput plan_input_for_run(const ModelConfig& cfg, bool cuda, int tp, int dp, int64_t seq, int64_t micro_batch,
+                             int64_t grad_accum, bool keep_attention_state, Recompute recompute);
 
 // A human-readable table; bandwidths in GB/s (NCCL bus bandwidth) for the time estimates,
 // `peak_tflops` x `mfu` for the compute estimate.

@@ -26,6 +26,15 @@
 
 namespace difftron {
 
+// Device memory this backend has allocated (tensors and its own workspaces), in bytes, and
+// the most it held at once since the last reset_peak_memory(). device_used: what the driver
+// reports in use on the device (every process, the CUDA context, library pools); -1 where
+// there is no such figure (the CPU).
+struct MemoryStats {
+  int64_t allocated = 0, peak = 0;
+  int64_t device_used = -1, device_total = -1;
+};
+
 struct AdamWParams {
   float lr = 1e-3f;
   float beta1 = 0.9f, beta2 = 0.98f, eps = 1e-8f;
@@ -65,6 +74,9 @@ class Ops {
   }
   virtual void* alloc_pinned(size_t bytes) { return std::malloc(bytes); }
   virtual void free_pinned(void* p) { std::free(p); }
+  // What the backend's allocations hold (see MemoryStats); the CPU reference counts nothing.
+  virtual MemoryStats memory_stats() { return {}; }
+  virtual void reset_peak_memory() {}
 
   // ---- initialisation ----------------------------------------------------------------
   // Counter-based N(0, std^2) values: element g (flat row-major index in the FULL,

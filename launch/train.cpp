@@ -76,6 +76,10 @@ DEFINE_bool(async_save, true,
             "every save blocks until written. The final and the signal saves always block");
 DEFINE_bool(resume, true, "continue from --ckpt_dir's latest checkpoint when there is one");
 DEFINE_int64(top_k, 40, "sample from the k most likely tokens (0: all)");
+DEFINE_string(recompute, "none",
+              "activation recomputation: none | selective (recompute the element-wise outputs: norms, SwiGLU) | "
+              "full (keep each layer's input only, run its forward again in the backward); `difftron plan "
+              "--recompute=...` predicts the memory of each");
 DEFINE_bool(keep_attention_state, true,
             "GPU: keep the fused attention's O2n for the backward: one extra [B,S,h,2dh] bf16 "
             "activation per layer, takes ~12-15% off the attention backward; false saves that memory "
@@ -520,7 +524,8 @@ int train_main(int argc, char** argv) {
 
   // ---- model + optimizer, resumed
   if (ops->device() == Device::CPU) check_host_memory(cfg, FLAGS_tp, FLAGS_dp);
-  Model model(cfg, *ops, precision, FLAGS_batch, FLAGS_seq, par ? model_parallel(*par) : ModelParallel{});
+  Model model(cfg, *ops, precision, FLAGS_batch, FLAGS_seq, par ? model_parallel(*par) : ModelParallel{},
+              parse_recompute(FLAGS_recompute));
   model.init_weights(FLAGS_seed);
   model.keep_attention_state(FLAGS_keep_attention_state);
   AdamW opt(optimizer_config_from_flags(), model, par.get());

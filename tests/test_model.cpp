@@ -34,14 +34,18 @@ ModelConfig tiny_config(AttentionKind kind, bool tie) {
   return c;
 }
 
-struct GradCase { AttentionKind kind; bool tie; };
+struct GradCase {
+  AttentionKind kind;
+  bool tie;
+  Recompute recompute = Recompute::None;
+};
 class ModelGrad : public ::testing::TestWithParam<GradCase> {};
 
 TEST_P(ModelGrad, EveryParameterMatchesFiniteDifferences) {
   auto ops = make_cpu_ops();
   ModelConfig cfg = tiny_config(GetParam().kind, GetParam().tie);
   const int64_t B = 2, S = 5;
-  Model model(cfg, *ops, ModelPrecision::uniform(DType::F64), B, S);
+  Model model(cfg, *ops, ModelPrecision::uniform(DType::F64), B, S, {}, GetParam().recompute);
   model.init_weights(7);
   std::vector<int32_t> tok = {1, 4, 9, 2, 2, 10, 0, 3, 5, 7};
   std::vector<int32_t> tgt = {4, 9, 2, -1, 6, 0, 3, 5, 7, 8};  // one ignored target
@@ -66,7 +70,50 @@ TEST_P(ModelGrad, EveryParameterMatchesFiniteDifferences) {
 INSTANTIATE_TEST_SUITE_P(Variants, ModelGrad,
                          ::testing::Values(GradCase{AttentionKind::Differential, false},
                                            GradCase{AttentionKind::Differential, true},
-                                           GradCase{AttentionKind::Standard, false}));
+                                           GradCase{AttentionKind::Standard, false},
+                                           // the backward's second pass (bit-identical to
+                                           // the others: RecomputationGivesBitIdenticalGradients)
+                                           GradCase{AttentionKind::Differential, false, Recompute::Full}));
+
+// Recomputation runs the same ops on the same inputs again, so the gradients (and the loss)
+// are those of the run that kept everything, bit for bit; and the modes keep less.
+TEST(Model, RecomputationGivesBitIdenticalGradients) {
+  for (auto kind : {AttentionKind::Differential, AttentionKind::Standard}) {
+    SCOPED_TRACE(attention_kind_name(kind));
+    ModelConfig cfg = tiny_config(kind, false);
+    cfg.n_layers = 3;
+    const int64_t B = 2, S = 8;
+    std::vector<int32_t> tok(B * S), tok2(B * S), tgt(B * S);
+    for (int64_t i = 0; i < B * S; ++i) {
+      tok[i] = int32_t((i * 7 + 3) % cfg.vocab_size);
+      tok2[i] = int32_t((i * 3 + 2) % cfg.vocab_size);
+      tgt[i] = i % 5 == 4 ? -1 : int32_t((i * 5 + 1) % cfg.vocab_size);
+    }
+    std::vector<std::vector<float>> grads;
+    std::vector<double> losses;
+    for (Recompute r : {Recompute::None, Recompute::Selective, Recompute::Full}) {
+      auto ops = make_cpu_ops();
+      Model model(cfg, *ops, ModelPrecision::uniform(DType::F32), B, S, {}, r);
+      EXPECT_EQ(model.recompute(), r);
+      model.init_weights(11);
+      model.zero_grads();
+      // two micro-batches: the second backward must not see the first one's leftovers
+      model.forward_backward(tok.data(), tgt.data(), B, S, 0.5f);
+      losses.push_back(model.forward_backward(tok2.data(), tgt.data(), B, S, 0.5f));
+      std::vector<float> g(model.flat_grads().numel());
+      ops->download(model.flat_grads(), g.data());
+      grads.push_back(std::move(g));
+    }
+    for (size_t r = 1; r < grads.size(); ++r) {
+      SCOPED_TRACE(recompute_name(Recompute(r)));
+      EXPECT_EQ(losses[r], losses[0]);
+      ASSERT_EQ(grads[r].size(), grads[0].size());
+      int64_t differ = 0;
+      for (size_t i = 0; i < grads[0].size(); ++i) differ += grads[r][i] != grads[0][i];
+      EXPECT_EQ(differ, 0) << "of " << grads[0].size() << " gradient elements";
+    }
+  }
+}
 
 TEST(Model, ParameterCountMatchesConfigAndBaselineDiffersOnlyByLambdaAndSubln) {
   auto ops = make_cpu_ops();

@@ -139,9 +139,10 @@ TEST(Plan, MemoryAndLayoutMatchTheModelsAllocations) {
   for (auto kind : {AttentionKind::Differential, AttentionKind::Standard}) {
     for (bool tie : {false, true}) {
       for (int tp : {1, 2, 4}) {
-        for (int dp : {1, 3}) {
+        for (int dp : {1, 3})
+        for (Recompute rc : {Recompute::None, Recompute::Selective, Recompute::Full}) {
           SCOPED_TRACE(std::string(attention_kind_name(kind)) + (tie ? " tied" : " untied") + " tp " +
-                       std::to_string(tp) + " dp " + std::to_string(dp));
+                       std::to_string(tp) + " dp " + std::to_string(dp) + " recompute " + recompute_name(rc));
           const int64_t B = 2, S = 12;
           CountingOps ops;
           RecordingComm tpc(tp - 1, tp, "tp"), tph(tp - 1, tp, "tp");
@@ -151,8 +152,9 @@ TEST(Plan, MemoryAndLayoutMatchTheModelsAllocations) {
             mp.tp_host = &tph;
           }
           mp.flat_multiple = 64 * dp;
-          Model m(config(kind, tie), ops, ModelPrecision::uniform(DType::F32), B, S, mp);
+          Model m(config(kind, tie), ops, ModelPrecision::uniform(DType::F32), B, S, mp, rc);
           PlanInput in;
+          in.recompute = rc;
           in.cfg = config(kind, tie);
           in.tp = tp;
           in.dp = dp;

@@ -28,6 +28,7 @@ DECLARE_int32(dp);
 DECLARE_string(device);
 
 DECLARE_bool(keep_attention_state);
+DECLARE_string(recompute);
 DEFINE_string(preset, "", "paper configuration: 830M, 1.4B, 2.8B, 6.8B, 13.1B or 3B (docs/MODEL.md); "
               "model flags given explicitly override it");
 DEFINE_double(plan_tp_gbps, 370, "plan: TP bus bandwidth in GB/s (NVLink within a node)");
@@ -87,20 +88,8 @@ int plan_main(int argc, char** argv) {
   c.max_seq_len = seq;
   c.resolve_and_validate();
 
-  PlanInput in;
-  in.cfg = c;
-  in.tp = FLAGS_tp;
-  in.dp = FLAGS_dp;
-  in.seq = seq;
-  in.micro_batch = FLAGS_batch;
-  in.grad_accum = FLAGS_grad_accum;
-  if (FLAGS_device == "cpu") in.param_bytes = in.act_bytes = in.grad_bytes = in.stat_bytes = 4;
-  // with --keep_attention_state (on by default) the fused kernels (head_dim 64 or 128) keep
-  // O2n per layer
-  in.attention_saved_o2 =
-      FLAGS_keep_attention_state && FLAGS_device != "cpu" && (c.head_dim == 64 || c.head_dim == 128);
-  // a Hopper GPU's fused backward (the plan's target): its dQ accumulator in the workspace
-  in.attention_fused_dq = in.attention_saved_o2;
+  PlanInput in = plan_input_for_run(c, FLAGS_device != "cpu", FLAGS_tp, FLAGS_dp, seq, FLAGS_batch, FLAGS_grad_accum,
+                                    FLAGS_keep_attention_state, parse_recompute(FLAGS_recompute));
   Plan p = make_plan(in);
   std::cout << format_plan(p, FLAGS_plan_tp_gbps, FLAGS_plan_dp_gbps, FLAGS_plan_peak_tflops, FLAGS_plan_mfu);
   return 0;

@@ -47,7 +47,7 @@ CudaContext::CudaContext(int device) : device_(device) {
   DT_CUDA(cudaStreamCreateWithFlags(&stream_, cudaStreamNonBlocking));
   DT_CUBLAS(cublasLtCreate(&lt_));
   workspace_bytes_ = size_t(32) << 20;  // what cuBLASLt recommends for Hopper
-  DT_CUDA(cudaMalloc(&workspace_, workspace_bytes_));
+  workspace_ = alloc(workspace_bytes_, "the cuBLASLt workspace");
   DT_CUBLAS(cublasCreate(&blas_));
   DT_CUBLAS(cublasSetStream(blas_, stream_));
   DT_CUBLAS(cublasSetAtomicsMode(blas_, CUBLAS_ATOMICS_NOT_ALLOWED));  // deterministic
@@ -61,10 +61,10 @@ CudaContext::~CudaContext() {
   plans_.clear();
   if (blas_) cublasDestroy(blas_);
   if (lt_) cublasLtDestroy(lt_);
-  cudaFree(workspace_);
-  cudaFree(scratch_);
+  free(workspace_, workspace_bytes_);
+  free(scratch_, scratch_bytes_);
   cudaFree(dev_flag_);
-  cudaFree(rope_);
+  free(rope_, size_t(rope_S_) * size_t(rope_dh_ / 2) * 2 * sizeof(float));
   if (host_flag_) cudaFreeHost(host_flag_);
   if (stream_) cudaStreamDestroy(stream_);
 }
@@ -78,10 +78,11 @@ void CudaContext::activate() const {
 void* CudaContext::scratch(size_t bytes) {
   if (bytes > scratch_bytes_) {
     DT_CUDA(cudaStreamSynchronize(stream_));  // earlier kernels may still read the old one
-    if (scratch_) DT_CUDA(cudaFree(scratch_));
+    const size_t grow = std::max(bytes, scratch_bytes_ + scratch_bytes_ / 2);
+    free(scratch_, scratch_bytes_);
     scratch_ = nullptr;
-    size_t grow = std::max(bytes, scratch_bytes_ + scratch_bytes_ / 2);
-    DT_CUDA(cudaMalloc(&scratch_, grow));
+    scratch_bytes_ = 0;
+    scratch_ = alloc(grow, "op scratch");
     scratch_bytes_ = grow;
   }
   return scratch_;
@@ -104,14 +105,37 @@ const void* CudaContext::rope_table(int64_t S, int64_t dh, double theta) {
   if (rope_ && dh == rope_dh_ && theta == rope_theta_ && S <= rope_S_) return rope_;
   const int64_t rows = std::max(S, rope_dh_ == dh && rope_theta_ == theta ? rope_S_ : int64_t(0));
   DT_CUDA(cudaStreamSynchronize(stream_));
-  if (rope_) DT_CUDA(cudaFree(rope_));
+  free(rope_, size_t(rope_S_) * size_t(rope_dh_ / 2) * 2 * sizeof(float));
   rope_ = nullptr;
-  DT_CUDA(cudaMalloc(&rope_, size_t(rows) * size_t(dh / 2) * 2 * sizeof(float)));
+  rope_S_ = 0;
+  rope_ = alloc(size_t(rows) * size_t(dh / 2) * 2 * sizeof(float), "the RoPE table");
   build_rope_table(*this, rope_, rows, dh, theta);
   rope_S_ = rows;
   rope_dh_ = dh;
   rope_theta_ = theta;
   return rope_;
+}
+
+void* CudaContext::alloc(size_t bytes, const char* what) {
+  activate();
+  void* p = nullptr;
+  const cudaError_t err = cudaMalloc(&p, bytes);
+  if (err != cudaSuccess) {
+    cudaGetLastError();  // clear the error so that later calls do not see it
+    size_t free_b = 0, total_b = 0;
+    cudaMemGetInfo(&free_b, &total_b);
+    throw_error("cuda: cannot allocate ", bytes, " bytes for ", what, " on device ", device_, ": ",
+                cudaGetErrorString(err), " (", free_b >> 20, " MiB free of ", total_b >> 20, " MiB; this process holds ",
+                memory_->allocated.load() >> 20, " MiB)");
+  }
+  memory_->add(int64_t(bytes));
+  return p;
+}
+
+void CudaContext::free(void* p, size_t bytes) {
+  if (!p) return;
+  cudaFree(p);  // destructors call this: the status is ignored
+  memory_->sub(int64_t(bytes));
 }
 
 MatmulPlan* CudaContext::find_plan(const MatmulKey& key) {

@@ -7,6 +7,7 @@
 #include <cublas_v2.h>
 #include <cuda_runtime.h>
 
+#include <atomic>
 #include <cstddef>
 #include <cstdint>
 #include <map>
@@ -61,6 +62,19 @@ struct MatmulPlan {
   ~MatmulPlan();
 };
 
+// Device bytes allocated through a context (tensors, workspace, scratch, RoPE table) and the
+// most held at once. Shared with the tensors' deleters, which may outlive the context.
+struct MemoryCounter {
+  std::atomic<int64_t> allocated{0}, peak{0};
+  void add(int64_t bytes) {
+    const int64_t now = allocated.fetch_add(bytes) + bytes;
+    int64_t p = peak.load();
+    while (now > p && !peak.compare_exchange_weak(p, now)) {
+    }
+  }
+  void sub(int64_t bytes) { allocated.fetch_sub(bytes); }
+};
+
 class CudaContext {
  public:
   explicit CudaContext(int device);
@@ -94,6 +108,12 @@ class CudaContext {
   // cos/sin table [S, dh/2] (float2) for RoPE, computed in double on the device.
   const void* rope_table(int64_t S, int64_t dh, double theta);
 
+  // cudaMalloc / cudaFree, counted in memory(). alloc throws naming `what`, the size and the
+  // device's free memory.
+  void* alloc(size_t bytes, const char* what);
+  void free(void* p, size_t bytes);
+  const std::shared_ptr<MemoryCounter>& memory() const { return memory_; }
+
   MatmulPlan* find_plan(const MatmulKey& key);
   MatmulPlan* add_plan(const MatmulKey& key, std::unique_ptr<MatmulPlan> plan);
 
@@ -113,6 +133,7 @@ class CudaContext {
   int64_t rope_S_ = 0, rope_dh_ = 0;
   double rope_theta_ = 0;
   std::map<MatmulKey, std::unique_ptr<MatmulPlan>> plans_;
+  std::shared_ptr<MemoryCounter> memory_ = std::make_shared<MemoryCounter>();
 };
 
 // Carves aligned pieces out of one scratch allocation.

@@ -78,20 +78,29 @@ class CudaOps final : public Ops {
     if (dtype == DType::F64)
       fail("empty", "f64 tensors are not supported on the GPU (shape " + shape_str(shape) +
                         "); use f32 or bf16");
-    ctx_.activate();
     const size_t bytes = std::max<size_t>(shape_numel(shape) * dtype_size(dtype), 256);
-    void* p = nullptr;
-    const cudaError_t err = cudaMalloc(&p, bytes);
-    if (err != cudaSuccess) {
-      cudaGetLastError();  // clear the sticky-free allocation error
-      size_t free_b = 0, total_b = 0;
-      cudaMemGetInfo(&free_b, &total_b);
-      throw_error("cuda empty: cannot allocate ", bytes, " bytes for ", dtype_name(dtype),
-                  shape_str(shape), " on device ", ctx_.device(), ": ", cudaGetErrorString(err),
-                  " (", free_b >> 20, " MiB free of ", total_b >> 20, " MiB)");
-    }
-    return Tensor(shape, dtype, Device::CUDA, p, [](void* q) { cudaFree(q); });
+    const std::string what = std::string("a tensor ") + dtype_name(dtype) + shape_str(shape);
+    void* p = ctx_.alloc(bytes, what.c_str());
+    std::shared_ptr<cuda::MemoryCounter> counter = ctx_.memory();
+    return Tensor(shape, dtype, Device::CUDA, p, [counter, bytes](void* q) {
+      cudaFree(q);
+      counter->sub(int64_t(bytes));
+    });
   }
+
+  MemoryStats memory_stats() override {
+    MemoryStats m;
+    m.allocated = ctx_.memory()->allocated.load();
+    m.peak = ctx_.memory()->peak.load();
+    ctx_.activate();
+    size_t free_b = 0, total_b = 0;
+    if (cudaMemGetInfo(&free_b, &total_b) == cudaSuccess) {
+      m.device_used = int64_t(total_b - free_b);
+      m.device_total = int64_t(total_b);
+    }
+    return m;
+  }
+  void reset_peak_memory() override { ctx_.memory()->peak.store(ctx_.memory()->allocated.load()); }
 
   void fill_zero(Tensor& t) override {
     on_gpu(t, "fill_zero", "t");
