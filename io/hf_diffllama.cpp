@@ -1,13 +1,13 @@
-// DiffLlama conversion: see hf_diffllama.h. Row permutation for q/k/v: difftron block 2*i + j
-// (map j of head or group i) is HF block i + j * n, with n = h for q and n = h_kv for k and v.
+// Hugging Face conversion: see hf_diffllama.h. DiffLlama's row permutation for q/k/v: difftron
+// block 2*i + j (map j of head or group i) is HF block i + j * n, with n = h for q and n = h_kv
+// for k and v. Llama (the baseline) needs none.
 #include "io/hf_diffllama.h"
 
 #include <filesystem>
 #include <fstream>
+#include <set>
 
 #include <nlohmann/json.hpp>
-
-#include "io/safetensors.h"
 
 namespace difftron {
 namespace {
@@ -31,70 +31,130 @@ bool ends_with(const std::string& s, const std::string& suf) {
   return s.size() >= suf.size() && s.compare(s.size() - suf.size(), suf.size(), suf) == 0;
 }
 
+bool is_set(const nlohmann::json& hf, const char* key) { return hf.contains(key) && !hf.at(key).is_null(); }
+
+// Config fields of Llama / DiffLlama (and a few that related architectures put in a Llama
+// config) that change the computation in ways difftron does not implement, each with its value.
+std::vector<std::string> unsupported_fields(const nlohmann::json& hf) {
+  std::vector<std::string> out;
+  auto refuse = [&](const std::string& field, const nlohmann::json& value, const std::string& why) {
+    out.push_back(field + " = " + value.dump() + " (" + why + ")");
+  };
+  if (is_set(hf, "hidden_act") && hf.at("hidden_act") != "silu")
+    refuse("hidden_act", hf.at("hidden_act"), "difftron's MLP is SwiGLU with silu only");
+  for (const char* key : {"attention_bias", "mlp_bias"})
+    if (is_set(hf, key) && hf.at(key) != false) refuse(key, hf.at(key), "difftron's projections have no biases");
+  if (is_set(hf, "rope_scaling")) refuse("rope_scaling", hf.at("rope_scaling"), "only unscaled RoPE is implemented");
+  if (is_set(hf, "rope_parameters")) {
+    const auto& rp = hf.at("rope_parameters");
+    if (!rp.is_object()) {
+      refuse("rope_parameters", rp, "expected an object");
+    } else {
+      for (auto it = rp.begin(); it != rp.end(); ++it) {
+        const std::string k = it.key();
+        if (k == "rope_theta") continue;
+        if (k == "rope_type" && it.value() == "default") continue;
+        if (k == "partial_rotary_factor" && it.value().is_number() && it.value().get<double>() == 1.0) continue;
+        refuse("rope_parameters." + k, it.value(), "only default RoPE over the whole head is implemented");
+      }
+    }
+  }
+  if (is_set(hf, "partial_rotary_factor") && hf.at("partial_rotary_factor") != 1.0)
+    refuse("partial_rotary_factor", hf.at("partial_rotary_factor"), "RoPE covers the whole head");
+  if (is_set(hf, "quantization_config"))
+    refuse("quantization_config", hf.at("quantization_config"), "quantized weights are not read");
+  for (const char* key : {"sliding_window", "attn_logit_softcapping", "final_logit_softcapping", "logit_scale",
+                          "logits_scaling", "embedding_multiplier", "residual_multiplier", "attention_multiplier"})
+    if (is_set(hf, key)) refuse(key, hf.at(key), "not part of the Llama computation difftron implements");
+  return out;
+}
+
 }  // namespace
 
+const char* hf_model_type(const ModelConfig& c) {
+  return c.attention == AttentionKind::Differential ? "diffllama" : "llama";
+}
+
 ModelConfig model_config_from_hf(const nlohmann::json& hf, const std::string& source) {
+  const std::string type = hf.value("model_type", std::string("(none)"));
+  if (type != "diffllama" && type != "llama")
+    throw_error(source, ": model_type is '", type, "'; difftron reads 'diffllama' (differential attention) "
+                "and 'llama' (the standard-attention baseline)");
+  const bool diff = type == "diffllama";
   auto need = [&](const char* key) -> const nlohmann::json& {
-    if (!hf.contains(key)) throw_error(source, ": DiffLlama config has no '", key, "'");
+    if (!hf.contains(key)) throw_error(source, ": ", type, " config has no '", key, "'");
     return hf.at(key);
   };
-  if (hf.value("model_type", std::string()) != "diffllama")
-    throw_error(source, ": model_type is '", hf.value("model_type", std::string("(none)")),
-                "', expected 'diffllama'");
+  if (auto bad = unsupported_fields(hf); !bad.empty()) {
+    std::string msg;
+    for (const auto& b : bad) msg += "\n  " + b;
+    throw_error(source, ": config fields that change the model and that difftron does not implement:", msg);
+  }
   ModelConfig c;
   c.vocab_size = need("vocab_size").get<int64_t>();
   c.d_model = need("hidden_size").get<int64_t>();
   c.n_layers = need("num_hidden_layers").get<int64_t>();
-  int64_t heads = need("num_attention_heads").get<int64_t>();
-  int64_t kv = hf.value("num_key_value_heads", heads);
+  const int64_t heads = need("num_attention_heads").get<int64_t>();
+  const int64_t kv = is_set(hf, "num_key_value_heads") ? hf.at("num_key_value_heads").get<int64_t>() : heads;
   if (heads % 2 || kv % 2)
-    throw_error(source, ": num_attention_heads (", heads, ") and num_key_value_heads (", kv,
-                ") must be even (they count single-map heads, two per differential head)");
+    throw_error(source, ": num_attention_heads (", heads, ") and num_key_value_heads (", kv, ") must be even (",
+                diff ? "they count single-map heads, two per differential head"
+                     : "difftron's baseline has 2 n_heads heads over 2 n_kv_heads K/V heads",
+                ")");
   c.n_heads = heads / 2;
   c.n_kv_heads = kv / 2;
-  c.head_dim = hf.value("head_dim", c.d_model / heads);
+  c.head_dim = is_set(hf, "head_dim") ? hf.at("head_dim").get<int64_t>() : (heads > 0 ? c.d_model / heads : 0);
   c.ffn_dim = need("intermediate_size").get<int64_t>();
   c.max_seq_len = hf.value("max_position_embeddings", int64_t(2048));
   c.norm_eps = hf.value("rms_norm_eps", 1e-5);
-  if (hf.contains("rope_parameters")) {
-    auto& rp = hf.at("rope_parameters");
-    if (rp.value("rope_type", std::string("default")) != "default")
-      throw_error(source, ": rope_type '", rp.value("rope_type", std::string()), "' is not supported (only default)");
-    c.rope_theta = rp.value("rope_theta", 10000.0);
-  } else {
+  if (is_set(hf, "rope_parameters"))
+    c.rope_theta = hf.at("rope_parameters").value("rope_theta", hf.value("rope_theta", 10000.0));
+  else
     c.rope_theta = hf.value("rope_theta", 10000.0);
-  }
-  if (hf.contains("rope_scaling") && !hf.at("rope_scaling").is_null())
-    throw_error(source, ": rope_scaling is not supported");
   c.lambda_std = hf.value("lambda_std_dev", 0.1);
   c.init_std = hf.value("initializer_range", 0.02);
   c.tie_embeddings = hf.value("tie_word_embeddings", false);
-  c.attention = AttentionKind::Differential;
+  c.attention = diff ? AttentionKind::Differential : AttentionKind::Standard;
   c.resolve_and_validate();
   return c;
 }
 
-nlohmann::json hf_config_from_model(const ModelConfig& c) {
-  return {{"architectures", {"DiffLlamaForCausalLM"}},
-          {"model_type", "diffllama"},
-          {"vocab_size", c.vocab_size},
-          {"hidden_size", c.d_model},
-          {"num_hidden_layers", c.n_layers},
-          {"num_attention_heads", 2 * c.n_heads},
-          {"num_key_value_heads", 2 * c.n_kv_heads},
-          {"head_dim", c.head_dim},
-          {"intermediate_size", c.ffn_dim},
-          {"max_position_embeddings", c.max_seq_len},
-          {"rms_norm_eps", c.norm_eps},
-          {"rope_theta", c.rope_theta},
-          {"rope_parameters", {{"rope_theta", c.rope_theta}, {"rope_type", "default"}}},
-          {"hidden_act", "silu"},
-          {"attention_bias", false},
-          {"attention_dropout", 0.0},
-          {"lambda_std_dev", c.lambda_std},
-          {"initializer_range", c.init_std},
-          {"tie_word_embeddings", c.tie_embeddings},
-          {"dtype", "float32"}};
+nlohmann::json hf_config_from_model(const ModelConfig& c, const HfSpecialTokens& tokens, StoreDType dtype) {
+  const bool diff = c.attention == AttentionKind::Differential;
+  auto id = [](int64_t v) { return v < 0 ? nlohmann::json(nullptr) : nlohmann::json(v); };
+  const char* dtype_name = dtype == StoreDType::BF16 ? "bfloat16" : "float32";
+  nlohmann::json j = {{"architectures", {diff ? "DiffLlamaForCausalLM" : "LlamaForCausalLM"}},
+                      {"model_type", hf_model_type(c)},
+                      {"vocab_size", c.vocab_size},
+                      {"hidden_size", c.d_model},
+                      {"num_hidden_layers", c.n_layers},
+                      {"num_attention_heads", 2 * c.n_heads},
+                      {"num_key_value_heads", 2 * c.n_kv_heads},
+                      {"head_dim", c.head_dim},
+                      {"intermediate_size", c.ffn_dim},
+                      {"max_position_embeddings", c.max_seq_len},
+                      {"rms_norm_eps", c.norm_eps},
+                      {"rope_theta", c.rope_theta},
+                      {"rope_parameters", {{"rope_theta", c.rope_theta}, {"rope_type", "default"}}},
+                      {"hidden_act", "silu"},
+                      {"attention_bias", false},
+                      {"attention_dropout", 0.0},
+                      {"initializer_range", c.init_std},
+                      {"tie_word_embeddings", c.tie_embeddings},
+                      {"bos_token_id", id(tokens.bos)},
+                      {"eos_token_id", id(tokens.eos)},
+                      {"pad_token_id", id(tokens.pad)},
+                      {"use_cache", true},
+                      // "dtype" for transformers >= 4.56, "torch_dtype" for older readers
+                      {"dtype", dtype_name},
+                      {"torch_dtype", dtype_name}};
+  if (diff) {
+    j["lambda_std_dev"] = c.lambda_std;
+  } else {
+    j["mlp_bias"] = false;
+    j["pretraining_tp"] = 1;
+  }
+  return j;
 }
 
 ModelConfig read_hf_config(const std::string& dir) {
@@ -108,68 +168,79 @@ ModelConfig read_hf_config(const std::string& dir) {
   }
 }
 
-void import_hf_diffllama(const std::string& dir, Model& model) {
+void import_hf_model(const std::string& dir, Model& model) {
   const ModelConfig& c = model.config();
-  if (c.attention != AttentionKind::Differential)
-    throw_error("import_hf_diffllama: the model must use differential attention");
-  const std::string path = dir + "/model.safetensors";
-  auto tensors = read_safetensors(path);
+  const bool diff = c.attention == AttentionKind::Differential;
+  auto tensors = read_safetensors_model(dir);
+  std::set<std::string> used;
   for (auto& p : model.params()) {
     std::vector<float> w;
     if (ends_with(p.name, "self_attn.subln.weight")) {
       w.assign(p.value.numel(), 1.0f);  // HF's group norm has no weight
     } else {
       auto it = tensors.find(p.name);
-      if (it == tensors.end()) throw_error(path, ": missing tensor '", p.name, "'");
+      if (it == tensors.end()) throw_error(dir, ": missing tensor '", p.name, "'");
       if (it->second.shape != p.value.shape())
-        throw_error(path, ": tensor '", p.name, "' has shape ", shape_str(it->second.shape),
+        throw_error(dir, ": tensor '", p.name, "' has shape ", shape_str(it->second.shape),
                     ", the model expects ", shape_str(p.value.shape()));
-      w = it->second.data;
-      if (ends_with(p.name, "q_proj.weight")) w = permute_blocks(w, c.n_heads, c.head_dim, c.d_model, false);
-      if (ends_with(p.name, "k_proj.weight") || ends_with(p.name, "v_proj.weight"))
+      used.insert(p.name);
+      w = std::move(it->second.data);
+      if (diff && ends_with(p.name, "q_proj.weight")) w = permute_blocks(w, c.n_heads, c.head_dim, c.d_model, false);
+      if (diff && (ends_with(p.name, "k_proj.weight") || ends_with(p.name, "v_proj.weight")))
         w = permute_blocks(w, c.n_kv_heads, c.head_dim, c.d_model, false);
     }
     model.ops().upload(p.value, w.data());
   }
+  // What the model has no place for would be dropped silently, and the logits would differ
+  // from transformers'. Old exports carry RoPE's inverse frequencies (recomputed here); a
+  // tied model's folder may carry lm_head.weight as a copy of the embedding.
+  for (const auto& [name, t] : tensors) {
+    if (used.count(name) || ends_with(name, "rotary_emb.inv_freq")) continue;
+    if (c.tie_embeddings && name == "lm_head.weight") {
+      const auto& e = tensors.at("model.embed_tokens.weight");
+      if (t.shape == e.shape && t.data == e.data) continue;
+      throw_error(dir, ": tie_word_embeddings is true but lm_head.weight differs from model.embed_tokens.weight");
+    }
+    throw_error(dir, ": tensor '", name, "' (shape ", shape_str(t.shape), ") has no counterpart in difftron's ",
+                hf_model_type(c), " model; refusing to drop it");
+  }
 }
 
-void export_hf_diffllama(Model& model, const std::string& dir) {
+std::vector<std::string> export_hf_model(Model& model, const std::string& dir, const HfExportOptions& opt) {
   const ModelConfig& c = model.config();
-  if (c.attention != AttentionKind::Differential)
-    throw_error("export_hf_diffllama: only differential-attention models map to DiffLlama");
+  const bool diff = c.attention == AttentionKind::Differential;
   std::filesystem::create_directories(dir);
-  std::map<std::string, HostTensor> out;
   auto fetch = [&](Param& p) {
     std::vector<float> w(p.value.numel());
     model.ops().download(p.value, w.data());
     return w;
   };
-  for (int64_t l = 0; l < c.n_layers; ++l) {
-    const std::string pre = "model.layers." + std::to_string(l) + ".self_attn.";
-    std::vector<float> wsub = fetch(model.param(pre + "subln.weight"));
-    Param& o = model.param(pre + "o_proj.weight");  // [d, h * 2dh]
-    std::vector<float> wo = fetch(o);
-    const int64_t cols = c.q_dim(), width = 2 * c.head_dim;
-    for (int64_t r = 0; r < c.d_model; ++r)
-      for (int64_t col = 0; col < cols; ++col) wo[r * cols + col] *= wsub[col % width];
-    out[o.name] = HostTensor{o.value.shape(), wo};
-  }
+  std::vector<NamedTensor> out;
   for (auto& p : model.params()) {
-    if (ends_with(p.name, "subln.weight") || ends_with(p.name, "o_proj.weight")) continue;
+    if (diff && ends_with(p.name, "subln.weight")) continue;  // folded into o_proj below
     std::vector<float> w = fetch(p);
-    if (ends_with(p.name, "q_proj.weight")) w = permute_blocks(w, c.n_heads, c.head_dim, c.d_model, true);
-    if (ends_with(p.name, "k_proj.weight") || ends_with(p.name, "v_proj.weight"))
+    if (diff && ends_with(p.name, "q_proj.weight")) w = permute_blocks(w, c.n_heads, c.head_dim, c.d_model, true);
+    if (diff && (ends_with(p.name, "k_proj.weight") || ends_with(p.name, "v_proj.weight")))
       w = permute_blocks(w, c.n_kv_heads, c.head_dim, c.d_model, true);
-    out[p.name] = HostTensor{p.value.shape(), w};
+    if (diff && ends_with(p.name, "o_proj.weight")) {  // [d, h * 2dh]: column col scales by w_sub[col % 2dh]
+      const std::string pre = p.name.substr(0, p.name.size() - std::string("o_proj.weight").size());
+      const std::vector<float> wsub = fetch(model.param(pre + "subln.weight"));
+      const int64_t cols = c.q_dim(), width = 2 * c.head_dim;
+      for (int64_t r = 0; r < c.d_model; ++r)
+        for (int64_t col = 0; col < cols; ++col) w[r * cols + col] *= wsub[col % width];
+    }
+    out.push_back({p.name, HostTensor{p.value.shape(), std::move(w)}});
   }
-  write_safetensors(dir + "/model.safetensors", out);
+  std::vector<std::string> files = write_safetensors_model(dir, out, opt.dtype, opt.max_shard_bytes);
   const std::string cfg_path = dir + "/config.json", tmp = cfg_path + ".tmp";
   {
     std::ofstream f(tmp);
-    f << hf_config_from_model(c).dump(2) << "\n";
-    if (!f) throw_error(tmp, ": write failed");
+    f << hf_config_from_model(c, opt.tokens, opt.dtype).dump(2) << "\n";
+    if (!f.flush()) throw_error(tmp, ": write failed");
   }
   std::filesystem::rename(tmp, cfg_path);
+  files.push_back("config.json");
+  return files;
 }
 
 }  // namespace difftron

@@ -83,7 +83,7 @@ TEST(HfDiffLlama, ImportReproducesTransformersLogits) {
   auto ops = make_cpu_ops();
   for (DType t : {DType::F64, DType::F32}) {
     Model m(c, *ops, ModelPrecision::uniform(t), 1, tok.size());
-    import_hf_diffllama(kFixture, m);
+    import_hf_model(kFixture, m);
     auto got = all_logits(m, tok);
     double err = testing::rel_l2(got, ref);
     EXPECT_LT(err, t == DType::F64 ? 1e-5 : 2e-5) << dtype_name(t);
@@ -95,9 +95,9 @@ TEST(HfDiffLlama, ExportAfterImportGivesTheSameTensors) {
   ModelConfig c = read_hf_config(kFixture);
   auto ops = make_cpu_ops();
   Model m(c, *ops, ModelPrecision::uniform(DType::F32), 1, 8);
-  import_hf_diffllama(kFixture, m);
+  import_hf_model(kFixture, m);
   auto dir = std::filesystem::temp_directory_path() / ("difftron_hf_" + std::to_string(getpid()));
-  export_hf_diffllama(m, dir.string());
+  export_hf_model(m, dir.string());
   auto a = read_safetensors(kFixture + "/model.safetensors");
   auto b = read_safetensors((dir / "model.safetensors").string());
   ASSERT_EQ(a.size(), b.size());
@@ -118,7 +118,7 @@ TEST(HfDiffLlama, SublnWeightIsFoldedIntoOProjOnExport) {
   tok.resize(12);
   auto ops = make_cpu_ops();
   Model m(c, *ops, ModelPrecision::uniform(DType::F64), 1, tok.size());
-  import_hf_diffllama(kFixture, m);
+  import_hf_model(kFixture, m);
   for (int64_t l = 0; l < c.n_layers; ++l) {  // a trained model's w_sub is not all ones
     auto& p = m.param("model.layers." + std::to_string(l) + ".self_attn.subln.weight");
     auto w = testing::randn(p.value.numel(), 40 + l, 0.3);
@@ -127,9 +127,9 @@ TEST(HfDiffLlama, SublnWeightIsFoldedIntoOProjOnExport) {
   }
   auto before = all_logits(m, tok);
   auto dir = std::filesystem::temp_directory_path() / ("difftron_hf2_" + std::to_string(getpid()));
-  export_hf_diffllama(m, dir.string());
+  export_hf_model(m, dir.string());
   Model m2(c, *ops, ModelPrecision::uniform(DType::F64), 1, tok.size());
-  import_hf_diffllama(dir.string(), m2);
+  import_hf_model(dir.string(), m2);
   EXPECT_LT(testing::rel_l2(all_logits(m2, tok), before), 1e-6);  // f32 file precision
   std::filesystem::remove_all(dir);
 }
@@ -139,13 +139,13 @@ TEST(HfDiffLlama, BadFilesFailNamingTheProblem) {
   std::filesystem::create_directories(dir);
   {
     std::ofstream f(dir / "config.json");
-    f << R"({"model_type": "llama", "vocab_size": 10})";
+    f << R"({"model_type": "mistral", "vocab_size": 10})";
   }
   try {
     read_hf_config(dir.string());
     FAIL();
   } catch (const Error& e) {
-    EXPECT_NE(std::string(e.what()).find("model_type is 'llama', expected 'diffllama'"), std::string::npos) << e.what();
+    EXPECT_NE(std::string(e.what()).find("model_type is 'mistral'; difftron reads 'diffllama'"), std::string::npos) << e.what();
   }
   {
     std::ofstream f(dir / "model.safetensors", std::ios::binary);
