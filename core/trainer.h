@@ -1,7 +1,9 @@
 // The step loop: micro-batches with gradient accumulation, the optimizer step, logging
-// (loss, lr, gradient norm, tokens/s, ETA) and periodic evaluation. With a ParallelContext
-// each DP rank trains on its own batches (its BatchSource), gradients are synchronised on
-// the last micro-batch only, losses are averaged over DP, and world rank 0 logs.
+// (loss, lr, gradient norm, tokens/s, MFU, device memory, ETA) and periodic evaluation. With
+// a ParallelContext each DP rank trains on its own batches (its BatchSource), gradients are
+// synchronised on the last micro-batch only, losses are averaged over DP, and world rank 0
+// logs. What a log line or an evaluation reports is also handed to on_log / on_eval (world
+// rank 0), e.g. for the run directory's metrics.jsonl (launch/train.cpp).
 #pragma once
 #include <cstdint>
 #include <functional>
@@ -23,12 +25,39 @@ struct TrainOptions {
   int64_t log_every = 10;
   int64_t eval_every = 0;    // 0: only at the end (when a validation source is given)
   int64_t eval_batches = 4;
+  // One device's peak FLOP/s, for the model FLOPs utilisation (MFU) in the log; 0: unknown
+  // (the log says n/a).
+  double peak_flops = 0;
+};
+
+// What one log line reports (every log_every steps, the first step run and the last).
+struct StepLog {
+  int64_t step = 0;          // optimizer steps done (1-based)
+  double loss = 0;           // mean training loss over the steps since the previous log line
+  int64_t window_steps = 0;  // how many steps that mean covers
+  double lr = 0, grad_norm = 0;
+  bool clipped = false;
+  int64_t tokens_seen = 0;   // global, since step 0 of the run (resumes included)
+  double tokens_per_second = 0;  // over the window
+  double flops_per_second = 0;   // model FLOPs (ModelConfig::flops_per_token), all devices
+  double mfu = -1;               // per device, in [0, 1]; -1 when peak_flops is unknown
+  double elapsed_seconds = 0;    // since run() began
+  MemoryStats memory;            // the backend's (Ops::memory_stats), this rank's device
+};
+
+// One evaluation on the validation source.
+struct EvalLog {
+  int64_t step = 0;      // optimizer steps done when it ran
+  double loss = 0;       // mean loss per token
+  int64_t tokens = 0;    // tokens scored, all DP ranks
+  bool final = false;    // the evaluation at the end of run()
 };
 
 struct TrainResult {
   std::vector<double> losses;  // training loss per step (mean over micro-batches)
   double eval_loss = -1;       // last evaluation, -1 if none
-  double tokens_per_second = 0;
+  double tokens_per_second = 0;  // over the whole run() (evaluations and callbacks included)
+  bool stopped = false;          // should_stop ended the run early
 };
 
 class Trainer {
@@ -43,8 +72,13 @@ class Trainer {
   std::function<void(int64_t step, double loss)> on_step;
   // Polled after every step; returning true ends the run early (e.g. on SIGTERM).
   std::function<bool()> should_stop;
+  // World rank 0: called with what each log line and each evaluation reports.
+  std::function<void(const StepLog&)> on_log;
+  std::function<void(const EvalLog&)> on_eval;
 
  private:
+  double evaluate_and_report(int64_t step, bool final);  // evaluate(), then on_eval
+
   Model& model_;
   AdamW& opt_;
   BatchSource& train_;

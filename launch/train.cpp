@@ -2,15 +2,21 @@
 // directory or a synthetic task), trains with AdamW and samples from the result.
 // With --tp / --dp (under mpirun or srun, world = tp x dp ranks) it trains tensor- and
 // ZeRO-1 data-parallel over the process grid of parallel/grid.h; without them it is one
-// process and never touches MPI.
+// process and never touches MPI. With --ckpt_dir the run directory also records the run:
+// ROOT/metrics.jsonl (start, steps, evaluations, checkpoints, end; rank 0) and a log file
+// per rank under ROOT/logs (docs/TRAINING.md).
 #include <algorithm>
 #include <atomic>
 #include <chrono>
 #include <csignal>
 #include <cstdio>
 #include <cstdlib>
+#include <cstring>
+#include <filesystem>
 #include <fstream>
 #include <iostream>
+#include <map>
+#include <mutex>
 
 #include <gflags/gflags.h>
 #include <glog/logging.h>
@@ -19,6 +25,7 @@
 #include "core/generate.h"
 #include "core/model.h"
 #include "core/optimizer.h"
+#include "core/plan.h"
 #include "core/trainer.h"
 #include "io/checkpoint.h"
 #include "io/dataset.h"
@@ -29,7 +36,6 @@
 #include "launch/host_memory.h"
 #include "parallel/grid.h"
 #include "parallel/mpi_comm.h"
-#include "core/plan.h"
 #ifdef DIFFTRON_HAVE_CUDA
 #include "kernels/cuda/cuda_ops.h"
 #endif
@@ -94,6 +100,9 @@ DEFINE_int32(dp, 1, "data-parallel (ZeRO-1) ranks; world size = tp x dp");
 DEFINE_double(collective_timeout, 600, "seconds a collective may take before the watchdog ends the job (0: never)");
 DEFINE_bool(grid, false, "use the MPI process grid (NCCL on the GPU) even when tp x dp = 1");
 DEFINE_double(step_timeout, 0, "seconds a training step may take before the watchdog ends the job (0: never)");
+DEFINE_double(peak_tflops, 0,
+              "one device's peak TFLOP/s for the model FLOPs utilisation (MFU) in the log and metrics.jsonl; "
+              "0: 989 (H100/H200 dense bf16) on CUDA, none (n/a) on the CPU");
 
 namespace difftron {
 namespace {
@@ -132,6 +141,117 @@ void check_host_memory(const ModelConfig& cfg, int tp, int dp) {
     throw Error(msg);
   }
 }
+
+// When the process started (static initialisation, before main): the start-up phases in the
+// log and in metrics.jsonl count from here.
+const std::chrono::steady_clock::time_point g_process_start = std::chrono::steady_clock::now();
+
+double seconds_since(std::chrono::steady_clock::time_point t) {
+  return std::chrono::duration<double>(std::chrono::steady_clock::now() - t).count();
+}
+
+// The run directory's records (docs/TRAINING.md): rank 0 appends one JSON object a line to
+// ROOT/metrics.jsonl; every rank copies what it logs to ROOT/logs/train_rank<NNNNN>.log (a
+// glog sink; stderr keeps its copy). Both files are opened in append mode, so a resumed run
+// continues them, and every line is flushed as it is written. A record that cannot be
+// written is a warning, never the end of the run.
+class RunRecords : public google::LogSink {
+ public:
+  using Record = nlohmann::ordered_json;  // fields in the order they are set
+
+  RunRecords() = default;
+  RunRecords(const RunRecords&) = delete;
+  RunRecords& operator=(const RunRecords&) = delete;
+  ~RunRecords() override {
+    google::RemoveLogSink(this);  // nothing when it was never added
+    if (log_) std::fclose(log_);
+    if (metrics_) std::fclose(metrics_);
+  }
+
+  // From the start of a run with --ckpt_dir: log lines are kept in memory until open().
+  void capture() {
+    capturing_ = true;
+    google::AddLogSink(this);
+  }
+  // After --ckpt_dir is locked for this job (rank 0 holds the lock; every rank agreed): the
+  // log file gets the lines captured so far, then every line; rank 0 opens metrics.jsonl.
+  void open(const std::string& root, int world_rank, bool metrics) {
+    const std::string logs = root + "/logs";
+    std::error_code ec;
+    std::filesystem::create_directories(logs, ec);
+    char name[64];
+    std::snprintf(name, sizeof name, "/train_rank%05d.log", world_rank);
+    log_path_ = logs + name;
+    {
+      std::lock_guard<std::mutex> g(mu_);
+      log_ = std::fopen(log_path_.c_str(), "a");
+      if (log_) {
+        std::fwrite(captured_.data(), 1, captured_.size(), log_);
+        std::fflush(log_);
+      }
+      captured_.clear();
+      capturing_ = false;
+    }
+    if (!log_) LOG(WARNING) << "cannot open the log file " << log_path_ << ": " << std::strerror(errno) << " (logging to stderr only)";
+    if (!metrics) return;
+    metrics_path_ = root + "/metrics.jsonl";
+    metrics_ = std::fopen(metrics_path_.c_str(), "a");
+    if (!metrics_)
+      LOG(WARNING) << "cannot open " << metrics_path_ << ": " << std::strerror(errno) << " (no metrics are recorded)";
+  }
+  bool recording() const { return metrics_ != nullptr; }
+
+  // Appends `r` with the wall-clock time and the seconds since the process started.
+  void write(Record r) {
+    if (!metrics_) return;
+    r["time"] = std::chrono::duration<double>(std::chrono::system_clock::now().time_since_epoch()).count();
+    r["elapsed_s"] = seconds_since(g_process_start);
+    const std::string line = r.dump(-1, ' ', false, nlohmann::json::error_handler_t::replace) + "\n";
+    if (std::fwrite(line.data(), 1, line.size(), metrics_) != line.size() || std::fflush(metrics_) != 0) {
+      if (!write_failed_)
+        LOG(WARNING) << "cannot write to " << metrics_path_ << ": " << std::strerror(errno)
+                     << " (training goes on; later records may be missing)";
+      write_failed_ = true;
+      std::clearerr(metrics_);
+    }
+  }
+
+  // The run ends with an exception: an `end` record naming it, and the message in the log file
+  // (the program prints it on stderr once the run's objects, this sink included, are gone).
+  void failed(const std::string& what) {
+    if (ended_) return;
+    ended_ = true;
+    Record r;
+    r["event"] = "end";
+    r["stop"] = "error";
+    r["error"] = what;
+    write(std::move(r));
+    std::lock_guard<std::mutex> g(mu_);
+    if (log_) {
+      std::fprintf(log_, "error: %s\n", what.c_str());
+      std::fflush(log_);
+    }
+  }
+  void ended() { ended_ = true; }
+
+  // google::LogSink: called under glog's lock, so it must not log itself.
+  void send(google::LogSeverity severity, const char* /*full_filename*/, const char* base_filename, int line,
+            const google::LogMessageTime& time, const char* message, size_t message_len) override {
+    const std::string text = ToString(severity, base_filename, line, time, message, message_len) + "\n";
+    std::lock_guard<std::mutex> g(mu_);
+    if (capturing_) captured_ += text;
+    else if (log_ && std::fwrite(text.data(), 1, text.size(), log_) == text.size()) std::fflush(log_);
+  }
+
+ private:
+  std::FILE* metrics_ = nullptr;
+  std::FILE* log_ = nullptr;
+  std::string metrics_path_, log_path_;
+  bool write_failed_ = false, ended_ = false;
+  std::mutex mu_;  // the log file: glog's threads and failed()
+  bool capturing_ = false;
+  std::string captured_;  // lines logged before open()
+};
 
 std::atomic<int> g_stop_signal{0};  // set by SIGTERM/SIGINT: finish the step, checkpoint, exit
 extern "C" void on_stop_signal(int sig) { g_stop_signal = sig; }
@@ -386,12 +506,14 @@ TrainOptions train_options_from_flags() {
 }
 
 // The run's checkpoints under --ckpt_dir: periodic saves in the background (--ckpt_every,
-// --async_save), blocking saves at the end and on a signal, pruning (--ckpt_keep).
+// --async_save), blocking saves at the end and on a signal, pruning (--ckpt_keep). Each
+// published save is a `checkpoint` record: how long the step loop was held up (stall) and
+// how long the writing took.
 class RunCheckpoints {
  public:
   RunCheckpoints(Model& model, AdamW& opt, ParallelContext* par, BatchSource& train, const Tokenizer* tokenizer,
-                 bool rank0)
-      : model_(model), opt_(opt), par_(par), train_(train), tokenizer_(tokenizer), rank0_(rank0) {
+                 bool rank0, RunRecords& records)
+      : model_(model), opt_(opt), par_(par), train_(train), tokenizer_(tokenizer), rank0_(rank0), records_(records) {
     async_.on_published = [this](const std::string& dir, int64_t step, double write_s) { published(dir, step, write_s); };
   }
   // After optimizer step `step` (0-based): a periodic save, in the background.
@@ -404,24 +526,38 @@ class RunCheckpoints {
       async_.prepare(model_, &opt_, par_);
     }
     if ((step + 1) % FLAGS_ckpt_every != 0 || step + 1 >= FLAGS_steps) return;
-    if (!FLAGS_async_save) return save(step + 1);
+    if (!FLAGS_async_save) return save(step + 1, "periodic");
+    // the stall: waiting for the previous save (and publishing it), then the snapshot
+    const auto t0 = std::chrono::steady_clock::now();
+    pending_[step + 1] = {0, "periodic", true};
     async_.start(FLAGS_ckpt_dir, meta_at(step + 1), model_, &opt_, par_, train_.position());
+    pending_[step + 1].stall_s = seconds_since(t0);
     char secs[32];
     std::snprintf(secs, sizeof secs, "%.2f", async_.last_snapshot_seconds());
     LOG(INFO) << "checkpoint step " << step + 1 << ": snapshot took " << secs
               << " s (training continues; writing in the background)";
   }
-  // Blocking save: first the one in flight, then this step unless that was it.
-  void save(int64_t steps_done) {
+  // Blocking save: first the one in flight, then this step unless that was it. `reason`:
+  // "periodic", "final" or "signal" (for the record).
+  void save(int64_t steps_done, const char* reason) {
     if (FLAGS_ckpt_dir.empty()) return;
     async_.wait();
     if (last_published_ == steps_done) return;
     const auto t0 = std::chrono::steady_clock::now();
+    pending_[steps_done] = {0, reason, false};
     const std::string dir = save_checkpoint(FLAGS_ckpt_dir, meta_at(steps_done), model_, &opt_, par_, train_.position());
-    published(dir, steps_done, std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count());
+    const double s = seconds_since(t0);
+    pending_[steps_done].stall_s = s;  // the step loop waited for all of it
+    published(dir, steps_done, s);
   }
 
  private:
+  struct Pending {
+    double stall_s;
+    const char* reason;
+    bool async;
+  };
+
   CheckpointMeta meta_at(int64_t steps_done) const {
     CheckpointMeta meta;
     meta.step = steps_done;
@@ -438,6 +574,17 @@ class RunCheckpoints {
     char secs[32];
     std::snprintf(secs, sizeof secs, "%.2f", write_s);
     LOG(INFO) << "checkpoint written: " << dir << " (write " << secs << " s)";
+    const Pending p = pending_.count(step) ? pending_[step] : Pending{0, "periodic", true};
+    pending_.erase(step);
+    RunRecords::Record r;
+    r["event"] = "checkpoint";
+    r["step"] = step;
+    r["reason"] = p.reason;
+    r["async"] = p.async;
+    r["stall_s"] = p.stall_s;
+    r["write_s"] = write_s;
+    r["path"] = dir;
+    records_.write(std::move(r));
     // pruning only after a publish: `latest` then names the new checkpoint, which is kept
     if (rank0_ && FLAGS_ckpt_keep > 0) {
       const int removed = prune_checkpoints(FLAGS_ckpt_dir, FLAGS_ckpt_keep);
@@ -451,8 +598,10 @@ class RunCheckpoints {
   BatchSource& train_;
   const Tokenizer* tokenizer_;
   bool rank0_;
+  RunRecords& records_;
   int64_t last_published_ = -1;
   bool prepared_ = false;
+  std::map<int64_t, Pending> pending_;  // saves started, by step: what their records need
   AsyncCheckpointer async_;  // its destructor waits for a save in flight
 };
 
@@ -486,8 +635,94 @@ void print_sample(Model& model, BatchSource& train, const Tokenizer* tokenizer) 
   std::cout << "\n";
 }
 
-int train_main(int argc, char** argv) {
+// ---- what the run records ------------------------------------------------------------
+
+std::string join_command_line(int argc, char** argv) {
+  std::string s;
+  for (int i = 0; i < argc; ++i) s += (i ? " " : "") + std::string(argv[i]);
+  return s;
+}
+
+// Every flag given a value other than its default (this program's flags are global: any
+// command's may appear), as name -> value text.
+nlohmann::ordered_json changed_flags() {
+  std::vector<gflags::CommandLineFlagInfo> all;
+  gflags::GetAllFlags(&all);
+  nlohmann::ordered_json j = nlohmann::ordered_json::object();
+  for (const auto& f : all)
+    if (!f.is_default && f.current_value != f.default_value && f.name != "logtostderr")  // main sets that
+      j[f.name] = f.current_value;
+  return j;
+}
+
+// Bytes of text per target token in the batches every evaluation scores (the validation
+// source rewinds to them), over all DP ranks: the EOS counts no bytes. -1 without a tokenizer.
+// Collective over the DP group.
+double eval_bytes_per_token(BatchSource& val, const Tokenizer* tokenizer, int64_t vocab, ParallelContext* par) {
+  if (!tokenizer) return -1;
+  std::vector<double> bytes_of(size_t(vocab), 0.0);
+  for (int64_t id = 0; id < vocab && id < tokenizer->vocab_size(); ++id)
+    if (id != tokenizer->eos_id()) bytes_of[size_t(id)] = double(tokenizer->decode({int32_t(id)}).size());
+  const std::string pos = val.position();
+  std::vector<int32_t> tok(FLAGS_batch * FLAGS_seq), tgt(tok.size());
+  double sums[2] = {0, 0};  // bytes, tokens
+  for (int64_t b = 0; b < FLAGS_eval_batches; ++b) {
+    val.next_batch(FLAGS_batch, FLAGS_seq, tok.data(), tgt.data());
+    for (int32_t t : tgt)
+      if (t >= 0 && t < vocab) {
+        sums[0] += bytes_of[size_t(t)];
+        sums[1] += 1;
+      }
+  }
+  val.restore_position(pos);
+  if (par) all_reduce_host(par->dp_host(), sums, 2);
+  return sums[1] > 0 && sums[0] > 0 ? sums[0] / sums[1] : -1;
+}
+
+// The device memory the plan model predicts for this run (one rank's peak), -1 when it
+// cannot (the plan's rules refuse the layout).
+double planned_peak_bytes(const ModelConfig& cfg, bool cuda) {
+  try {
+    const PlanInput in = plan_input_for_run(cfg, cuda, FLAGS_tp, FLAGS_dp, FLAGS_seq, FLAGS_batch, FLAGS_grad_accum,
+                                            FLAGS_keep_attention_state, parse_recompute(FLAGS_recompute));
+    return make_plan(in).peak_bytes();
+  } catch (const Error& e) {
+    LOG(WARNING) << "no memory plan for this run: " << e.what();
+    return -1;
+  }
+}
+
+// A byte count, or null where the backend has none (the CPU counts nothing).
+nlohmann::ordered_json bytes_or_null(int64_t b) { return b > 0 ? nlohmann::ordered_json(b) : nlohmann::ordered_json(); }
+
+// The start-up, phase by phase (seconds): config (flags, data), allocation (model and
+// optimizer), init (the weights), load (a checkpoint, when resuming), first_step.
+struct StartupTimes {
+  double config = 0, allocation = 0, init = 0, load = -1, first_step = 0, to_first_step = 0;
+  std::string describe() const {
+    char load_s[32] = "";
+    if (load >= 0) std::snprintf(load_s, sizeof load_s, ", load %.2f s", load);
+    char buf[256];
+    std::snprintf(buf, sizeof buf,
+                  "start-up: config %.2f s, allocation %.2f s, init %.2f s%s, first step %.2f s; the first step "
+                  "was done %.2f s after the process started",
+                  config, allocation, init, load_s, first_step, to_first_step);
+    return buf;
+  }
+  nlohmann::ordered_json json() const {
+    nlohmann::ordered_json j = {{"config", config}, {"allocation", allocation}, {"init", init}};
+    if (load >= 0) j["load"] = load;
+    j["first_step"] = first_step;
+    j["to_first_step"] = to_first_step;
+    return j;
+  }
+};
+
+int train(int argc, char** argv, RunRecords& records) {
+  using clock = std::chrono::steady_clock;
+  const std::string command_line = join_command_line(argc, argv);
   gflags::ParseCommandLineFlags(&argc, &argv, true);
+  if (!FLAGS_ckpt_dir.empty()) records.capture();
   if (argc > 1) throw_error("unexpected argument '", argv[1], "' (flags are --name=value)");
 
   // ---- process grid (only for multi-rank runs: a single process never starts MPI)
@@ -501,17 +736,23 @@ int train_main(int argc, char** argv) {
     mpi = std::make_unique<MpiRuntime>(&argc, &argv);
     local_rank = node_local_rank();
   }
-  const bool rank0 = !mpi || mpi->world_rank() == 0;
+  const int world_rank = mpi ? mpi->world_rank() : 0;
+  const bool rank0 = world_rank == 0;
   if (!rank0) FLAGS_minloglevel = std::max(FLAGS_minloglevel, 1);  // rank 0 tells the story
 
   // ---- backend, grid, run directory
   ModelPrecision precision;
   std::unique_ptr<Ops> ops = make_backend(local_rank, &precision);
   LOG(INFO) << "backend: " << ops->name();
+  const bool cuda = ops->device() == Device::CUDA;
   std::unique_ptr<ParallelContext> par = multi ? make_grid(*ops, local_rank) : nullptr;
   const int dp_rank = par ? par->dp_rank() : 0, dp_size = par ? par->dp_size() : 1;
   check_run_flags(dp_size);
   std::unique_ptr<RunDirLock> lock = lock_run_dir(rank0, par.get());
+  if (!FLAGS_ckpt_dir.empty()) {
+    records.open(FLAGS_ckpt_dir, world_rank, rank0);
+    LOG(INFO) << "command line: " << command_line;
+  }
 
   // ---- data and model config (from the checkpoint when resuming)
   RunData data = describe_data(dp_rank, dp_size);
@@ -521,27 +762,112 @@ int train_main(int argc, char** argv) {
   if (!resume_dir.empty())
     check_resume_flags(resume_dir, cfg, read_checkpoint_meta(resume_dir).value("extra", nlohmann::json::object()));
   open_data(data, cfg, dp_rank, dp_size);
+  const double bytes_per_token = !FLAGS_ckpt_dir.empty() && data.val
+                                     ? eval_bytes_per_token(*data.val, data.tokenizer.get(), cfg.vocab_size, par.get())
+                                     : -1;
+  StartupTimes startup;
+  startup.config = seconds_since(g_process_start);
 
   // ---- model + optimizer, resumed
   if (ops->device() == Device::CPU) check_host_memory(cfg, FLAGS_tp, FLAGS_dp);
+  auto t = clock::now();
   Model model(cfg, *ops, precision, FLAGS_batch, FLAGS_seq, par ? model_parallel(*par) : ModelParallel{},
               parse_recompute(FLAGS_recompute));
+  startup.allocation = seconds_since(t);
+  t = clock::now();
   model.init_weights(FLAGS_seed);
   model.keep_attention_state(FLAGS_keep_attention_state);
+  startup.init = seconds_since(t);
+  t = clock::now();
   AdamW opt(optimizer_config_from_flags(), model, par.get());
+  startup.allocation += seconds_since(t);
   int64_t start_step = 0;
   if (!resume_dir.empty()) {
+    t = clock::now();
     CheckpointMeta meta = load_checkpoint(resume_dir, model, &opt, par.get());
     start_step = meta.step;
     if (!meta.data_position.empty()) data.train->restore_position(meta.data_position);
+    startup.load = seconds_since(t);
     LOG(INFO) << "resumed from " << resume_dir << " at step " << start_step;
     if (start_step >= FLAGS_steps) LOG(WARNING) << "--steps=" << FLAGS_steps << " already reached";
   }
 
+  // ---- what the run records: the `start` record is written once the first step is done
+  const double peak_flops = (FLAGS_peak_tflops > 0 ? FLAGS_peak_tflops : cuda ? 989.0 : 0.0) * 1e12;
+  RunRecords::Record start;
+  start["event"] = "start";
+  start["command_line"] = command_line;
+  start["flags"] = changed_flags();
+  start["model_config"] = nlohmann::ordered_json::parse(nlohmann::json(cfg).dump());
+  start["parameters"] = cfg.num_parameters();
+  start["device"] = ops->name();
+  start["device_memory_total"] = bytes_or_null(ops->memory_stats().device_total);
+  start["world"] = {{"tp", FLAGS_tp}, {"dp", FLAGS_dp}};
+  start["tokens_per_step"] = FLAGS_batch * FLAGS_seq * FLAGS_grad_accum * dp_size;
+  start["peak_flops"] = peak_flops > 0 ? nlohmann::ordered_json(peak_flops) : nlohmann::ordered_json();
+  const double plan_peak = planned_peak_bytes(cfg, cuda);
+  start["plan_peak_bytes"] = plan_peak > 0 ? nlohmann::ordered_json(int64_t(plan_peak)) : nlohmann::ordered_json();
+  start["resumed"] = !resume_dir.empty();
+  if (!resume_dir.empty()) {
+    start["resumed_from"] = resume_dir;
+    start["resume_step"] = start_step;
+  }
+  start["start_step"] = start_step;
+  bool start_written = false;
+  auto write_start = [&] {
+    start_written = true;
+    start["startup_s"] = startup.json();
+    records.write(start);
+  };
+
   // ---- train, checkpointing; every rank stops after the same step
-  Trainer trainer(model, opt, *data.train, data.val.get(), train_options_from_flags(), par.get());
-  RunCheckpoints checkpoints(model, opt, par.get(), *data.train, data.tokenizer.get(), rank0);
-  trainer.on_step = [&](int64_t step, double) { checkpoints.after_step(step); };
+  TrainOptions to = train_options_from_flags();
+  to.peak_flops = peak_flops;
+  Trainer trainer(model, opt, *data.train, data.val.get(), to, par.get());
+  RunCheckpoints checkpoints(model, opt, par.get(), *data.train, data.tokenizer.get(), rank0, records);
+  const auto t_first_step = clock::now();
+  trainer.on_step = [&](int64_t step, double) {
+    if (step == start_step) {
+      model.ops().synchronize();
+      startup.first_step = seconds_since(t_first_step);
+      startup.to_first_step = seconds_since(g_process_start);
+      LOG(INFO) << startup.describe();
+      write_start();
+    }
+    checkpoints.after_step(step);
+  };
+  double last_logged_loss = -1;
+  trainer.on_log = [&](const StepLog& sl) {
+    last_logged_loss = sl.loss;
+    RunRecords::Record r;
+    r["event"] = "step";
+    r["step"] = sl.step;
+    r["loss"] = sl.loss;
+    r["window_steps"] = sl.window_steps;
+    r["lr"] = sl.lr;
+    r["grad_norm"] = sl.grad_norm;
+    r["clipped"] = sl.clipped;
+    r["tokens"] = sl.tokens_seen;
+    r["tokens_per_s"] = sl.tokens_per_second;
+    r["tflops"] = sl.flops_per_second / 1e12;
+    r["mfu"] = sl.mfu >= 0 ? nlohmann::ordered_json(sl.mfu) : nlohmann::ordered_json();
+    r["mem_peak_bytes"] = bytes_or_null(sl.memory.peak);
+    r["mem_allocated_bytes"] = bytes_or_null(sl.memory.allocated);
+    r["device_used_bytes"] = bytes_or_null(sl.memory.device_used);
+    records.write(std::move(r));
+  };
+  trainer.on_eval = [&](const EvalLog& e) {
+    RunRecords::Record r;
+    r["event"] = "eval";
+    r["step"] = e.step;
+    r["loss"] = e.loss;
+    r["perplexity"] = std::exp(e.loss);
+    r["bits_per_token"] = e.loss / std::log(2.0);
+    if (bytes_per_token > 0) r["bits_per_byte"] = e.loss / std::log(2.0) / bytes_per_token;
+    r["tokens"] = e.tokens;
+    r["final"] = e.final;
+    records.write(std::move(r));
+  };
   std::signal(SIGTERM, on_stop_signal);
   std::signal(SIGINT, on_stop_signal);
   std::unique_ptr<Ops> host_ops = par ? make_cpu_ops() : nullptr;
@@ -556,8 +882,23 @@ int train_main(int argc, char** argv) {
     return any > 0;
   };
   TrainResult res = trainer.run(start_step);
+  if (!start_written) write_start();  // no step ran (--steps already reached)
   const int64_t steps_done = start_step + int64_t(res.losses.size());
-  checkpoints.save(steps_done);
+  checkpoints.save(steps_done, g_stop_signal ? "signal" : "final");
+
+  RunRecords::Record end;
+  end["event"] = "end";
+  end["stop"] = g_stop_signal ? "signal" : "done";
+  if (g_stop_signal) end["signal"] = int(g_stop_signal);
+  end["steps"] = steps_done;
+  end["steps_run"] = int64_t(res.losses.size());
+  end["final_loss"] = last_logged_loss >= 0 ? nlohmann::ordered_json(last_logged_loss) : nlohmann::ordered_json();
+  end["last_step_loss"] = res.losses.empty() ? nlohmann::ordered_json() : nlohmann::ordered_json(res.losses.back());
+  if (res.eval_loss >= 0) end["eval_loss"] = res.eval_loss;
+  end["tokens_per_s"] = res.tokens_per_second;
+  end["mem_peak_bytes"] = bytes_or_null(ops->memory_stats().peak);
+  records.write(std::move(end));
+  records.ended();
   if (g_stop_signal) {
     LOG(WARNING) << "stopped by signal " << g_stop_signal << " after step " << steps_done
                  << (FLAGS_ckpt_dir.empty() ? " (no --ckpt_dir: progress not saved)" : "; resume with the same command");
@@ -570,6 +911,16 @@ int train_main(int argc, char** argv) {
   if (!rank0) std::cout.setstate(std::ios::failbit);
   if (FLAGS_sample_tokens > 0) print_sample(model, *data.train, data.tokenizer.get());
   return 0;
+}
+
+int train_main(int argc, char** argv) {
+  RunRecords records;  // outlives the run's objects: their last words are recorded too
+  try {
+    return train(argc, argv, records);
+  } catch (const std::exception& e) {
+    records.failed(e.what());
+    throw;
+  }
 }
 
 }  // namespace
