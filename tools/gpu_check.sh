@@ -6,7 +6,10 @@
 #   GPU_CHECK_BENCH_ARGS=...   extra flags for `difftron bench` (e.g. --bench_steps=false)
 #   GPU_CHECK_SKIP_BENCH=1     tests only
 #   GPU_CHECK_TARGETS="a b"    build only these targets (default: everything)
-# Exit status: 0 when the build, the tests and the bench all succeeded.
+#   DATA=dir                   also run tools/scale_check.sh (the 1.3B model's whole life: train,
+#                              SIGTERM + resume, HF export) on this prepared dataset (tools/bpe_dataset.py);
+#                              skipped with a message without it, or with GPU_CHECK_SKIP_SCALE=1
+# Exit status: 0 when the build, the tests, the bench and (when run) scale_check all succeeded.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 LOG_DIR=${OUT:-$PWD/gpu-logs}
@@ -53,9 +56,25 @@ if [ -z "${GPU_CHECK_SKIP_BENCH:-}" ]; then
 fi
 t3=$(now)
 
+scale=skipped
+if [ -n "${GPU_CHECK_SKIP_SCALE:-}" ]; then
+  scale_note="GPU_CHECK_SKIP_SCALE is set"
+elif [ -z "${DATA:-}" ]; then
+  scale_note="no DATA=<prepared dataset> given (tools/bpe_dataset.py makes one; see docs/TRAINING.md)"
+elif [ ! -x "$BUILD_DIR/difftron" ]; then
+  scale=FAILED
+  scale_note="difftron was not built"
+else
+  scale=ok
+  scale_note="table in $LOG_DIR/scale_check/summary.txt"
+  DATA="$DATA" OUT="$LOG_DIR/scale_check" BIN="$BUILD_DIR/difftron" DEVICE=cuda bash tools/scale_check.sh \
+    > "$LOG_DIR/scale_check.log" 2>&1 || scale=FAILED
+fi
+t4=$(now)
+
 echo
 echo "==== gpu_check $(date -u +%Y-%m-%dT%H:%MZ) on ${gpu_name:-unknown GPU}: logs in $LOG_DIR"
-echo "build ${build} ($((t1 - t0)) s) | CUDA tests ${tests} ($((t2 - t1)) s) | bench ${bench} ($((t3 - t2)) s)"
+echo "build ${build} ($((t1 - t0)) s) | CUDA tests ${tests} ($((t2 - t1)) s) | bench ${bench} ($((t3 - t2)) s) | scale_check ${scale} ($((t4 - t3)) s)"
 grep -E "tests passed|Passed|Failed|\*\*\*|Skipped" "$LOG_DIR/ctest.log" | grep -E "^ *[0-9]+/[0-9]+ Test|tests passed" || true
 grep -E "FAIL|threw" "$LOG_DIR/ctest.log" | head -20 || true
 if [ "$bench" != skipped ]; then
@@ -64,4 +83,9 @@ if [ "$bench" != skipped ]; then
     "$LOG_DIR/bench.log" || true
   if [ "$bench" = FAILED ]; then tail -5 "$LOG_DIR/bench.log"; fi
 fi
-[ "$build" = ok ] && [ "$tests" = ok ] && [ "$bench" != FAILED ]
+echo "scale_check ${scale}: ${scale_note}"
+if [ "$scale" != skipped ]; then
+  # the table (or, when it never came, the script's last lines)
+  if [ -f "$LOG_DIR/scale_check/summary.txt" ]; then cat "$LOG_DIR/scale_check/summary.txt"; else tail -15 "$LOG_DIR/scale_check.log"; fi
+fi
+[ "$build" = ok ] && [ "$tests" = ok ] && [ "$bench" != FAILED ] && [ "$scale" != FAILED ]
