@@ -2,13 +2,13 @@
 # The whole life of a large run, checked, on any machine (docs/TRAINING.md, "scale_check"):
 #   A   trains the 1.3B Diff model (d 2048, L 24, h 8, dh 128, ffn 5632, seq 2048, micro-batch 8)
 #       on real text for STEPS steps with async checkpoints every CKPT_EVERY steps;
-#   B   runs the same command in another run directory, is sent SIGTERM after step KILL_AT (it
-#       saves and exits 143), and is started again (it resumes from `latest`): every step's
-#       loss of B must equal A's bit for bit, as metrics.jsonl records them;
 #   HF  converts A's final checkpoint to Hugging Face (f32) and back to a checkpoint: the HF
 #       folder and the re-import must give bit-identical logits for a prompt, and the original
 #       checkpoint the same up to f32 rounding (the export folds the sub-layer norm's weight
-#       into o_proj: DiffLlama has none);
+#       into o_proj: DiffLlama has none); then A's checkpoints go (disk: ~16 GB each at 1.3B);
+#   B   runs the same command in another run directory, is sent SIGTERM after step KILL_AT (it
+#       saves and exits 143), and is started again (it resumes from `latest`): every step's
+#       loss of B must equal A's bit for bit, as metrics.jsonl records them;
 # then prints a table (start-up, tokens/s, MFU, peak memory measured vs planned, checkpoint
 # stall and write, resume, export, PASS/FAIL) and writes everything to $OUT. Exit status 0
 # when every check passed.
@@ -127,52 +127,12 @@ rc=$?
 say "A: exit $rc after $(secs "$t0" "$(now)") s"
 [ $rc -eq 0 ] || { show_tail "$OUT/A.log"; die "run A failed (exit $rc)"; }
 
-# The checkpoints of B and the exports must fit beside A's.
+# The exports beside A's checkpoint, then B's two checkpoints (while one is saved) once A's are gone.
 ck_bytes=$(du -sb "$OUT/A/$(cat "$OUT/A/latest" 2> /dev/null)" 2> /dev/null | cut -f1)
 free_bytes=$(df -B1 --output=avail "$OUT" 2> /dev/null | tail -1)
-if [ -n "$ck_bytes" ] && [ -n "$free_bytes" ] && [ "$free_bytes" -lt $((ck_bytes * 3)) ]; then
-  say "WARNING: a checkpoint takes $((ck_bytes / 1000000)) MB and $((free_bytes / 1000000)) MB are free: B and the export may not fit"
+if [ -n "$ck_bytes" ] && [ -n "$free_bytes" ] && [ "$free_bytes" -lt $((ck_bytes * 2)) ]; then
+  say "WARNING: a checkpoint takes $((ck_bytes / 1000000)) MB and $((free_bytes / 1000000)) MB are free: the export or B may not fit"
 fi
-
-# ---- B: stopped by SIGTERM after step KILL_AT, then resumed ------------------------------
-say "B: training until step $KILL_AT, then SIGTERM (log: $OUT/B1.log)"
-"${train_cmd[@]}" --ckpt_dir="$OUT/B" > "$OUT/B1.log" 2>&1 &
-pid=$!
-# waits for step KILL_AT; a run that records no new step for STALL_S seconds is ended
-seen=0
-seen_at=$(date +%s)
-while kill -0 $pid 2> /dev/null && [ "$(last_step "$OUT/B")" -lt "$KILL_AT" ]; do
-  sleep 0.2
-  step=$(last_step "$OUT/B")
-  if [ "$step" != "$seen" ]; then
-    seen=$step
-    seen_at=$(date +%s)
-  elif [ $(($(date +%s) - seen_at)) -gt "${STALL_S:-1800}" ]; then
-    kill -KILL $pid
-    show_tail "$OUT/B1.log"
-    die "run B recorded no step for ${STALL_S:-1800} s (last: step $seen); killed it"
-  fi
-done
-if ! kill -0 $pid 2> /dev/null; then
-  wait $pid
-  rc=$?
-  show_tail "$OUT/B1.log"
-  die "run B ended (exit $rc) before it could be stopped at step $KILL_AT"
-fi
-kill -TERM $pid
-wait $pid
-rc=$?
-stopped_at=$(last_step "$OUT/B")
-say "B: exit $rc after SIGTERM (steps done: $stopped_at)"
-[ $rc -eq 143 ] || { show_tail "$OUT/B1.log"; die "run B should exit 143 (128 + SIGTERM) after saving, got $rc"; }
-t0=$(now)
-say "B: resuming (log: $OUT/B2.log)"
-"${train_cmd[@]}" --ckpt_dir="$OUT/B" > "$OUT/B2.log" 2>&1
-rc=$?
-say "B: resumed run exit $rc after $(secs "$t0" "$(now)") s"
-[ $rc -eq 0 ] || { show_tail "$OUT/B2.log"; die "the resumed run B failed (exit $rc)"; }
-grep -q "resumed from" "$OUT/B2.log" || die "the second run of B did not resume (no 'resumed from' in $OUT/B2.log)"
-[ "$KEEP_CKPT" = 1 ] || rm -rf "$OUT"/B/step_* "$OUT"/B/.tmp.step_* "$OUT"/B/latest
 
 # ---- HF: export, re-import, logits ----------------------------------------------------------
 hf_ok=1
@@ -251,6 +211,46 @@ EOF
 fi
 say "HF: logits $logits"
 [ "$KEEP_CKPT" = 1 ] || rm -rf "$OUT/hf" "$OUT/reimport" "$OUT"/A/step_* "$OUT"/A/latest
+
+# ---- B: stopped by SIGTERM after step KILL_AT, then resumed ------------------------------
+say "B: training until step $KILL_AT, then SIGTERM (log: $OUT/B1.log)"
+"${train_cmd[@]}" --ckpt_dir="$OUT/B" > "$OUT/B1.log" 2>&1 &
+pid=$!
+# waits for step KILL_AT; a run that records no new step for STALL_S seconds is ended
+seen=0
+seen_at=$(date +%s)
+while kill -0 $pid 2> /dev/null && [ "$(last_step "$OUT/B")" -lt "$KILL_AT" ]; do
+  sleep 0.2
+  step=$(last_step "$OUT/B")
+  if [ "$step" != "$seen" ]; then
+    seen=$step
+    seen_at=$(date +%s)
+  elif [ $(($(date +%s) - seen_at)) -gt "${STALL_S:-1800}" ]; then
+    kill -KILL $pid
+    show_tail "$OUT/B1.log"
+    die "run B recorded no step for ${STALL_S:-1800} s (last: step $seen); killed it"
+  fi
+done
+if ! kill -0 $pid 2> /dev/null; then
+  wait $pid
+  rc=$?
+  show_tail "$OUT/B1.log"
+  die "run B ended (exit $rc) before it could be stopped at step $KILL_AT"
+fi
+kill -TERM $pid
+wait $pid
+rc=$?
+stopped_at=$(last_step "$OUT/B")
+say "B: exit $rc after SIGTERM (steps done: $stopped_at)"
+[ $rc -eq 143 ] || { show_tail "$OUT/B1.log"; die "run B should exit 143 (128 + SIGTERM) after saving, got $rc"; }
+t0=$(now)
+say "B: resuming (log: $OUT/B2.log)"
+"${train_cmd[@]}" --ckpt_dir="$OUT/B" > "$OUT/B2.log" 2>&1
+rc=$?
+say "B: resumed run exit $rc after $(secs "$t0" "$(now)") s"
+[ $rc -eq 0 ] || { show_tail "$OUT/B2.log"; die "the resumed run B failed (exit $rc)"; }
+grep -q "resumed from" "$OUT/B2.log" || die "the second run of B did not resume (no 'resumed from' in $OUT/B2.log)"
+[ "$KEEP_CKPT" = 1 ] || rm -rf "$OUT"/B/step_* "$OUT"/B/.tmp.step_* "$OUT"/B/latest
 
 # ---- the table ---------------------------------------------------------------------------------
 "$PYTHON" tools/plot_metrics.py "$OUT/A" "$OUT/B" --labels=A,B --out="$OUT/loss.png" \
