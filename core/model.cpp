@@ -59,10 +59,9 @@ Model::Model(const ModelConfig& config, Ops& ops, ModelPrecision precision, int6
     need("n_heads", cfg_.n_heads);
     need("n_kv_heads", cfg_.n_kv_heads);
     need("ffn_dim", cfg_.ffn_dim);
-    if (cfg_.vocab_size % T != 0)
-      bad.push_back("vocab_size (" + std::to_string(cfg_.vocab_size) + ") must be a multiple of the tensor-parallel size (" +
-                    std::to_string(T) + "): pad it, e.g. vocab_size=" +
-                    std::to_string((cfg_.vocab_size + T - 1) / T * T));
+    if (cfg_.vocab_size < T)
+      bad.push_back("vocab_size (" + std::to_string(cfg_.vocab_size) + ") must be at least the tensor-parallel size (" +
+                    std::to_string(T) + ")");
     if (!bad.empty()) {
       std::string msg = "model config does not split over tensor parallelism:";
       for (auto& b : bad) msg += "\n  " + b;
@@ -72,8 +71,10 @@ Model::Model(const ModelConfig& config, Ops& ops, ModelPrecision precision, int6
   h_ = cfg_.n_heads / T;
   hkv_ = cfg_.n_kv_heads / T;
   F_ = cfg_.ffn_dim / T;
-  V_ = cfg_.vocab_size / T;
+  V_ = padded_vocab(cfg_.vocab_size, T) / T;
   vocab_begin_ = tp_rank_ * V_;
+  vocab_rows_ = std::min(V_, cfg_.vocab_size - vocab_begin_);  // >= 1 (padded_vocab)
+  Vh_ = T > 1 ? V_ + 1 : V_;
   q_dim_ = cfg_.q_dim() / T;
   kv_dim_ = cfg_.kv_dim() / T;
   const int64_t d = cfg_.d_model, F = cfg_.ffn_dim, V = cfg_.vocab_size, dh = cfg_.head_dim;
@@ -82,7 +83,7 @@ Model::Model(const ModelConfig& config, Ops& ops, ModelPrecision precision, int6
 
   // Column-parallel weights split their rows (dim 0), row-parallel ones their columns.
   params_.reserve(3 + 14 * cfg_.n_layers);
-  embed_ = add_param("model.embed_tokens.weight", {V, d}, true, true, 0);
+  embed_ = add_param("model.embed_tokens.weight", {V, d}, true, true, 0, false, vocab_rows_);
   layers_.resize(cfg_.n_layers);
   for (int64_t l = 0; l < cfg_.n_layers; ++l) {
     Layer& L = layers_[l];
@@ -106,7 +107,7 @@ Model::Model(const ModelConfig& config, Ops& ops, ModelPrecision precision, int6
     L.w_down = add_param(p + "mlp.down_proj.weight", {d, F}, true, false, 1);
   }
   final_norm_ = add_param("model.norm.weight", {d}, false);
-  if (!cfg_.tie_embeddings) lm_head_ = add_param("lm_head.weight", {V, d}, true, true, 0);
+  if (!cfg_.tie_embeddings) lm_head_ = add_param("lm_head.weight", {V, d}, true, true, 0, false, vocab_rows_);
   allocate_flat(par_.flat_multiple);
 
   // Activations for the largest batch: each layer its own, or views of one shared set
@@ -148,19 +149,18 @@ Model::Model(const ModelConfig& config, Ops& ops, ModelPrecision precision, int6
   dgate_ = act({N, F_});
   dup_ = act({N, F_});
   // The LM head works on row chunks so that [N, V] logits are never held at once.
-  Vh_ = T > 1 ? V_ + 1 : V_;
   head_chunk_ = head_chunk_rows(N, Vh_);
   logits_ = act({head_chunk_, Vh_});
   losses_ = stat({head_chunk_});
   lse_head_ = stat({head_chunk_});
-  if (T > 1) {
-    lse_global_ = stat({head_chunk_});
+  if (T > 1) lse_global_ = stat({head_chunk_});
+  if (Vh_ > vocab_rows_) {  // padding or the dummy column: pushed to -1e30 by ones_ x col_mask_
     ones_ = act({head_chunk_, 1});
-    dummy_col_ = act({1, Vh_});
+    col_mask_ = act({1, Vh_});
     std::vector<float> one(head_chunk_, 1.0f), col(Vh_, 0.0f);
-    col[V_] = -1e30f;
+    for (int64_t j = vocab_rows_; j < Vh_; ++j) col[j] = -1e30f;
     ops_.upload(ones_, one.data());
-    ops_.upload(dummy_col_, col.data());
+    ops_.upload(col_mask_, col.data());
   }
   keep_attention_state(true);  // the default: the backend's saved attention state (if any)
 }
@@ -229,7 +229,7 @@ int64_t Model::head_chunk_rows(int64_t rows, int64_t vocab_cols) {
 }
 
 int Model::add_param(const std::string& name, Shape full, bool is_matrix, bool is_embedding,
-                     int shard_dim, bool tp_partial_grad) {
+                     int shard_dim, bool tp_partial_grad, int64_t vocab_rows) {
   Param p;
   p.name = name;
   p.full_shape = full;
@@ -238,7 +238,10 @@ int Model::add_param(const std::string& name, Shape full, bool is_matrix, bool i
   p.is_embedding = is_embedding;
   p.tp_partial_grad = tp_partial_grad && tp_size_ > 1;
   Shape local = full;
-  if (shard_dim >= 0) {
+  if (vocab_rows >= 0) {  // a vocabulary slice of the padded vocabulary: its real rows
+    local[0] = vocab_rows;
+    p.shard_begin = vocab_begin_;
+  } else if (shard_dim >= 0) {
     local[shard_dim] = full[shard_dim] / tp_size_;
     p.shard_begin = tp_rank_ * local[shard_dim];
   }
@@ -254,9 +257,10 @@ void Model::allocate_flat(int64_t multiple) {
   for (size_t i = 0; i < params_.size(); ++i) {
     params_[i].flat_offset = off;
     off += params_[i].value.numel();
-    // Under TP a zero row follows this rank's embedding and LM head slices: tokens of other
-    // ranks' slices are looked up there, and the head's dummy logit column comes from it.
-    if ((int(i) == embed_ || int(i) == lm_head_) && tp_size_ > 1) off += cfg_.d_model;
+    // The embedding and LM head slices are followed by their padding rows, then (TP) a zero
+    // row: tokens of other ranks' slices are looked up there, and the head's dummy logit
+    // column comes from it. All stay zero.
+    if (int(i) == embed_ || int(i) == lm_head_) off += (Vh_ - vocab_rows_) * cfg_.d_model;
     off = (off + kAlign - 1) / kAlign * kAlign;
   }
   const int64_t m = std::lcm(kAlign, multiple);
@@ -272,10 +276,19 @@ void Model::allocate_flat(int64_t multiple) {
   }
 }
 
-Tensor Model::with_zero_row(int idx, bool grad) {
-  DT_CHECK(tp_size_ > 1, "the zero rows exist under tensor parallelism only");
+Tensor Model::vocab_rows(int idx, bool grad) {
   const Tensor& flat = grad ? flat_grads_ : flat_values_;
-  return flat.flat_slice(params_[idx].flat_offset, (V_ + 1) * cfg_.d_model).view({V_ + 1, cfg_.d_model});
+  return flat.flat_slice(params_[idx].flat_offset, Vh_ * cfg_.d_model).view({Vh_, cfg_.d_model});
+}
+
+int64_t Model::padded_vocab(int64_t vocab, int tp) {
+  // Each rank's slice a multiple of 64 rows (GEMM tiles, 128-byte rows of logits), unless
+  // that would leave the last rank without a real row (tiny vocabularies): then 32, 16, 8, 1.
+  for (int64_t m : {64, 32, 16, 8, 1}) {
+    const int64_t vp = (vocab + m * tp - 1) / (m * tp) * (m * tp);
+    if (vp / tp * (tp - 1) < vocab) return vp;
+  }
+  return vocab;  // vocab < tp: refused by the constructor
 }
 
 void Model::tp_all_reduce(Tensor& t) {
@@ -307,15 +320,9 @@ Param& Model::param(const std::string& name) {
   throw_error("model has no parameter named '", name, "'");
 }
 
-Tensor Model::head_weight() {
-  const int idx = lm_head_ >= 0 ? lm_head_ : embed_;
-  return tp_size_ > 1 ? with_zero_row(idx, false) : P(idx);
-}
+Tensor Model::head_weight() { return vocab_rows(lm_head_ >= 0 ? lm_head_ : embed_, false); }
 
-Tensor Model::head_grad() {
-  const int idx = lm_head_ >= 0 ? lm_head_ : embed_;
-  return tp_size_ > 1 ? with_zero_row(idx, true) : G(idx);
-}
+Tensor Model::head_grad() { return vocab_rows(lm_head_ >= 0 ? lm_head_ : embed_, true); }
 
 ModelParallel model_parallel(ParallelContext& ctx) {
   ModelParallel mp;
@@ -441,7 +448,7 @@ void Model::forward_body(int64_t B, int64_t S) {
   if (tp_size_ == 1) {
     ops_.embedding_forward(tok, P(embed_), x0);
   } else {  // vocabulary-parallel: each token's row comes from one rank, zeros from the others
-    ops_.embedding_forward(tok, with_zero_row(embed_, false), x0);
+    ops_.embedding_forward(tok, vocab_rows(embed_, false), x0);
     tp_all_reduce(x0);
   }
   for (int64_t l = 0; l < cfg_.n_layers; ++l) layer_forward(l, B, S);
@@ -462,8 +469,8 @@ double Model::head_loss(int64_t N, int64_t n_valid, bool backward, float grad_sc
     Tensor logits = logits_.view({rows, Vh_}), losses = losses_.view({rows}), lse = lse_head_.view({rows});
     Tensor tg = targets_.view({N}).flat_slice(r0, rows);
     ops_.matmul(h, false, W, true, logits);  // [rows, Vh_]
-    if (tp_size_ > 1)  // the dummy column: 0 + 1 x (-1e30); the real columns gain exact zeros
-      ops_.matmul(ones_.view({rows, 1}), false, dummy_col_, false, logits, 1.0f, 1.0f);
+    if (col_mask_.defined())  // padding and dummy columns: 0 + 1 x (-1e30); the real ones gain exact zeros
+      ops_.matmul(ones_.view({rows, 1}), false, col_mask_, false, logits, 1.0f, 1.0f);
     ops_.cross_entropy_forward(logits, tg, losses, lse);
     if (tp_size_ == 1) {
       ops_.download(losses, host.data());
@@ -479,9 +486,11 @@ double Model::head_loss(int64_t N, int64_t n_valid, bool backward, float grad_sc
       ops_.matmul(logits, true, h, false, dW, 1.0f, 1.0f);              // dW += dlogits^T h
     }
   }
+  if (backward && Vh_ > vocab_rows_) {  // the padding and dummy columns' gradients: discarded
+    Tensor masked_rows = dW.slice_rows(vocab_rows_, Vh_);
+    ops_.fill_zero(masked_rows);
+  }
   if (backward && tp_size_ > 1) {
-    Tensor dummy_row = dW.slice_rows(V_, V_ + 1);  // the dummy column's gradient: discarded
-    ops_.fill_zero(dummy_row);
     Tensor dln = dln_.view({N, d});
     tp_all_reduce(dln);  // each rank's dh covers its vocabulary slice only
   }
@@ -640,7 +649,7 @@ double Model::forward_backward(const int32_t* tokens, const int32_t* targets, in
   if (tp_size_ == 1) {
     ops_.embedding_backward(tok, dres, G(embed_));
   } else {  // other ranks' tokens land in the zero row's gradient, which is cleared again
-    Tensor g = with_zero_row(embed_, true);
+    Tensor g = vocab_rows(embed_, true);
     ops_.embedding_backward(tok, dres, g);
     Tensor zero_row = g.slice_rows(V_, V_ + 1);
     ops_.fill_zero(zero_row);
@@ -670,12 +679,14 @@ std::vector<float> Model::last_logits(const int32_t* tokens, int64_t S) {
   ops_.matmul(last, false, head_weight(), true, logits);
   std::vector<float> out(Vh_);
   ops_.download(logits, out.data());
-  if (tp_size_ == 1) return out;
   out.resize(V_);  // drop the dummy column
-  // the vocabulary slices are in rank order
-  std::vector<double> mine(out.begin(), out.end()), all(V_ * tp_size_);
-  all_gather_host(*par_.tp_host, mine.data(), all.data(), V_);
-  return std::vector<float>(all.begin(), all.end());
+  if (tp_size_ > 1) {  // the vocabulary slices are in rank order
+    std::vector<double> mine(out.begin(), out.end()), all(V_ * tp_size_);
+    all_gather_host(*par_.tp_host, mine.data(), all.data(), V_);
+    out.assign(all.begin(), all.end());
+  }
+  out.resize(cfg_.vocab_size);  // drop the padding
+  return out;
 }
 
 }  // namespace difftron

@@ -81,8 +81,10 @@ ModelParallel model_parallel(ParallelContext& ctx);
 class Model {
  public:
   // Allocates parameters, gradients and activations for up to max_batch x max_seq tokens.
-  // With `parallel.tp` of size T the config must have h, h_kv, ffn_dim and vocab_size
-  // divisible by T (checked, with the values in the message).
+  // With `parallel.tp` of size T the config must have h, h_kv and ffn_dim divisible by T
+  // (checked, with the values in the message). The vocabulary is padded (padded_vocab):
+  // parameters hold the real rows only; the padding rows live in the flat buffers after
+  // them, stay zero, and their logits are kept out of the loss and of last_logits.
   Model(const ModelConfig& config, Ops& ops, ModelPrecision precision, int64_t max_batch,
         int64_t max_seq, ModelParallel parallel = {}, Recompute recompute = Recompute::None);
 
@@ -137,6 +139,11 @@ class Model {
   // docs/PERFORMANCE.md). Forward-only users (generation) may turn it off.
   void keep_attention_state(bool on);
 
+  // The vocabulary the embedding and the LM head are computed with: `vocab` rounded up so
+  // that each of `tp` ranks holds an equal slice, a multiple of 64 rows where that leaves
+  // every rank a real row. Checkpoints and exports keep the real rows only.
+  static int64_t padded_vocab(int64_t vocab, int tp);
+
   // Rows of logits the LM head computes at once for `rows` tokens and a (local) vocabulary of
   // `vocab_cols` columns (the plan tool sizes memory with it).
   static int64_t head_chunk_rows(int64_t rows, int64_t vocab_cols);
@@ -160,8 +167,9 @@ class Model {
   Tensor& G(int idx) { return params_[idx].grad; }
   // Declares a parameter of full shape `full`, of which this rank holds the slice along
   // `shard_dim` (-1: whole); storage comes later from allocate_flat().
+  // vocab_rows >= 0: a vocabulary matrix; this rank holds that many real rows of its slice.
   int add_param(const std::string& name, Shape full, bool is_matrix, bool is_embedding = false,
-                int shard_dim = -1, bool tp_partial_grad = false);
+                int shard_dim = -1, bool tp_partial_grad = false, int64_t vocab_rows = -1);
   void allocate_flat(int64_t multiple);
   // Sums `t` over the TP group (no-op for TP 1).
   void tp_all_reduce(Tensor& t);
@@ -170,9 +178,10 @@ class Model {
   // Uploads tokens and targets; under TP as ids local to this rank's vocabulary slice
   // (tokens elsewhere -> the zero row V_, targets elsewhere -> -1).
   void upload_batch(const int32_t* tokens, const int32_t* targets, int64_t N);
-  // Under TP the embedding and the LM head are followed by a zero row in the flat buffers:
-  // [V_ + 1, d] views of the value (grad = false) or gradient of params()[idx].
-  Tensor with_zero_row(int idx, bool grad);
+  // The embedding or LM head with its padding rows (and, under TP, the zero row that follows
+  // them in the flat buffers): [Vh_, d] views of the value (grad = false) or gradient of
+  // params()[idx].
+  Tensor vocab_rows(int idx, bool grad);
   // Parallel cross-entropy of one row chunk (TP > 1): returns the summed loss of its valid
   // rows; leaves the global log-sum-exp in lse_global_ for the backward.
   double parallel_ce_chunk(int64_t r0, int64_t rows);
@@ -203,8 +212,9 @@ class Model {
   ModelParallel par_;
   Recompute recompute_;
   int tp_size_ = 1, tp_rank_ = 0;
-  // This rank's share: diff heads, K/V groups, SwiGLU width, vocabulary rows [vocab_begin_, +V_).
-  int64_t h_ = 0, hkv_ = 0, F_ = 0, V_ = 0, vocab_begin_ = 0;
+  // This rank's share: diff heads, K/V groups, SwiGLU width, padded vocabulary rows
+  // [vocab_begin_, +V_), of which the first vocab_rows_ are real.
+  int64_t h_ = 0, hkv_ = 0, F_ = 0, V_ = 0, vocab_begin_ = 0, vocab_rows_ = 0;
   int64_t q_dim_ = 0, kv_dim_ = 0;  // local widths of x Wq^T and x Wk^T
   bool grad_sync_ = true;
   std::function<void(int64_t)> grads_ready_;
@@ -217,12 +227,13 @@ class Model {
   // shared activations and scratch
   Tensor tokens_, targets_;        // i32 [N] (TP > 1: ids local to this rank's vocabulary slice)
   std::vector<int32_t> targets_host_;  // the batch's global targets
-  // TP > 1: the head's logits have Vh_ = V_ + 1 columns; the last, a dummy pushed to -1e30
-  // (ones_ x dummy_col_ added after the GEMM), is the target of rows whose target lies in
-  // another rank's slice, so that the cross-entropy ops need no notion of slices.
+  // TP > 1: the head's logits have Vh_ = V_ + 1 columns; the last, a dummy, is the target of
+  // rows whose target lies in another rank's slice, so that the cross-entropy ops need no
+  // notion of slices. It and the padding columns are pushed to -1e30 (ones_ x col_mask_
+  // added after the GEMM): no probability, no gradient.
   int64_t Vh_ = 0;
   Tensor lse_global_;              // [chunk] log-sum-exp over the whole vocabulary
-  Tensor ones_, dummy_col_;        // [chunk, 1], [1, Vh_]
+  Tensor ones_, col_mask_;         // [chunk, 1], [1, Vh_]
   Tensor x_final_, lnf_, rstdf_;   // [N, d], [N]
   Tensor dres_, dln_;              // [N, d]
   Tensor dsub_, datt_, dq_, dk_, dv_, dlambda_;

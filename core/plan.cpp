@@ -21,7 +21,7 @@ int64_t round_up(int64_t x, int64_t m) { return (x + m - 1) / m * m; }
 struct LocalParam {
   int64_t numel;
   bool replicated;
-  bool zero_row;  // followed by a zero row under TP (embedding, LM head)
+  bool zero_rows;  // followed by padding rows and (TP) a zero row (embedding, LM head)
 };
 
 }  // namespace
@@ -34,7 +34,7 @@ Plan make_plan(const PlanInput& in) {
   if (T < 1 || D < 1) throw_error("plan: tp (", T, ") and dp (", D, ") must be at least 1");
   std::vector<std::string> bad;
   for (auto [name, v] : {std::pair<const char*, int64_t>{"n_heads", c.n_heads}, {"n_kv_heads", c.n_kv_heads},
-                         {"ffn_dim", c.ffn_dim}, {"vocab_size", c.vocab_size}})
+                         {"ffn_dim", c.ffn_dim}})
     if (v % T != 0) bad.push_back(std::string(name) + " (" + std::to_string(v) + ")");
   if (!bad.empty()) {
     std::string m = "plan: not a multiple of tp (" + std::to_string(T) + "):";
@@ -44,11 +44,14 @@ Plan make_plan(const PlanInput& in) {
   const bool diff = c.attention == AttentionKind::Differential;
   const int64_t d = c.d_model, dh = c.head_dim, L = c.n_layers;
   const int64_t h = c.n_heads / T, q = c.q_dim() / T, kv = c.kv_dim() / T, F = c.ffn_dim / T;
-  const int64_t V = c.vocab_size / T, Vh = T > 1 ? V + 1 : V;
+  if (c.vocab_size < T) throw_error("plan: vocab_size (", c.vocab_size, ") is smaller than tp (", T, ")");
+  // the padded vocabulary's slice, of which TP rank 0 holds the most real rows
+  const int64_t V = Model::padded_vocab(c.vocab_size, int(T)) / T, Vh = T > 1 ? V + 1 : V;
+  const int64_t V_real = std::min(V, c.vocab_size);
 
   // ---- parameters, in the model's order
   std::vector<LocalParam> params;
-  params.push_back({V * d, false, true});
+  params.push_back({V_real * d, false, true});
   for (int64_t l = 0; l < L; ++l) {
     params.push_back({d, true, false});
     for (int64_t n : {q * d, kv * d, kv * d, d * q}) params.push_back({n, false, false});
@@ -60,11 +63,11 @@ Plan make_plan(const PlanInput& in) {
     for (int i = 0; i < 3; ++i) params.push_back({F * d, false, false});
   }
   params.push_back({d, true, false});
-  if (!c.tie_embeddings) params.push_back({V * d, false, true});
+  if (!c.tie_embeddings) params.push_back({V_real * d, false, true});
   int64_t off = 0;
   for (auto& lp : params) {
     p.params_per_rank += lp.numel;
-    off += lp.numel + (lp.zero_row && T > 1 ? d : 0);
+    off += lp.numel + (lp.zero_rows ? (Vh - V_real) * d : 0);
     off = round_up(off, 64);
   }
   const int64_t multiple = 64 * D;  // ModelParallel::flat_multiple from model_parallel()
@@ -103,8 +106,9 @@ Plan make_plan(const PlanInput& in) {
       break;
   }
   // shared: x_final lnf dres dln | dsub datt dq | dk dv | dact dgate dup | logits (+ ones, dummy)
+  const bool masked = Vh > V_real;  // ones and the column mask
   const double shared_act = double(N) * (4 * d + 3 * q + 2 * kv + 3 * F) + double(chunk) * Vh +
-                            (T > 1 ? double(chunk) + Vh : 0);
+                            (masked ? double(chunk) + Vh : 0);
   const double shared_stat = double(N) + 1 + 2.0 * chunk + (T > 1 ? double(chunk) : 0);
   p.activation_bytes = (acts + shared_act) * in.act_bytes + (stats + shared_stat) * in.stat_bytes + saved +
                        2.0 * N * 4;  // tokens, targets (i32)

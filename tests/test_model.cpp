@@ -208,3 +208,62 @@ TEST(Model, SameSeedGivesBitIdenticalLosses) {
 
 }  // namespace
 }  // namespace difftron
+
+namespace difftron {
+namespace {
+
+TEST(Model, PaddedVocabularyGivesEveryRankEqualAlignedSlices) {
+  EXPECT_EQ(Model::padded_vocab(32000, 1), 32000);
+  EXPECT_EQ(Model::padded_vocab(32000, 8), 32256);  // 4032 = 63 x 64 rows a rank
+  EXPECT_EQ(Model::padded_vocab(50257, 1), 50304);
+  EXPECT_EQ(Model::padded_vocab(257, 1), 320);
+  EXPECT_EQ(Model::padded_vocab(257, 4), 320);      // 64-row slices would leave rank 3 only padding
+  EXPECT_EQ(Model::padded_vocab(37, 4), 40);
+  for (int64_t v : {1, 7, 37, 257, 1000, 32001})
+    for (int tp : {1, 2, 3, 4, 8}) {
+      if (v < tp) continue;
+      const int64_t p = Model::padded_vocab(v, tp);
+      EXPECT_GE(p, v);
+      EXPECT_EQ(p % tp, 0);
+      EXPECT_LT(p / tp * (tp - 1), v) << "the last rank must hold a real row: v " << v << " tp " << tp;
+    }
+}
+
+// The loss over a padded vocabulary is the cross-entropy of the real logits alone: computed
+// here from last_logits (which returns the real vocabulary only) for the last position.
+TEST(Model, PaddingRowsStayOutOfTheLossAndTheLogits) {
+  auto ops = make_cpu_ops();
+  ModelConfig cfg = tiny_config(AttentionKind::Differential, false);  // vocab 11, padded to 64
+  ASSERT_GT(Model::padded_vocab(cfg.vocab_size, 1), cfg.vocab_size);
+  const int64_t S = 6;
+  Model model(cfg, *ops, ModelPrecision::uniform(DType::F64), 1, S);
+  model.init_weights(5);
+  EXPECT_EQ(model.param("lm_head.weight").value.dim(0), cfg.vocab_size);
+  std::vector<int32_t> tok = {3, 1, 4, 1, 5, 9};
+  std::vector<float> logits = model.last_logits(tok.data(), S);
+  ASSERT_EQ(int64_t(logits.size()), cfg.vocab_size);
+  const int32_t target = 7;
+  double mx = -INFINITY, sum = 0;
+  for (float l : logits) mx = std::max(mx, double(l));
+  for (float l : logits) sum += std::exp(double(l) - mx);
+  const double want = mx + std::log(sum) - logits[target];
+  std::vector<int32_t> tgt(S, -1);
+  tgt[S - 1] = target;
+  EXPECT_NEAR(model.forward_loss(tok.data(), tgt.data(), 1, S), want, 1e-6 * want);
+  // and the padding rows get no gradient: the flat buffer past the head's real rows stays 0
+  model.zero_grads();
+  model.forward_backward(tok.data(), tgt.data(), 1, S);
+  const Param& head = model.param("lm_head.weight");
+  const int64_t pad = (Model::padded_vocab(cfg.vocab_size, 1) - cfg.vocab_size) * cfg.d_model;
+  std::vector<double> g(model.flat_grads().numel()), w(g.size());
+  ops->download(model.flat_grads(), g.data());
+  ops->download(model.flat_values(), w.data());
+  const int64_t end = head.flat_offset + head.value.numel();
+  for (int64_t i = end; i < end + pad; ++i) {
+    ASSERT_EQ(g[i], 0.0) << "padding gradient at " << i - end;
+    ASSERT_EQ(w[i], 0.0) << "padding weight at " << i - end;
+  }
+}
+
+}  // namespace
+}  // namespace difftron

@@ -147,8 +147,7 @@ TEST(TensorParallel2, RejectsConfigsThatDoNotSplit) {
     EXPECT_NE(w.find("n_heads (3) must be a multiple of the tensor-parallel size (2)"), std::string::npos) << w;
     EXPECT_NE(w.find("n_kv_heads (3)"), std::string::npos) << w;
     EXPECT_NE(w.find("ffn_dim (63)"), std::string::npos) << w;
-    EXPECT_NE(w.find("vocab_size (33)"), std::string::npos) << w;
-    EXPECT_NE(w.find("vocab_size=34"), std::string::npos) << w;
+    EXPECT_EQ(w.find("vocab_size"), std::string::npos) << "the vocabulary is padded, not refused: " << w;
   }
 }
 
