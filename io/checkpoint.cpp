@@ -12,12 +12,16 @@
 #include <algorithm>
 #include <cerrno>
 #include <chrono>
+#include <condition_variable>
 #include <csignal>
 #include <cstdio>
 #include <cstring>
+#include <deque>
 #include <filesystem>
 #include <fstream>
 #include <memory>
+#include <mutex>
+#include <optional>
 #include <system_error>
 #include <thread>
 
@@ -26,6 +30,8 @@
 
 #include "base/bf16.h"
 #include "base/error.h"
+#include "base/ring_spans.h"
+#include "base/thread_pool.h"
 #include "io/hdf5.h"
 #include "parallel/comm.h"
 #include "parallel/grid.h"
@@ -68,6 +74,66 @@ uint64_t hash64(const float* v, size_t n) {
   x = (x ^ (x >> 30)) * 0xBF58476D1CE4E5B9ull;
   x = (x ^ (x >> 27)) * 0x94D049BB133111EBull;
   return x ^ (x >> 31);
+}
+
+// Host memory a load reads ahead into (and so the most it reads ahead of its uploads), unless a
+// tensor needs more; a synchronous save stages its downloads in up to a quarter of it.
+constexpr size_t kStagingBytes = size_t(1) << 30;
+// Worker threads for reads and checksums: the machine's hardware threads up to this many (the
+// calling thread uploads or writes meanwhile; beyond this they would contend for memory
+// bandwidth, and every rank of a node has its own).
+constexpr int kMaxWorkers = 16;
+// The device f32 buffer a load converts f32 values through into bf16 tensors, at most (elements).
+constexpr int64_t kConvertChunk = int64_t(1) << 26;
+
+using steady = std::chrono::steady_clock;
+double seconds_since(steady::time_point t0) { return std::chrono::duration<double>(steady::now() - t0).count(); }
+
+size_t aligned_bytes(size_t b) { return (b + 255) / 256 * 256; }
+
+// Host memory used as a ring (RingSpans): spans are taken in order and given back oldest
+// first, the order in which a load uploads (a save writes) the arrays that workers read (hash)
+// in it meanwhile. Allocated once per load or save, page-locked where `ops` can (a copy from it
+// then runs at bus speed; allocating that per array would cost more than the copies); null
+// `ops`: plain memory.
+class HostRing {
+ public:
+  HostRing(Ops* ops, size_t bytes) : ops_(ops), spans_(aligned_bytes(std::max<size_t>(bytes, 1))) {
+    if (ops_) data_ = static_cast<char*>(ops_->alloc_pinned(spans_.capacity()));
+    pinned_ = data_ != nullptr;
+    if (!data_) data_ = static_cast<char*>(std::malloc(spans_.capacity()));
+    if (!data_)
+      throw_error("checkpoint: cannot allocate ", spans_.capacity(), " bytes of host memory to stage arrays in");
+  }
+  ~HostRing() { pinned_ ? ops_->free_pinned(data_) : std::free(data_); }
+  HostRing(const HostRing&) = delete;
+  HostRing& operator=(const HostRing&) = delete;
+
+  // `bytes` contiguous bytes after the newest span, or null while older spans hold them.
+  char* take(size_t bytes) {
+    const std::optional<size_t> at = spans_.take(aligned_bytes(bytes));
+    return at ? data_ + *at : nullptr;
+  }
+  void give_back_oldest() { spans_.give_back_oldest(); }
+
+ private:
+  Ops* ops_;
+  RingSpans spans_;
+  char* data_ = nullptr;
+  bool pinned_ = false;
+};
+
+// Worker threads for reads and checksums, started with SIGTERM and SIGINT blocked: a stop
+// signal is handled by the training thread (as for the async writer), never by a worker.
+std::unique_ptr<ThreadPool> start_workers() {
+  sigset_t stop, old;
+  sigemptyset(&stop);
+  sigaddset(&stop, SIGTERM);
+  sigaddset(&stop, SIGINT);
+  pthread_sigmask(SIG_BLOCK, &stop, &old);
+  auto pool = std::make_unique<ThreadPool>(ThreadPool::hardware_threads(kMaxWorkers));
+  pthread_sigmask(SIG_SETMASK, &old, nullptr);
+  return pool;
 }
 
 std::string hex(uint64_t x) {
@@ -135,7 +201,11 @@ class H5File {
     id_ = create ? H5Fcreate(path.c_str(), H5F_ACC_TRUNC, H5P_DEFAULT, H5P_DEFAULT)
                  : H5Fopen(path.c_str(), H5F_ACC_RDONLY, H5P_DEFAULT);
     if (id_ < 0) throw_error(path, create ? ": cannot create HDF5 file: " : ": cannot open as HDF5: ", hdf5_error_text());
-    if (!create) size_ = file_size(path);
+    if (create) return;
+    size_ = file_size(path);
+    Hid fcpl(H5Fget_create_plist(id_), H5Pclose);  // HDF5's addresses count from after a user block
+    hsize_t user_block = 0;
+    if (fcpl.valid() && H5Pget_userblock(fcpl.get(), &user_block) >= 0) base_ = int64_t(user_block);
   }
   ~H5File() {
     if (id_ >= 0) H5Fclose(id_);
@@ -168,16 +238,33 @@ class H5File {
 
   bool has(const std::string& name) const { return H5Lexists(id_, name.c_str(), H5P_DEFAULT) > 0; }
 
-  // Reads a 1-D dataset of `expect` elements of `elem_size` bytes; refuses, before allocating,
-  // a dataset whose size differs or could not fit in the file.
-  void read(const std::string& name, hid_t mem_type, size_t elem_size, int64_t expect, void* out) {
-    Hid ds(H5Dopen2(id_, name.c_str(), H5P_DEFAULT), H5Dclose);
-    if (!ds.valid()) throw_error(path_, ": missing dataset '", name, "'");
-    Hid space(H5Dget_space(ds.get()), H5Sclose);
-    const hssize_t n = space.valid() ? H5Sget_simple_extent_npoints(space.get()) : -1;
-    if (n != expect) throw_error(path_, ": dataset '", name, "' holds ", int64_t(n), " values, its index says ", expect);
+  // Reads a 1-D dataset of `expect` elements into `out`; refuses a dataset whose size differs.
+  void read(const std::string& name, hid_t mem_type, int64_t expect, void* out) {
+    Hid ds = open_sized(name, expect);
     if (H5Dread(ds.get(), mem_type, H5S_ALL, H5S_ALL, H5P_DEFAULT, out) < 0)
       throw_error(path_, ": cannot read dataset '", name, "' (file damaged?): ", hdf5_error_text());
+  }
+  // Where in the file a 1-D dataset of `expect` f32 values keeps them, when HDF5 stores them
+  // there as they are (contiguous, allocated, native f32: how difftron writes them) and the
+  // bytes lie inside the file; else -1 (then read() them). Refuses, like read(), a dataset
+  // that is missing or whose size differs.
+  int64_t locate_floats(const std::string& name, int64_t expect) {
+    Hid ds = open_sized(name, expect);
+    Hid dcpl(H5Dget_create_plist(ds.get()), H5Pclose);
+    Hid type(H5Dget_type(ds.get()), H5Tclose);
+    if (!dcpl.valid() || !type.valid() || H5Pget_layout(dcpl.get()) != H5D_CONTIGUOUS ||
+        H5Pget_external_count(dcpl.get()) != 0 || H5Tequal(type.get(), H5T_NATIVE_FLOAT) <= 0)
+      return -1;
+    const haddr_t at = H5Dget_offset(ds.get());
+    if (at == HADDR_UNDEF || at > haddr_t(size_)) return -1;
+    const int64_t offset = base_ + int64_t(at);
+    return offset <= size_ && expect <= (size_ - offset) / int64_t(sizeof(float)) ? offset : -1;
+  }
+  // Refuses, before anything is allocated for it, a dataset of more values than the file holds.
+  void check_fits(const std::string& name, int64_t expect) const {
+    if (expect < 0 || expect > size_ / int64_t(sizeof(float)))
+      throw_error(path_, ": dataset '", name, "' would hold ", expect, " values, more than the file's ", size_,
+                  " bytes can (file damaged or forged)");
   }
   int64_t numel(const std::string& name) {
     Hid ds(H5Dopen2(id_, name.c_str(), H5P_DEFAULT), H5Dclose);
@@ -187,19 +274,11 @@ class H5File {
     if (n < 0) throw_error(path_, ": dataset '", name, "' has no readable shape");
     return int64_t(n);
   }
-  std::vector<float> read_floats(const std::string& name, int64_t expect) {
-    if (expect < 0 || expect > size_ / int64_t(sizeof(float)))
-      throw_error(path_, ": dataset '", name, "' would hold ", expect, " values, more than the file's ", size_,
-                  " bytes can (file damaged or forged)");
-    std::vector<float> v(expect);
-    read(name, H5T_NATIVE_FLOAT, sizeof(float), expect, v.data());
-    return v;
-  }
   std::string read_text(const std::string& name) {
     const int64_t n = numel(name);
     if (n > size_) throw_error(path_, ": dataset '", name, "' claims ", n, " bytes, more than the file holds");
     std::string s(n, '\0');
-    read(name, H5T_NATIVE_UCHAR, 1, n, s.data());
+    read(name, H5T_NATIVE_UCHAR, n, s.data());
     return s;
   }
 
@@ -223,9 +302,19 @@ class H5File {
   }
 
  private:
+  Hid open_sized(const std::string& name, int64_t expect) {
+    Hid ds(H5Dopen2(id_, name.c_str(), H5P_DEFAULT), H5Dclose);
+    if (!ds.valid()) throw_error(path_, ": missing dataset '", name, "'");
+    Hid space(H5Dget_space(ds.get()), H5Sclose);
+    const hssize_t n = space.valid() ? H5Sget_simple_extent_npoints(space.get()) : -1;
+    if (n != expect) throw_error(path_, ": dataset '", name, "' holds ", int64_t(n), " values, its index says ", expect);
+    return ds;
+  }
+
   std::string path_;
   hid_t id_ = -1;
   int64_t size_ = 0;
+  int64_t base_ = 0;  // file offset of HDF5's address 0
 };
 
 // Writes `text` to `path` through a temporary file: written, fsynced, renamed, and the
@@ -290,12 +379,6 @@ std::string capture(F&& f) {
   }
 }
 
-std::vector<float> to_host(Ops& ops, const Tensor& t) {
-  std::vector<float> v(t.numel());
-  ops.download(t, v.data());
-  return v;
-}
-
 // rows x cols view of a tensor shape (1-D tensors are one column)
 std::pair<int64_t, int64_t> rows_cols(const Shape& s) {
   if (s.size() == 1) return {s[0], 1};
@@ -345,56 +428,135 @@ struct SnapshotArena {
 
 namespace {
 
-// The values of a snapshot array as floats: the buffer itself for f32, else converted.
-const float* as_floats(const HostArray& a, std::vector<float>& converted) {
-  if (a.dtype == DType::F32) return static_cast<const float*>(a.data);
-  converted.resize(a.numel);
+// A snapshot array's values as floats, into `out` (numel of them), for arrays not stored as f32.
+void convert_to_floats(const HostArray& a, float* out) {
   if (a.dtype == DType::BF16) {
     const uint16_t* b = static_cast<const uint16_t*>(a.data);
-    for (int64_t i = 0; i < a.numel; ++i) converted[i] = bf16_to_float(b[i]);
+    for (int64_t i = 0; i < a.numel; ++i) out[i] = bf16_to_float(b[i]);
   } else if (a.dtype == DType::F64) {
     const double* d = static_cast<const double*>(a.data);
-    for (int64_t i = 0; i < a.numel; ++i) converted[i] = float(d[i]);
+    for (int64_t i = 0; i < a.numel; ++i) out[i] = float(d[i]);
   } else {
     throw_error("checkpoint: cannot store a ", dtype_name(a.dtype), " array");
   }
-  return converted.data();
 }
 
 // Writes, closes and fsyncs one rank's file. The values of array j (in piece order) are
-// host[j] when given (a snapshot), else downloaded from the tensor through `ops` one at a time.
+// host[j] when given (a snapshot), else downloaded from the tensor through `ops` into a ring
+// of host memory. This thread alone calls HDF5 (and `ops`), one array after the other; worker
+// threads compute the checksums meanwhile, which the index, written last, records.
 void write_rank_file(const fs::path& path, const std::vector<ShardPiece>& pieces,
-                     const std::vector<HostArray>* host, Ops* ops, const nlohmann::json& rank_info) {
+                     const std::vector<HostArray>* host, Ops* ops, const nlohmann::json& rank_info,
+                     CheckpointTimings& tm) {
+  std::vector<const ShardArray*> arrays;
+  for (const ShardPiece& p : pieces)
+    for (const ShardArray& a : p.arrays) arrays.push_back(&a);
+  // (a snapshot has dropped its tensors: its arrays say how many values they hold)
+  auto numel = [&](size_t j) { return size_t(host ? host->at(j).numel : arrays[j]->data.numel()); };
+  // Staged: every array of a download, a snapshot's only where they are not f32 already.
+  auto staged = [&](size_t j) { return !host || host->at(j).dtype != DType::F32; };
+  size_t stage_total = 0, stage_largest = 0;
+  for (size_t j = 0; j < arrays.size(); ++j)
+    if (staged(j)) {
+      const size_t b = aligned_bytes(numel(j) * sizeof(float));
+      stage_total += b;
+      stage_largest = std::max(stage_largest, b);
+    }
+  // The ring needs to hold an array while it is written and hashed; twice the largest lets
+  // the next download overlap. The writer thread of an async save touches no Ops: plain memory.
+  std::unique_ptr<HostRing> ring;
+  if (stage_total > 0)
+    ring = std::make_unique<HostRing>(host ? nullptr : ops,
+                                      std::min(stage_total, std::max(kStagingBytes / 4, 2 * stage_largest)));
+
+  struct Checksums {
+    std::mutex mu;
+    std::condition_variable cv;
+    std::vector<uint64_t> value;
+    std::vector<char> done;
+    double busy = 0;
+  } sums;
+  sums.value.assign(arrays.size(), 0);
+  sums.done.assign(arrays.size(), 0);
+  std::deque<size_t> in_ring;  // the staged arrays whose spans the ring still holds, oldest first
+  // Gives the ring back the spans whose checksum is done, in order; `wait`: at least the oldest.
+  auto reclaim = [&](bool wait) {
+    std::unique_lock<std::mutex> lock(sums.mu);
+    while (!in_ring.empty()) {
+      if (!sums.done[in_ring.front()]) {
+        if (!wait) break;
+        sums.cv.wait(lock, [&] { return bool(sums.done[in_ring.front()]); });
+      }
+      ring->give_back_oldest();
+      in_ring.pop_front();
+      wait = false;
+    }
+  };
+  // Declared after what its jobs use, so that it joins them first on the way out of a failure.
+  std::unique_ptr<ThreadPool> workers = start_workers();
+  tm.threads = workers->size();
+
   nlohmann::json index = nlohmann::json::array();
   H5File f(path.string(), true);
   size_t j = 0;
   for (const ShardPiece& p : pieces) {
     const std::string group = index_entry_group(p);
-    nlohmann::json e = {{"name", p.name},         {"group", group},          {"full_shape", p.global_shape},
-                        {"local_shape", p.local_shape}, {"shard_dim", p.shard_dim}, {"shard_begin", p.shard_begin},
-                        {"e0", p.e0},             {"e1", p.e1}};
+    index.push_back({{"name", p.name},         {"group", group},          {"full_shape", p.global_shape},
+                     {"local_shape", p.local_shape}, {"shard_dim", p.shard_dim}, {"shard_begin", p.shard_begin},
+                     {"e0", p.e0},             {"e1", p.e1}});
     for (const ShardArray& a : p.arrays) {
-      std::vector<float> values;
+      const size_t n = numel(j);
       const float* v = nullptr;
-      size_t n = 0;
-      if (host) {
-        v = as_floats(host->at(j), values);
-        n = size_t(host->at(j).numel);
+      if (!staged(j)) {
+        v = static_cast<const float*>(host->at(j).data);
       } else {
-        values = to_host(*ops, a.data);
-        v = values.data();
-        n = values.size();
+        char* span = nullptr;
+        while (!(span = ring->take(n * sizeof(float)))) {
+          if (in_ring.empty()) throw_error("checkpoint: ", n, " values do not fit the staging buffer");  // a bug
+          reclaim(true);
+        }
+        in_ring.push_back(j);
+        float* out = reinterpret_cast<float*>(span);
+        const auto t0 = steady::now();
+        if (host) convert_to_floats(host->at(j), out);
+        else if (a.data.dtype() == DType::F32) ops->download_bytes(a.data, out);
+        else ops->download(a.data, out);
+        tm.download += seconds_since(t0);
+        v = out;
       }
-      ++j;
+      workers->submit([&sums, j, v, n] {
+        const auto t0 = steady::now();
+        const uint64_t h = hash64(v, n);
+        std::lock_guard<std::mutex> lock(sums.mu);
+        sums.value[j] = h;
+        sums.done[j] = 1;
+        sums.busy += seconds_since(t0);
+        sums.cv.notify_all();
+      });
+      const auto t0 = steady::now();
       f.write_floats(group + "/" + a.kind, v, n);
-      e["crc_" + a.kind] = hex(hash64(v, n));
+      tm.write += seconds_since(t0);
+      tm.bytes += int64_t(n * sizeof(float));
+      if (ring) reclaim(false);
+      ++j;
     }
-    index.push_back(e);
   }
+  {
+    std::unique_lock<std::mutex> lock(sums.mu);
+    sums.cv.wait(lock, [&] { return std::all_of(sums.done.begin(), sums.done.end(), [](char d) { return d != 0; }); });
+    tm.verify_busy += sums.busy;
+  }
+  j = 0;
+  for (size_t i = 0; i < pieces.size(); ++i)
+    for (const ShardArray& a : pieces[i].arrays) index[i]["crc_" + a.kind] = hex(sums.value[j++]);
+  auto t0 = steady::now();
   f.write_text("index", index.dump());
   f.write_text_attr("rank", rank_info.dump());
+  tm.write += seconds_since(t0);
+  t0 = steady::now();
   f.close();
   fsync_path(path);
+  tm.sync += seconds_since(t0);
 }
 
 // A checked index entry of a rank file (see validate_entry).
@@ -478,52 +640,73 @@ std::vector<RankFile> open_rank_files(const std::string& dir, const nlohmann::js
   return files;
 }
 
-// Fills one target piece's arrays from whichever file pieces overlap it.
-// Verified arrays of the tensor being filled, keyed "file:group/kind": the pieces of one
-// tensor (its whole slice, then its ZeRO shards) overlap the same stored pieces, which are
-// then read and checksummed once.
-using ReadCache = std::map<std::string, std::vector<float>>;
+// ---- loading: plan from the indexes, read and verify on workers, upload on this thread ----
 
-void fill_piece(const ShardPiece& t, bool with_optim, std::vector<RankFile>& files, Ops& ops, ReadCache& cache) {
-  const auto [loc_rows, loc_cols] = rows_cols(t.local_shape);
-  (void)loc_rows;
+// `len` elements from element `from` of a stored piece (source `source` of its group) to
+// element `to` of a target piece.
+struct Run {
+  int source;
+  int64_t from, to, len;
+};
+
+// A target piece and which stored elements fill it.
+struct TargetPlan {
+  const ShardPiece* piece = nullptr;
+  std::vector<std::string> kinds;  // the kinds of its arrays to fill ("w"; "m", "v" with the optimizer)
+  std::vector<Run> runs;
+};
+
+// One stored array a load reads and verifies on a worker before any target uses it.
+struct StoredArray {
+  int file = 0;
+  std::string dataset;    // "<group>/<kind>"
+  std::string checksum;   // the index's ("" if it has none: a mismatch)
+  int64_t numel = 0;
+  size_t group = 0;       // the target group it is read for
+  float* data = nullptr;  // its span of the staging ring, once issued
+  bool done = false;      // done and error: written under the loader's lock
+  std::string error;
+};
+
+// Consecutive target pieces of one tensor (its slice, then its ZeRO shards): the stored pieces
+// overlapping any of them are read and verified once for all of them.
+struct TargetGroup {
+  std::vector<TargetPlan> targets;
+  std::vector<std::pair<int, const Entry*>> sources;  // (file, index entry)
+  std::map<std::string, std::vector<int>> arrays;     // kind -> per source, its StoredArray (-1: none)
+  size_t first_array = 0, end_array = 0;              // its StoredArrays
+};
+
+// Plans target `t` from the files' indexes alone: which stored elements fill which of its
+// elements; refuses a full shape that differs from the model's and elements stored nowhere.
+void plan_target(const ShardPiece& t, bool with_optim, const std::vector<RankFile>& files, TargetGroup& g) {
+  TargetPlan tp;
+  tp.piece = &t;
+  for (const ShardArray& a : t.arrays)
+    if ((with_optim || a.kind == "w") && std::find(tp.kinds.begin(), tp.kinds.end(), a.kind) == tp.kinds.end())
+      tp.kinds.push_back(a.kind);
+  const int64_t loc_cols = rows_cols(t.local_shape).second;
   // the target slice's origin in the full tensor
   const int64_t r0 = t.shard_dim == 0 ? t.shard_begin : 0, c0 = t.shard_dim == 1 ? t.shard_begin : 0;
   // the target's elements [e0, e1) cover local rows [tr0, tr1)
   const int64_t tr0 = r0 + t.e0 / loc_cols, tr1 = r0 + (t.e1 - 1) / loc_cols + 1;
   const int64_t n = t.e1 - t.e0;
-  std::map<std::string, std::vector<float>> buf;
-  for (const ShardArray& a : t.arrays)
-    if (with_optim || a.kind == "w") buf[a.kind].assign(n, 0.0f);
-  std::vector<char> have(n, 0);
-  int64_t filled = 0;
-  for (auto& fi : files) {
-    for (const Entry& e : fi.entries) {
+  for (int fi = 0; fi < int(files.size()); ++fi) {
+    for (const Entry& e : files[fi].entries) {
       if (e.name != t.name) continue;
       if (e.full != t.global_shape)
-        throw_error(fi.path, ": tensor '", t.name, "' has full shape ", shape_str(e.full), ", the model expects ",
+        throw_error(files[fi].path, ": tensor '", t.name, "' has full shape ", shape_str(e.full), ", the model expects ",
                     shape_str(t.global_shape));
-      const auto [prows, pcols] = rows_cols(e.local);
-      (void)prows;
+      const int64_t pcols = rows_cols(e.local).second;
       const int64_t base_r = e.shard_dim == 0 ? e.shard_begin : 0, base_c = e.shard_dim == 1 ? e.shard_begin : 0;
       const int64_t pr0 = base_r + e.e0 / pcols, pr1 = base_r + (e.e1 - 1) / pcols + 1;
       const int64_t pc0 = base_c, pc1 = base_c + pcols;
       if (pr1 <= tr0 || pr0 >= tr1 || pc1 <= c0 || pc0 >= c0 + loc_cols) continue;  // disjoint
-      std::map<std::string, const std::vector<float>*> src;
-      for (auto& [kind, _] : buf) {
-        std::vector<float>& d = cache[fi.path + ":" + e.group + "/" + kind];
-        if (d.empty()) {
-          const std::string key = "crc_" + kind;
-          d = fi.file->read_floats(e.group + "/" + kind, e.e1 - e.e0);
-          if (!e.crc.contains(key) || !e.crc.at(key).is_string() ||
-              e.crc.at(key).get<std::string>() !=
-                  hex(fi.version >= 3 ? hash64(d.data(), d.size()) : fnv1a(d.data(), d.size())))
-            throw_error(fi.path, ": checksum mismatch for '", e.group, "/", kind, "' (file damaged)");
-        }
-        src[kind] = &d;
-      }
-      // copy row by row: within a row of the file's piece, elements run contiguously in both
-      // the file and the target (memcpy speed; a 1.3B model is ~1.3e9 elements per array)
+      int source = 0;
+      while (source < int(g.sources.size()) && g.sources[source] != std::make_pair(fi, &e)) ++source;
+      if (source == int(g.sources.size())) g.sources.emplace_back(fi, &e);
+      // row by row: within a row of the file's piece, elements run contiguously in both the
+      // file and the target; runs that continue each other (the same layout) merge into one
       for (int64_t row = e.e0 / pcols; row <= (e.e1 - 1) / pcols; ++row) {
         const int64_t fr = base_r + row;  // global row
         if (fr < r0) continue;
@@ -541,25 +724,266 @@ void fill_piece(const ShardPiece& t, bool with_optim, std::vector<RankFile>& fil
         }
         len = std::min(len, n - li);
         if (len <= 0) continue;
-        for (int64_t i = li; i < li + len; ++i) filled += have[i] == 0;
-        std::fill(have.begin() + li, have.begin() + li + len, 1);
-        for (auto& [kind, v] : buf) {
-          const std::vector<float>& from = *src[kind];
-          std::copy(from.begin() + (x - e.e0), from.begin() + (x - e.e0) + len, v.begin() + li);
-        }
+        Run* last = tp.runs.empty() ? nullptr : &tp.runs.back();
+        if (last && last->source == source && last->from + last->len == x - e.e0 && last->to + last->len == li)
+          last->len += len;
+        else
+          tp.runs.push_back({source, x - e.e0, li, len});
       }
     }
+  }
+  // every element must be found (stored pieces may overlap: count each element once)
+  std::vector<std::pair<int64_t, int64_t>> spans;
+  for (const Run& r : tp.runs) spans.emplace_back(r.to, r.to + r.len);
+  std::sort(spans.begin(), spans.end());
+  int64_t filled = 0, reach = 0;
+  for (const auto& [lo, hi] : spans) {
+    filled += std::max<int64_t>(0, hi - std::max(lo, reach));
+    reach = std::max(reach, hi);
   }
   if (filled != n)
     throw_error("tensor '", t.name, "' is incomplete: ", n - filled, " of the ", n,
                 " elements this rank needs are in no file");
-  for (const ShardArray& a : t.arrays)
-    if (buf.count(a.kind)) {
-      Tensor dst = a.data;
-      if (dst.dtype() == DType::F32) ops.upload_bytes(dst, buf[a.kind].data());  // no conversion
-      else ops.upload(dst, buf[a.kind].data());
-    }
+  g.targets.push_back(std::move(tp));
 }
+
+// Adds the stored arrays group `g` (number `gi`) needs to `arrays`, in the order its targets use
+// them; refuses one that claims more values than its file could hold.
+void plan_reads(TargetGroup& g, size_t gi, const std::vector<RankFile>& files, std::vector<StoredArray>& arrays) {
+  g.first_array = arrays.size();
+  for (const TargetPlan& tp : g.targets)
+    for (const std::string& kind : tp.kinds) {
+      std::vector<int>& of_source = g.arrays[kind];
+      of_source.resize(g.sources.size(), -1);
+      for (const Run& r : tp.runs) {
+        if (of_source[r.source] >= 0) continue;
+        const auto& [fi, e] = g.sources[r.source];
+        StoredArray a;
+        a.file = fi;
+        a.dataset = e->group + "/" + kind;
+        const std::string key = "crc_" + kind;
+        if (e->crc.contains(key) && e->crc.at(key).is_string()) a.checksum = e->crc.at(key).get<std::string>();
+        a.numel = e->e1 - e->e0;
+        a.group = gi;
+        files[fi].file->check_fits(a.dataset, a.numel);
+        of_source[r.source] = int(arrays.size());
+        arrays.push_back(std::move(a));
+      }
+    }
+  g.end_array = arrays.size();
+}
+
+// Reads `bytes` at `offset` of file descriptor `fd`; returns the OS error, "" on success.
+std::string read_fully(int fd, char* out, size_t bytes, int64_t offset) {
+  size_t done = 0;
+  while (done < bytes) {
+    const ssize_t r = ::pread(fd, out + done, bytes - done, off_t(offset + int64_t(done)));
+    if (r < 0 && errno == EINTR) continue;
+    if (r < 0) return os_error(errno);
+    if (r == 0) return "the file ends before the dataset does";
+    done += size_t(r);
+  }
+  return "";
+}
+
+// Runs a planned load: workers read (pread, where HDF5 stores an array as plain bytes; else
+// HDF5 on this thread, which the library's lock would serialise anyway) and verify the stored
+// arrays into a staging ring, as far ahead as it has room; this thread waits for the arrays a
+// tensor needs, assembles its slices where the layouts differ, and uploads, converting f32 to
+// bf16 on the device where the backend can. Errors come in plan order, whichever worker met
+// them first.
+class Loader {
+ public:
+  Loader(Ops& ops, std::vector<RankFile>& files, std::vector<StoredArray>& arrays, CheckpointTimings& tm)
+      : ops_(ops), files_(files), arrays_(arrays), tm_(tm) {
+    for (const RankFile& f : files_) fds_.push_back(::open(f.path.c_str(), O_RDONLY | O_CLOEXEC));  // -1: use HDF5
+  }
+  ~Loader() {
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      cancelled_ = true;  // after a failure: the reads not started yet are skipped
+    }
+    workers_.reset();
+    for (int fd : fds_)
+      if (fd >= 0) ::close(fd);
+  }
+  Loader(const Loader&) = delete;
+  Loader& operator=(const Loader&) = delete;
+
+  void run(const std::vector<TargetGroup>& groups) {
+    // Room for the largest group's arrays while they wrap around the ring's end, else the
+    // read-ahead budget (or all there is)
+    size_t total = 0, largest = 0, largest_group = 0;
+    for (const TargetGroup& g : groups) {
+      size_t bytes = 0;
+      for (size_t i = g.first_array; i < g.end_array; ++i) {
+        const size_t b = aligned_bytes(size_t(arrays_[i].numel) * sizeof(float));
+        bytes += b;
+        largest = std::max(largest, b);
+      }
+      total += bytes;
+      largest_group = std::max(largest_group, bytes);
+    }
+    if (arrays_.empty()) return;
+    ring_ = std::make_unique<HostRing>(&ops_, std::max(std::min(kStagingBytes, total), largest_group + largest));
+    workers_ = start_workers();
+    tm_.threads = workers_->size();
+    size_t next = 0;  // the next array to issue
+    for (size_t gi = 0; gi < groups.size(); ++gi) {
+      const TargetGroup& g = groups[gi];
+      auto t0 = steady::now();
+      for (; next < arrays_.size(); ++next) {
+        char* span = ring_->take(size_t(arrays_[next].numel) * sizeof(float));
+        if (!span) {
+          DT_CHECK(arrays_[next].group > gi, "the staging ring cannot hold tensor group ", gi);
+          break;  // read ahead as far as the ring has room
+        }
+        arrays_[next].data = reinterpret_cast<float*>(span);
+        issue(arrays_[next]);
+      }
+      await(g);
+      tm_.wait += seconds_since(t0);
+      t0 = steady::now();
+      fill(g);
+      tm_.upload += seconds_since(t0);
+      for (size_t i = g.first_array; i < g.end_array; ++i) ring_->give_back_oldest();
+    }
+    ops_.synchronize();  // the last conversions ran asynchronously from buffers freed next
+    std::lock_guard<std::mutex> lock(mu_);
+    tm_.read_busy += read_busy_;
+    tm_.verify_busy += verify_busy_;
+  }
+
+ private:
+  void issue(StoredArray& a) {
+    tm_.bytes += int64_t(a.numel) * int64_t(sizeof(float));
+    H5File& f = *files_[a.file].file;
+    int64_t offset = -1;
+    const std::string error = capture([&] {
+      if (fds_[a.file] >= 0) offset = f.locate_floats(a.dataset, a.numel);
+      if (offset < 0) f.read(a.dataset, H5T_NATIVE_FLOAT, a.numel, a.data);
+    });
+    if (!error.empty()) {
+      std::lock_guard<std::mutex> lock(mu_);
+      a.error = error;
+      a.done = true;
+      return;
+    }
+    workers_->submit([this, &a, offset] { read_and_verify(a, offset); });
+  }
+
+  // On a worker: reads the array (unless HDF5 already did) and checks its checksum.
+  void read_and_verify(StoredArray& a, int64_t offset) {
+    {
+      std::lock_guard<std::mutex> lock(mu_);
+      if (cancelled_) {
+        a.done = true;
+        return;
+      }
+    }
+    const RankFile& f = files_[a.file];
+    std::string error;
+    auto t0 = steady::now();
+    if (offset >= 0) {
+      const std::string os = read_fully(fds_[a.file], reinterpret_cast<char*>(a.data), size_t(a.numel) * sizeof(float), offset);
+      if (!os.empty()) error = f.path + ": cannot read dataset '" + a.dataset + "' (file damaged?): " + os;
+    }
+    const double read_s = seconds_since(t0);
+    t0 = steady::now();
+    if (error.empty()) {
+      const uint64_t h = f.version >= 3 ? hash64(a.data, size_t(a.numel)) : fnv1a(a.data, size_t(a.numel));
+      if (a.checksum != hex(h)) error = f.path + ": checksum mismatch for '" + a.dataset + "' (file damaged)";
+    }
+    std::lock_guard<std::mutex> lock(mu_);
+    a.error = error;
+    a.done = true;
+    read_busy_ += read_s;
+    verify_busy_ += seconds_since(t0);
+    done_.notify_all();
+  }
+
+  // Waits until group g's arrays are read and verified; throws the first failure among them.
+  void await(const TargetGroup& g) {
+    std::unique_lock<std::mutex> lock(mu_);
+    for (size_t i = g.first_array; i < g.end_array; ++i) {
+      done_.wait(lock, [&] { return arrays_[i].done; });
+      if (!arrays_[i].error.empty()) throw Error(arrays_[i].error);
+    }
+  }
+
+  void fill(const TargetGroup& g) {
+    for (const TargetPlan& tp : g.targets) {
+      const ShardPiece& t = *tp.piece;
+      const int64_t n = t.e1 - t.e0;
+      for (const std::string& kind : tp.kinds) {
+        const std::vector<int>& of_source = g.arrays.at(kind);
+        auto stored = [&](const Run& r) { return arrays_[of_source[r.source]].data + r.from; };
+        const float* values = nullptr;
+        if (tp.runs.size() == 1 && tp.runs[0].to == 0 && tp.runs[0].len == n) {
+          values = stored(tp.runs[0]);  // the same layout: the stored array as it is
+        } else {  // resharded: assembled from the pieces
+          scratch_.reserve(ops_, size_t(n) * sizeof(float));
+          float* out = static_cast<float*>(scratch_.data);
+          for (const Run& r : tp.runs) std::memcpy(out + r.to, stored(r), size_t(r.len) * sizeof(float));
+          values = out;
+        }
+        put(t, kind, values, n);
+      }
+    }
+  }
+
+  // Puts `values` into every array of kind `kind` of target `t`: f32 as bytes; bf16 converted
+  // on the device, from an f32 array of the piece already there or through a device f32
+  // buffer, where the backend can (the CPU reference converts only between f32 and f64: there
+  // it is rounded here, to nearest even as the GPU does); other dtypes by Ops::upload.
+  void put(const ShardPiece& t, const std::string& kind, const float* values, int64_t n) {
+    const Tensor* f32_copy = nullptr;
+    for (const ShardArray& a : t.arrays)
+      if (a.kind == kind && a.data.dtype() == DType::F32) {
+        Tensor dst = a.data;
+        ops_.upload_bytes(dst, values);
+        f32_copy = &a.data;
+      }
+    for (const ShardArray& a : t.arrays) {
+      if (a.kind != kind || a.data.dtype() == DType::F32) continue;
+      Tensor dst = a.data;
+      if (dst.dtype() == DType::BF16 && ops_.device() != Device::CPU) {
+        if (f32_copy) {
+          ops_.copy(*f32_copy, dst);
+          continue;
+        }
+        const int64_t chunk = std::min(n, kConvertChunk);
+        if (!convert_.defined() || convert_.numel() < chunk) convert_ = ops_.empty({chunk}, DType::F32);
+        for (int64_t at = 0; at < n; at += chunk) {
+          const int64_t len = std::min(chunk, n - at);
+          Tensor staged = convert_.flat_slice(0, len), part = dst.flat_slice(at, len);
+          ops_.upload_bytes(staged, values + at);
+          ops_.copy(staged, part);
+        }
+      } else if (dst.dtype() == DType::BF16) {
+        std::vector<uint16_t> rounded(static_cast<size_t>(n));
+        for (int64_t i = 0; i < n; ++i) rounded[i] = float_to_bf16(values[i]);
+        ops_.upload_bytes(dst, rounded.data());
+      } else {
+        ops_.upload(dst, values);
+      }
+    }
+  }
+
+  Ops& ops_;
+  std::vector<RankFile>& files_;
+  std::vector<StoredArray>& arrays_;
+  CheckpointTimings& tm_;
+  std::vector<int> fds_;
+  std::mutex mu_;
+  std::condition_variable done_;
+  bool cancelled_ = false;                  // under mu_
+  double read_busy_ = 0, verify_busy_ = 0;  // under mu_
+  std::unique_ptr<HostRing> ring_;
+  SnapshotArena scratch_;  // a resharded target's values, assembled
+  Tensor convert_;         // device f32 values on their way into a bf16 tensor
+  std::unique_ptr<ThreadPool> workers_;  // last: joined before what its jobs use goes
+};
 
 }  // namespace
 
@@ -579,13 +1003,10 @@ struct PendingSave {
   std::vector<HostArray> host;  // the snapshot: array j's bytes (in the arena), in piece order
   std::string error;            // this rank's failure so far ("" if none)
   double write_seconds = 0;
+  CheckpointTimings timings;    // this rank's (the snapshot's download not included)
 };
 
 namespace {
-
-double seconds_since(std::chrono::steady_clock::time_point t0) {
-  return std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
-}
 
 // 1. rank 0 makes a fresh temporary directory (collective)
 std::unique_ptr<PendingSave> begin_save(const std::string& root, const CheckpointMeta& meta,
@@ -619,8 +1040,6 @@ std::unique_ptr<PendingSave> begin_save(const std::string& root, const Checkpoin
   return s;
 }
 
-size_t aligned_bytes(size_t b) { return (b + 255) / 256 * 256; }
-
 // Host bytes a snapshot of these pieces takes in the arena.
 size_t snapshot_bytes(const std::vector<ShardPiece>& pieces) {
   size_t need = 0;
@@ -649,20 +1068,24 @@ void snapshot(PendingSave& s, Ops& ops, SnapshotArena& arena) {
 
 // 2. this rank writes and syncs its file (from the snapshot when there is one, else through `ops`)
 void write_rank(PendingSave& s, Ops* ops) {
-  const auto t0 = std::chrono::steady_clock::now();
+  const auto t0 = steady::now();
+  const fs::path path = s.tmp_dir / rank_file_name(s.world_rank);
+  CheckpointTimings& tm = s.timings;
   if (s.error.empty())
-    s.error = capture([&] {
-      write_rank_file(s.tmp_dir / rank_file_name(s.world_rank), s.pieces, s.snapshotted ? &s.host : nullptr, ops,
-                      s.rank_info);
-    });
+    s.error = capture([&] { write_rank_file(path, s.pieces, s.snapshotted ? &s.host : nullptr, ops, s.rank_info, tm); });
   s.host.clear();  // the arena stays with the checkpointer for the next save
   s.write_seconds = seconds_since(t0);
+  if (s.error.empty() && s.world_rank == 0)
+    LOG(INFO) << "checkpoint rank file " << path.string() << ": " << tm.bytes / 1e9 << " GB in " << s.write_seconds
+              << " s (" << (s.snapshotted ? "from the snapshot" : "download " + std::to_string(tm.download) + " s")
+              << ", write " << tm.write << " s, close + fsync " << tm.sync << " s; " << tm.threads
+              << " threads hashed for " << tm.verify_busy << " s)";
 }
 
 // 3. the ranks agree that every file is on disk; rank 0 writes meta.json and moves the
 // checkpoint into place, then `latest` (collective)
 std::string finish_save(PendingSave& s) {
-  const auto t0 = std::chrono::steady_clock::now();
+  const auto t0 = steady::now();
   agree(s.par, s.error, "writing the checkpoint's rank files");
   const fs::path& tmp_dir = s.tmp_dir;
   std::string err;
@@ -693,7 +1116,8 @@ std::string finish_save(PendingSave& s) {
     fs::remove_all(tmp_dir, ec);
   }
   agree(s.par, err, "publishing the checkpoint");
-  s.write_seconds += seconds_since(t0);
+  s.timings.publish = seconds_since(t0);
+  s.write_seconds += s.timings.publish;
   return s.final_dir.string();
 }
 
@@ -701,17 +1125,25 @@ std::string finish_save(PendingSave& s) {
 
 std::string write_checkpoint(const std::string& root, const CheckpointMeta& meta, const nlohmann::json& model_config,
                              const std::vector<ShardPiece>& pieces, bool has_optimizer, Ops& ops,
-                             ParallelContext* par, int tp_rank, int dp_rank, const std::string& rank_data_position) {
+                             ParallelContext* par, int tp_rank, int dp_rank, const std::string& rank_data_position,
+                             CheckpointTimings* timings) {
+  const auto t0 = steady::now();
   auto s = begin_save(root, meta, model_config, pieces, has_optimizer, par, tp_rank, dp_rank, rank_data_position);
   write_rank(*s, &ops);
-  return finish_save(*s);
+  const std::string dir = finish_save(*s);
+  if (timings) {
+    *timings = s->timings;
+    timings->seconds = seconds_since(t0);
+  }
+  return dir;
 }
 
 std::string save_checkpoint(const std::string& root, const CheckpointMeta& meta, Model& model, AdamW* optimizer,
-                            ParallelContext* par, const std::string& rank_data_position) {
+                            ParallelContext* par, const std::string& rank_data_position, CheckpointTimings* timings) {
   const int dp_rank = par ? par->dp_rank() : 0;
   return write_checkpoint(root, meta, nlohmann::json(model.config()), pieces_to_save(model, optimizer, dp_rank),
-                          optimizer != nullptr, model.ops(), par, model.tp_rank(), dp_rank, rank_data_position);
+                          optimizer != nullptr, model.ops(), par, model.tp_rank(), dp_rank, rank_data_position,
+                          timings);
 }
 
 AsyncCheckpointer::AsyncCheckpointer() = default;
@@ -752,7 +1184,7 @@ int64_t AsyncCheckpointer::in_flight_step() const { return save_ ? save_->meta.s
 void AsyncCheckpointer::start(const std::string& root, const CheckpointMeta& meta, Model& model, AdamW* optimizer,
                               ParallelContext* par, const std::string& rank_data_position) {
   wait();
-  const auto t0 = std::chrono::steady_clock::now();
+  const auto t0 = steady::now();
   const int dp_rank = par ? par->dp_rank() : 0;
   std::unique_ptr<PendingSave> s =
       begin_save(root, meta, nlohmann::json(model.config()), pieces_to_save(model, optimizer, dp_rank),
@@ -847,42 +1279,66 @@ ModelConfig read_checkpoint_config(const std::string& dir) {
 }
 
 namespace {
-// Fills `pieces` from the opened rank files of checkpoint `dir` (meta.json `j`).
+// Fills `pieces` from the opened rank files of checkpoint `dir` (meta.json `j`): plans every
+// piece from the indexes first (so that a checkpoint lacking something fails before gigabytes
+// are read), then reads, verifies and uploads (Loader).
 void fill_pieces(const std::string& dir, const nlohmann::json& j, std::vector<RankFile>& files,
-                 const std::vector<ShardPiece>& pieces, bool with_optimizer, Ops& ops) {
+                 const std::vector<ShardPiece>& pieces, bool with_optimizer, Ops& ops, CheckpointTimings& tm) {
   if (with_optimizer && !j.value("has_optimizer", false))
     throw_error(dir, ": holds weights only; cannot resume the optimizer from it");
-  ReadCache cache;
-  std::string cached_tensor;
-  for (const ShardPiece& p : pieces) {
-    if (p.name != cached_tensor) cache.clear();  // one tensor's stored pieces at a time
-    cached_tensor = p.name;
-    try {
-      fill_piece(p, with_optimizer, files, ops, cache);
-    } catch (const Error& e) {
-      const std::string w = e.what();
-      if (w.rfind("tensor '", 0) == 0) throw_error(dir, ": ", w);
-      throw;
+  auto t0 = steady::now();
+  std::vector<TargetGroup> groups;
+  std::vector<StoredArray> arrays;
+  try {
+    for (size_t i = 0; i < pieces.size(); ++i) {
+      if (i == 0 || pieces[i].name != pieces[i - 1].name) groups.emplace_back();
+      plan_target(pieces[i], with_optimizer, files, groups.back());
     }
+  } catch (const Error& e) {
+    const std::string w = e.what();
+    if (w.rfind("tensor '", 0) == 0) throw_error(dir, ": ", w);
+    throw;
   }
+  for (size_t gi = 0; gi < groups.size(); ++gi) plan_reads(groups[gi], gi, files, arrays);
+  tm.open += seconds_since(t0);
+  Loader(ops, files, arrays, tm).run(groups);
+}
+
+CheckpointTimings read_pieces(const std::string& dir, const nlohmann::json& j, const std::vector<ShardPiece>& pieces,
+                              bool with_optimizer, Ops& ops, std::vector<RankFile>* keep_files = nullptr) {
+  const auto t0 = steady::now();
+  CheckpointTimings tm;
+  std::vector<RankFile> files = open_rank_files(dir, j);
+  tm.open = seconds_since(t0);
+  fill_pieces(dir, j, files, pieces, with_optimizer, ops, tm);
+  tm.seconds = seconds_since(t0);
+  if (keep_files) *keep_files = std::move(files);
+  return tm;
 }
 }  // namespace
 
 void read_checkpoint_pieces(const std::string& dir, const std::vector<ShardPiece>& pieces, bool with_optimizer,
-                            Ops& ops) {
-  const nlohmann::json j = read_checkpoint_meta(dir);
-  std::vector<RankFile> files = open_rank_files(dir, j);
-  fill_pieces(dir, j, files, pieces, with_optimizer, ops);
+                            Ops& ops, CheckpointTimings* timings) {
+  const CheckpointTimings tm = read_pieces(dir, read_checkpoint_meta(dir), pieces, with_optimizer, ops);
+  if (timings) *timings = tm;
 }
 
-CheckpointMeta load_checkpoint(const std::string& dir, Model& model, AdamW* optimizer, ParallelContext* par) {
+CheckpointMeta load_checkpoint(const std::string& dir, Model& model, AdamW* optimizer, ParallelContext* par,
+                               CheckpointTimings* timings) {
+  const auto t0 = steady::now();
   nlohmann::json j = read_checkpoint_meta(dir);
   nlohmann::json stored = j.at("model_config");
   nlohmann::json ours = model.config();
   if (stored != ours)
     throw_error(dir, ": the checkpoint's model config ", stored.dump(), " differs from the model's ", ours.dump());
-  std::vector<RankFile> files = open_rank_files(dir, j);
-  fill_pieces(dir, j, files, pieces_to_load(model, optimizer), optimizer != nullptr, model.ops());
+  std::vector<RankFile> files;
+  CheckpointTimings tm = read_pieces(dir, j, pieces_to_load(model, optimizer), optimizer != nullptr, model.ops(), &files);
+  tm.seconds = seconds_since(t0);
+  if (!par || par->world_rank() == 0)
+    LOG(INFO) << "checkpoint loaded from " << dir << ": " << tm.bytes / 1e9 << " GB in " << tm.seconds << " s (open "
+              << tm.open << " s, waiting for reads and checksums " << tm.wait << " s, upload " << tm.upload << " s; "
+              << tm.threads << " threads read for " << tm.read_busy << " s, verified for " << tm.verify_busy << " s)";
+  if (timings) *timings = tm;
 
   CheckpointMeta meta;
   meta.step = j.at("step");

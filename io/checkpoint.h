@@ -36,6 +36,26 @@ namespace difftron {
 
 class ParallelContext;
 
+// Where one rank's save or load spent its time (seconds; a field a call has no such phase for
+// stays 0). The *_busy fields add up the worker threads' time, so they may exceed `seconds`.
+struct CheckpointTimings {
+  double seconds = 0;        // the whole call
+  int64_t bytes = 0;         // bytes of arrays this rank read or wrote
+  int threads = 0;           // worker threads that read, verified or hashed
+  // load, on the calling thread
+  double open = 0;           // meta.json, the rank files' indexes, which stored pieces fill what
+  double wait = 0;           // waiting for the workers to read and verify the arrays needed next
+  double upload = 0;         // assembling resharded slices, host -> device copies, conversions
+  // save, on the thread that writes the file
+  double download = 0;       // device -> host copies (a synchronous save's; a snapshot's is apart)
+  double write = 0;          // writing the arrays and the index (HDF5)
+  double sync = 0;           // closing and fsyncing the file
+  double publish = 0;        // the ranks' agreement, meta.json, renames, `latest`
+  // worker threads
+  double read_busy = 0;      // load: reading arrays from the files
+  double verify_busy = 0;    // load: checking checksums; save: computing them
+};
+
 struct CheckpointMeta {
   int64_t step = 0;            // optimizer steps completed
   int64_t tokens_seen = 0;
@@ -50,12 +70,13 @@ struct CheckpointMeta {
 std::string write_checkpoint(const std::string& root, const CheckpointMeta& meta, const nlohmann::json& model_config,
                              const std::vector<ShardPiece>& pieces, bool has_optimizer, Ops& ops,
                              ParallelContext* parallel, int tp_rank, int dp_rank,
-                             const std::string& rank_data_position);
+                             const std::string& rank_data_position, CheckpointTimings* timings = nullptr);
 // The same for a model and its optimizer (null: weights only, e.g. for export). Synchronous:
-// streams one array at a time to the file, so it needs no host copy of the whole state.
+// streams the arrays to the file through a bounded host buffer (checksums computed on worker
+// threads meanwhile), so it needs no host copy of the whole state.
 std::string save_checkpoint(const std::string& root, const CheckpointMeta& meta, Model& model,
                             AdamW* optimizer, ParallelContext* parallel = nullptr,
-                            const std::string& rank_data_position = "");
+                            const std::string& rank_data_position = "", CheckpointTimings* timings = nullptr);
 
 struct PendingSave;    // a save between its snapshot and its publish (io/checkpoint.cpp)
 struct SnapshotArena;  // the host buffer snapshots are copied into, kept across saves
@@ -117,15 +138,18 @@ ModelConfig read_checkpoint_config(const std::string& dir);
 // meta.json of a checkpoint directory, checked for format and version.
 nlohmann::json read_checkpoint_meta(const std::string& dir);
 // Fills `pieces` from a checkpoint (each array by its kind; "m"/"v" only when has_optimizer),
-// verifying checksums and that every element is present.
+// verifying checksums and that every element is present. Worker threads read and verify the
+// stored arrays ahead of the calling thread, which alone uploads (f32 values into bf16 tensors
+// are converted on the device where the backend can). Nothing is read before every piece is
+// known to be complete in the files' indexes.
 void read_checkpoint_pieces(const std::string& dir, const std::vector<ShardPiece>& pieces, bool with_optimizer,
-                            Ops& ops);
+                            Ops& ops, CheckpointTimings* timings = nullptr);
 // Loads weights (and, when `optimizer` is given, its master weights and moments) into a model
 // built from read_checkpoint_config(dir), on whatever TP x DP layout the model and optimizer
 // use. The returned data_position is this DP rank's own when the writing run had the same DP
 // size, else DP rank 0's (a global position the token-dataset loader can re-slice).
 CheckpointMeta load_checkpoint(const std::string& dir, Model& model, AdamW* optimizer,
-                               ParallelContext* parallel = nullptr);
+                               ParallelContext* parallel = nullptr, CheckpointTimings* timings = nullptr);
 // Every array's checksum in a checkpoint, keyed "file:group/kind": two checkpoints of the same
 // layout hold bit-identical tensors exactly when these maps are equal.
 std::map<std::string, std::string> checkpoint_digests(const std::string& dir);

@@ -3,10 +3,15 @@
 // clearly (an Error naming the file, never a crash or a huge allocation); an interrupted save
 // leaves `latest` on the previous complete checkpoint; re-saving an existing step replaces it
 // without a moment where `latest` names nothing; version-2 files (index as an attribute) load.
+// The read path: the staging ring never overlaps live spans; verification on worker threads
+// catches one flipped bit; resharded slices are assembled; bf16 targets are rounded to nearest even.
 #include <algorithm>
 #include <cstring>
+#include <deque>
 #include <filesystem>
 #include <fstream>
+#include <optional>
+#include <random>
 #include <string>
 #include <vector>
 
@@ -14,6 +19,8 @@
 #include <hdf5.h>
 #include <nlohmann/json.hpp>
 
+#include "base/bf16.h"
+#include "base/ring_spans.h"
 #include "core/model.h"
 #include "core/optimizer.h"
 #include "core/trainer.h"
@@ -331,6 +338,216 @@ TEST(Checkpoint, KeepsTheNewestN) {
     if (d.path().filename().string().rfind("step_", 0) == 0) left.push_back(d.path().filename().string());
   std::sort(left.begin(), left.end());
   EXPECT_EQ(left, (std::vector<std::string>{"step_00000004", "step_00000005"}));
+  fs::remove_all(root);
+}
+
+// ---- the read and write paths: staging ring, parallel checksums, resharding, bf16 ---------
+
+// A ring that lets two live spans overlap would hand a worker memory that a verified array
+// still waits in: a random mix of takes and give-backs must keep every live span apart and
+// inside the buffer, and wrap only as far as it must.
+TEST(Checkpoint, StagingRingNeverOverlapsLiveSpans) {
+  std::mt19937 rng(5);
+  for (size_t capacity : {size_t(1000), size_t(4096), size_t(100000)}) {
+    RingSpans ring(capacity);
+    std::deque<std::pair<size_t, size_t>> live;  // offset, size; oldest first
+    size_t taken = 0;
+    for (int step = 0; step < 20000; ++step) {
+      if (!live.empty() && rng() % 3 == 0) {
+        ring.give_back_oldest();
+        live.pop_front();
+        continue;
+      }
+      const size_t bytes = 1 + rng() % (capacity / 3);
+      const std::optional<size_t> at = ring.take(bytes);
+      if (live.empty()) ASSERT_TRUE(at.has_value()) << "an empty ring refused " << bytes << " of " << capacity;
+      if (!at) continue;
+      ++taken;
+      ASSERT_LE(*at + bytes, capacity);
+      for (const auto& [o, n] : live)
+        ASSERT_TRUE(*at + bytes <= o || o + n <= *at) << "[" << *at << ", +" << bytes << ") overlaps [" << o << ", +" << n << ")";
+      live.emplace_back(*at, bytes);
+      ASSERT_EQ(ring.live(), live.size());
+    }
+    EXPECT_GT(taken, 5000u);
+  }
+  // wrapping: after [0,40) [40,80) with [0,40) given back, 30 bytes fit at 0 but not 50
+  RingSpans ring(100);
+  EXPECT_EQ(ring.take(40), size_t(0));
+  EXPECT_EQ(ring.take(40), size_t(40));
+  ring.give_back_oldest();
+  EXPECT_FALSE(ring.take(50).has_value());
+  EXPECT_EQ(ring.take(30), size_t(0));
+  EXPECT_FALSE(ring.take(20).has_value());  // [30, 40) is free, but only 10 bytes
+  EXPECT_EQ(ring.take(10), size_t(30));
+  EXPECT_FALSE(ring.take(101).has_value());
+}
+
+// Pieces of whole [rows, cols] tensors t0, t1, ... with arrays w, m, v of distinct values.
+struct StoredTensors {
+  std::unique_ptr<Ops> ops = make_cpu_ops();
+  std::vector<ShardPiece> pieces;
+  StoredTensors(int count, int64_t rows, int64_t cols) {
+    for (int i = 0; i < count; ++i) {
+      ShardPiece p;
+      p.name = "t" + std::to_string(i);
+      p.global_shape = p.local_shape = {rows, cols};
+      p.e1 = rows * cols;
+      for (const char* kind : {"w", "m", "v"}) {
+        Tensor t = ops->empty({p.e1}, DType::F32);
+        ops->init_normal(t, 7, uint64_t(i * 3 + (kind[0] == 'w' ? 0 : kind[0] == 'm' ? 1 : 2)), 1.0, p.e1, 0, 0);
+        p.arrays.push_back({kind, t});
+      }
+      pieces.push_back(std::move(p));
+    }
+  }
+  // The same pieces with fresh zeroed arrays of `dtype` to load into.
+  std::vector<ShardPiece> targets(DType dtype = DType::F32) const {
+    std::vector<ShardPiece> out = pieces;
+    for (ShardPiece& p : out)
+      for (ShardArray& a : p.arrays) {
+        a.data = ops->empty({p.e1 - p.e0}, dtype);
+        ops->fill_zero(a.data);
+      }
+    return out;
+  }
+  std::string save(const fs::path& root) {
+    CheckpointMeta meta;
+    meta.step = 1;
+    return write_checkpoint(root.string(), meta, nlohmann::json(cfg()), pieces, true, *ops, nullptr, 0, 0, "");
+  }
+};
+
+// Many arrays verified on worker threads at once: all arrive bit for bit, and one flipped bit in
+// the middle of one large array (neither the first nor the last read) fails the load, naming
+// the file and the array.
+TEST(Checkpoint, ParallelVerificationCatchesOneFlippedBitInALargeArray) {
+  const fs::path root = temp_root("flip");
+  StoredTensors stored(12, 256, 1024);  // 36 arrays of 1 MiB
+  const std::string dir = stored.save(root);
+  CheckpointTimings tm;
+  std::vector<ShardPiece> back = stored.targets();
+  read_checkpoint_pieces(dir, back, true, *stored.ops, &tm);
+  for (size_t i = 0; i < back.size(); ++i)
+    for (size_t a = 0; a < back[i].arrays.size(); ++a)
+      ASSERT_EQ(std::memcmp(back[i].arrays[a].data.raw(), stored.pieces[i].arrays[a].data.raw(),
+                            stored.pieces[i].arrays[a].data.nbytes()), 0)
+          << back[i].name << "/" << back[i].arrays[a].kind;
+  EXPECT_EQ(tm.bytes, int64_t(36) * 256 * 1024 * 4);
+  EXPECT_GE(tm.threads, 1);
+
+  const std::string file = dir + "/rank_00000.h5";
+  {
+    H5Eset_auto2(H5E_DEFAULT, nullptr, nullptr);
+    hid_t f = H5Fopen(file.c_str(), H5F_ACC_RDWR, H5P_DEFAULT);
+    ASSERT_GE(f, 0);
+    hid_t ds = H5Dopen2(f, "t7/tp0_e0/m", H5P_DEFAULT);
+    ASSERT_GE(ds, 0);
+    std::vector<float> v(256 * 1024);
+    ASSERT_GE(H5Dread(ds, H5T_NATIVE_FLOAT, H5S_ALL, H5S_ALL, H5P_DEFAULT, v.data()), 0);
+    unsigned char* bytes = reinterpret_cast<unsigned char*>(v.data());
+    bytes[v.size() * 2 + 1] ^= 0x04;  // one bit of the middle value
+    ASSERT_GE(H5Dwrite(ds, H5T_NATIVE_FLOAT, H5S_ALL, H5S_ALL, H5P_DEFAULT, v.data()), 0);
+    H5Dclose(ds);
+    H5Fclose(f);
+  }
+  try {
+    std::vector<ShardPiece> again = stored.targets();
+    read_checkpoint_pieces(dir, again, true, *stored.ops);
+    ADD_FAILURE() << "a flipped bit went unnoticed";
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find(file + ": checksum mismatch for 't7/tp0_e0/m'"), std::string::npos)
+        << e.what();
+  }
+  fs::remove_all(root);
+}
+
+// A slice of another layout (a TP column block, a ZeRO-like element range of it) is assembled
+// from the stored pieces it overlaps; one missing element fails before anything is read.
+TEST(Checkpoint, ReshardedSlicesAreAssembledAndGapsRefused) {
+  const fs::path root = temp_root("reshard");
+  auto ops = make_cpu_ops();
+  std::vector<float> full(8 * 6);
+  for (size_t i = 0; i < full.size(); ++i) full[i] = float(i) + 0.25f;
+  // stored as two element ranges of the whole tensor: [0, 20) and [20, 48)
+  std::vector<ShardPiece> pieces;
+  for (auto [e0, e1] : {std::pair<int64_t, int64_t>{0, 20}, {20, 48}}) {
+    ShardPiece p;
+    p.name = "a";
+    p.global_shape = p.local_shape = {8, 6};
+    p.e0 = e0;
+    p.e1 = e1;
+    Tensor t = ops->empty({e1 - e0}, DType::F32);
+    ops->upload(t, full.data() + e0);
+    p.arrays.push_back({"w", t});
+    pieces.push_back(std::move(p));
+  }
+  CheckpointMeta meta;
+  const std::string dir = write_checkpoint(root.string(), meta, nlohmann::json(cfg()), pieces, false, *ops, nullptr, 0, 0, "");
+  // columns [3, 6) of every row, elements [5, 20) of that [8, 3] slice
+  ShardPiece t;
+  t.name = "a";
+  t.global_shape = {8, 6};
+  t.local_shape = {8, 3};
+  t.shard_dim = 1;
+  t.shard_begin = 3;
+  t.e0 = 5;
+  t.e1 = 20;
+  t.arrays.push_back({"w", ops->empty({15}, DType::F32)});
+  read_checkpoint_pieces(dir, {t}, false, *ops);
+  for (int64_t i = 0; i < 15; ++i) {
+    const int64_t local = t.e0 + i, row = local / 3, col = 3 + local % 3;
+    EXPECT_EQ(t.arrays[0].data.data<float>()[i], full[row * 6 + col]) << "element " << i;
+  }
+  // without the second stored piece, elements [20, 48) of the whole tensor are nowhere
+  fs::remove_all(root);
+  pieces.pop_back();
+  const std::string partial =
+      write_checkpoint(root.string(), meta, nlohmann::json(cfg()), pieces, false, *ops, nullptr, 0, 0, "");
+  ShardPiece whole = pieces[0];
+  whole.e1 = 48;
+  whole.arrays = {{"w", ops->empty({48}, DType::F32)}};
+  try {
+    read_checkpoint_pieces(partial, {whole}, false, *ops);
+    ADD_FAILURE() << "an incomplete tensor was accepted";
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find(partial + ": tensor 'a' is incomplete: 28 of the 48 elements"), std::string::npos)
+        << e.what();
+  }
+  fs::remove_all(root);
+}
+
+// bf16 tensors filled from stored f32 values (the GPU's working weights) are rounded to nearest,
+// ties to even, and an f32 array of the same kind (the master copy) gets the values exactly.
+TEST(Checkpoint, Bf16TargetsAreRoundedToNearestEven) {
+  const fs::path root = temp_root("bf16");
+  auto ops = make_cpu_ops();
+  const float ulp = 1.0f / 128;  // bf16's spacing in [1, 2)
+  const std::vector<float> values = {1.0f, 1.0f + ulp / 2, 1.0f + 3 * ulp / 2, 1.0f + ulp / 2 + ulp / 4096,
+                                     -2.5f, 3.0e38f, 1.0e-40f, 65504.0f};
+  // 1.0; a tie rounds down to the even 1.0; a tie rounds up to the even 1 + 2 ulp; just above a
+  // tie rounds up; exact; 0x7F61B1E6 rounds up; the denormal 0x000116C2 rounds down; 65504
+  // (0x477FE000) rounds up to 65536
+  const std::vector<uint16_t> want = {0x3F80, 0x3F80, 0x3F82, 0x3F81, 0xC020, 0x7F62, 0x0001, 0x4780};
+  const int64_t n = int64_t(values.size());
+  ShardPiece p;
+  p.name = "model.norm.weight";
+  p.global_shape = p.local_shape = {n};
+  p.e1 = n;
+  Tensor stored = ops->empty({n}, DType::F32);
+  ops->upload_bytes(stored, values.data());
+  p.arrays = {{"w", stored}};
+  CheckpointMeta meta;
+  const std::string dir = write_checkpoint(root.string(), meta, nlohmann::json(cfg()), {p}, false, *ops, nullptr, 0, 0, "");
+  ShardPiece t = p;
+  t.arrays = {{"w", ops->empty({n}, DType::BF16)}, {"w", ops->empty({n}, DType::F32)}};
+  read_checkpoint_pieces(dir, {t}, false, *ops);
+  const uint16_t* got = t.arrays[0].data.data<uint16_t>();
+  for (int64_t i = 0; i < n; ++i) {
+    EXPECT_EQ(got[i], want[i]) << "value " << values[i] << " (element " << i << ")";
+    EXPECT_EQ(got[i], float_to_bf16(values[i])) << "element " << i;
+  }
+  EXPECT_EQ(std::memcmp(t.arrays[1].data.raw(), values.data(), values.size() * sizeof(float)), 0);
   fs::remove_all(root);
 }
 
