@@ -168,6 +168,23 @@ class Ops {
                                   const Tensor& out, const Tensor& lse, const Tensor& dout,
                                   Tensor& dq, Tensor& dk, Tensor& dv) = 0;
 
+  // ---- attention of new tokens against a K/V cache (generation, core/decode.h) -----------
+  // B sequences, each with T new tokens at positions start[b] + t (t < T); start is i32 [B]
+  // in the backend's memory. Per sequence: q and k of the new tokens are rotated as rope()
+  // rotates position start[b] + t; the rotated k and v are written into cache rows
+  // start[b] + t; then new query t attends to cache rows [0, start[b] + t] (causal among the
+  // new tokens). q, k and v are not modified. Requires start[b] + T <= C (the CPU checks and
+  // throws; a GPU kernel cannot, and skips such rows: nothing written, out rows left as they were).
+  // Differential (q is 5-D): q [B,T,h,2,dh], k [B,T,h_kv,2,dh], v [B,T,h_kv,2dh],
+  //   k_cache [B,C,h_kv,2,dh], v_cache [B,C,h_kv,2dh], lambda [1] in stat dtype,
+  //   out [B,T,h,2dh] = (A1 - lambda A2) V, as diff_attention_forward (before the sub-layer norm).
+  // Standard (q is 4-D): q [B,T,H,dh], k and v [B,T,H_kv,dh], caches [B,C,H_kv,dh], lambda
+  //   undefined, out [B,T,H,dh], as attention_forward.
+  // The CPU reference (kernels/cpu/cached_attention.cpp) is also the default for host tensors.
+  virtual void cached_attention(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& start,
+                                const Tensor& lambda, double rope_theta, Tensor& k_cache,
+                                Tensor& v_cache, Tensor& out);
+
   // ---- SwiGLU -----------------------------------------------------------------------
   // out = silu(gate) * up, all [N, F]
   virtual void swiglu_forward(const Tensor& gate, const Tensor& up, Tensor& out) = 0;
