@@ -77,6 +77,11 @@ void attention_simple_backward(CudaContext& ctx, const Tensor& q, const Tensor& 
                                const Tensor& v, const Tensor& lse, const Tensor& dout, Tensor& dq,
                                Tensor& dk, Tensor& dv);
 
+// cached_attention.cu: new tokens against a K/V cache (Ops::cached_attention); q, k, v, caches
+// and out f32 or bf16 (one dtype), start i32 [B], lambda f32 [1] (differential); dh even, <= 256.
+void cached_attention(CudaContext& ctx, const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& start,
+                      const Tensor& lambda, double rope_theta, Tensor& k_cache, Tensor& v_cache, Tensor& out);
+
 // swiglu.cu
 void swiglu_forward(CudaContext& ctx, const Tensor& gate, const Tensor& up, Tensor& out);
 void swiglu_backward(CudaContext& ctx, const Tensor& gate, const Tensor& up, const Tensor& dout,

@@ -498,6 +498,47 @@ class CudaOps final : public Ops {
     cuda::attention_simple_backward(ctx_, q, k, v, lse, dout, dq, dk, dv);
   }
 
+  // ---- attention against a K/V cache (generation) ------------------------------------------
+  void cached_attention(const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& start,
+                        const Tensor& lambda, double rope_theta, Tensor& k_cache, Tensor& v_cache,
+                        Tensor& out) override {
+    const char* op = "cached_attention";
+    float_on_gpu(q, op, "q");
+    auto like_q = [&](const Tensor& t, const char* name) {
+      on_gpu(t, op, name);
+      same_dtype(q, t, op, "q", name);
+    };
+    like_q(k, "k");
+    like_q(v, "v");
+    like_q(k_cache, "k_cache");
+    like_q(v_cache, "v_cache");
+    like_q(out, "out");
+    dtype_is(start, DType::I32, op, "start");
+    const bool diff = q.ndim() == 5;
+    if (diff ? (q.dim(3) != 2 || k.ndim() != 5 || k.dim(3) != 2) : (q.ndim() != 4 || k.ndim() != 4))
+      fail(op, "q " + q.str() + " and k " + k.str() + " must be [B,T,h,2,dh] and [B,T,h_kv,2,dh] "
+               "(differential) or [B,T,H,dh] and [B,T,H_kv,dh] (standard)");
+    const int64_t B = q.dim(0), T = q.dim(1), dh = q.dim(q.ndim() - 1);
+    if (k.dim(0) != B || k.dim(1) != T || k.dim(k.ndim() - 1) != dh) fail(op, "k " + k.str() + " does not match q " + q.str());
+    if (k.dim(2) <= 0 || q.dim(2) % k.dim(2) != 0)
+      fail(op, "heads of q " + q.str() + " must be a multiple of the heads of k " + k.str());
+    if (dh % 2 != 0 || dh > 256) fail(op, "head dim of q " + q.str() + " must be even and at most 256");
+    numel_is(v, k.numel(), op, "v (as many elements as k)");
+    numel_is(out, q.numel(), op, "out (as many elements as q)");
+    if (k_cache.ndim() < 2 || k_cache.dim(0) != B || k_cache.numel() != k_cache.dim(1) * k.numel() / T)
+      fail(op, "k_cache " + k_cache.str() + " should be [B, C, ...] with rows like k " + k.str());
+    numel_is(v_cache, k_cache.numel(), op, "v_cache (the shape of k_cache)");
+    numel_is(start, B, op, "start (one position per sequence)");
+    if (diff) {
+      dtype_is(lambda, DType::F32, op, "lambda");
+      numel_is(lambda, 1, op, "lambda");
+    }
+    if (B * T > 65535 || k_cache.dim(1) > (int64_t(1) << 30))
+      fail(op, "too many new tokens (" + std::to_string(B * T) + ") or cache rows for one call");
+    ctx_.activate();
+    cuda::cached_attention(ctx_, q, k, v, start, lambda, rope_theta, k_cache, v_cache, out);
+  }
+
   // out: the query's dtype and numel (out width per head = v's width per group).
   void check_attention_outputs(const Tensor& q, const Tensor& out, const Tensor& lse,
                                int64_t lse_numel, const char* op) {
