@@ -35,6 +35,7 @@ DEFINE_double(top_p, 1.0, "generate: sample from the smallest set of most likely
               "reaches top_p (1: all)");
 DEFINE_string(stop, "", "generate: stop when the text contains this string (repeat the flag for several)");
 DEFINE_bool(ignore_eos, false, "generate: do not stop at the tokenizer's eos (benchmarks: always max_new_tokens)");
+DEFINE_int32(warmup_runs, 0, "generate: untimed runs of the same generation before the reported one (benchmarks)");
 DEFINE_bool(json, false, "generate / eval: also print the result as one JSON line on stdout");
 DECLARE_double(temperature);
 DECLARE_int64(top_k);
@@ -228,6 +229,8 @@ int generate_main(int argc, char** argv) {
   if (tok) o.detokenize = [tok](const std::vector<int32_t>& ids) { return tok->decode(ids); };
   if (!o.stop_strings.empty() && !tok) throw_error("--stop needs a model with a tokenizer (this one has none)");
   LOG(INFO) << "generating for " << prompts.size() << " prompt(s) on " << ops->name() << ", context " << max_len;
+  if (FLAGS_warmup_runs < 0) throw_error("--warmup_runs (", FLAGS_warmup_runs, ") must be >= 0");
+  for (int i = 0; i < FLAGS_warmup_runs; ++i) generate(decoder, prompts, o);
   const GenerateResult r = generate(decoder, prompts, o);
 
   for (size_t i = 0; i < prompts.size(); ++i) {
