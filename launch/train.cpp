@@ -29,11 +29,13 @@
 #include "core/trainer.h"
 #include "io/checkpoint.h"
 #include "io/dataset.h"
+#include "io/hf_diffllama.h"
 #include "io/run_lock.h"
 #include "io/synthetic_data.h"
 #include "io/tokenizer.h"
 #include "launch/command.h"
 #include "launch/host_memory.h"
+#include "launch/model_config.h"
 #include "parallel/grid.h"
 #include "parallel/mpi_comm.h"
 #ifdef DIFFTRON_HAVE_CUDA
@@ -43,7 +45,14 @@
 DEFINE_string(device, "auto", "cpu, cuda, or auto (cuda when a GPU is present)");
 DEFINE_string(data, "synthetic:copy", "training data: a token dataset directory (difftron prepare) or synthetic:copy");
 DEFINE_string(val_data, "", "validation dataset directory (optional)");
-DEFINE_string(model_config, "", "JSON file with model config fields (flags below override it when set)");
+DEFINE_string(model_config, "",
+              "JSON file of model config fields (those of a checkpoint's model_config); model flags given on the "
+              "command line override it, fields it leaves out take the flags' values (vocab_size: the dataset's, "
+              "n_kv_heads: n_heads); unknown fields are refused");
+DEFINE_string(init_from, "",
+              "start a new run (step 0, fresh optimizer and schedule) from the weights of a checkpoint, a "
+              "--ckpt_dir root (its latest) or a Hugging Face DiffLlama/Llama folder; the model is that one. "
+              "Ignored when --ckpt_dir already holds a checkpoint to resume");
 DEFINE_string(attention, "diff", "diff (Differential Transformer) or standard (baseline Transformer)");
 DEFINE_int64(vocab_size, 0, "vocabulary size; 0 = from the dataset (or 16 for synthetic tasks)");
 DEFINE_int64(d_model, 128, "model width d");
@@ -258,38 +267,6 @@ extern "C" void on_stop_signal(int sig) { g_stop_signal = sig; }
 
 bool flag_set(const char* name) { return !gflags::GetCommandLineFlagInfoOrDie(name).is_default; }
 
-ModelConfig model_config_from_flags(int64_t data_vocab) {
-  ModelConfig c;
-  if (!FLAGS_model_config.empty()) {
-    std::ifstream f(FLAGS_model_config);
-    if (!f) throw_error("--model_config: cannot open '", FLAGS_model_config, "'");
-    try {
-      c = nlohmann::json::parse(f).get<ModelConfig>();
-    } catch (const nlohmann::json::exception& e) {
-      throw_error("--model_config: '", FLAGS_model_config, "' is not a valid model config: ", e.what());
-    }
-  }
-  bool file = !FLAGS_model_config.empty();
-  auto pick = [&](const char* name, int64_t flag, int64_t& field) {
-    if (!file || flag_set(name)) field = flag;
-  };
-  pick("d_model", FLAGS_d_model, c.d_model);
-  pick("n_layers", FLAGS_n_layers, c.n_layers);
-  pick("n_heads", FLAGS_n_heads, c.n_heads);
-  pick("head_dim", FLAGS_head_dim, c.head_dim);
-  pick("ffn_dim", FLAGS_ffn_dim, c.ffn_dim);
-  if (!file || flag_set("n_kv_heads")) c.n_kv_heads = FLAGS_n_kv_heads > 0 ? FLAGS_n_kv_heads : c.n_heads;
-  if (!file || flag_set("attention")) c.attention = parse_attention_kind(FLAGS_attention);
-  if (FLAGS_vocab_size > 0) c.vocab_size = FLAGS_vocab_size;
-  else if (!file) c.vocab_size = data_vocab;
-  if (data_vocab > c.vocab_size)
-    throw_error("--vocab_size (", c.vocab_size, ") is smaller than the dataset's vocabulary (", data_vocab, ")");
-  c.max_seq_len = std::max<int64_t>(c.max_seq_len, FLAGS_seq);
-  if (!file) c.max_seq_len = FLAGS_seq;
-  c.resolve_and_validate();
-  return c;
-}
-
 // Numeric flags checked before anything is allocated: ranges, and products that must not
 // overflow (tokens per step, tokens of the whole run).
 void check_run_flags(int dp) {
@@ -322,35 +299,11 @@ nlohmann::json run_flags() {
           {"seed", FLAGS_seed}};
 }
 
-// Resuming: a model flag the user gave must agree with the checkpoint's model (the run
-// would otherwise silently train the old one); changed optimizer/schedule flags are logged.
-void check_resume_flags(const std::string& dir, const ModelConfig& ckpt, const nlohmann::json& extra) {
-  std::string conflicts;
-  auto check = [&](const char* flag, int64_t given, int64_t stored) {
-    if (flag_set(flag) && given != stored)
-      conflicts += "\n  --" + std::string(flag) + "=" + std::to_string(given) + ", the checkpoint has " + std::to_string(stored);
-  };
-  check("d_model", FLAGS_d_model, ckpt.d_model);
-  check("n_layers", FLAGS_n_layers, ckpt.n_layers);
-  check("n_heads", FLAGS_n_heads, ckpt.n_heads);
-  check("n_kv_heads", FLAGS_n_kv_heads > 0 ? FLAGS_n_kv_heads : FLAGS_n_heads, ckpt.n_kv_heads);
-  check("head_dim", FLAGS_head_dim, ckpt.head_dim);
-  check("ffn_dim", FLAGS_ffn_dim, ckpt.ffn_dim);
-  check("vocab_size", FLAGS_vocab_size, ckpt.vocab_size);
-  if (flag_set("attention") && parse_attention_kind(FLAGS_attention) != ckpt.attention)
-    conflicts += "\n  --attention=" + FLAGS_attention + ", the checkpoint has " + attention_kind_name(ckpt.attention);
-  if (!FLAGS_model_config.empty()) {
-    std::ifstream f(FLAGS_model_config);
-    ModelConfig want;
-    try {
-      want = nlohmann::json::parse(f).get<ModelConfig>();
-      want.resolve_and_validate();
-    } catch (const std::exception& e) {
-      throw_error("--model_config: '", FLAGS_model_config, "' is not a valid model config: ", e.what());
-    }
-    if (nlohmann::json(want) != nlohmann::json(ckpt))
-      conflicts += "\n  --model_config=" + FLAGS_model_config + " describes " + want.summary() + ", the checkpoint " + ckpt.summary();
-  }
+// Resuming: the model flags given and --model_config must agree with the checkpoint's model
+// (the run would otherwise silently train the old one); changed optimizer/schedule flags are logged.
+void check_resume_flags(const std::string& dir, const ModelConfig& ckpt, const nlohmann::json& extra,
+                        const ModelConfigFile& file) {
+  const std::string conflicts = model_config_conflicts(file, ckpt, FLAGS_seq, "the checkpoint");
   if (!conflicts.empty())
     throw_error("resuming from ", dir, ": model flags conflict with the checkpoint's model:", conflicts,
                 "\nDrop these flags to continue that run, or start a new run with another --ckpt_dir (or --resume=false).");
@@ -455,7 +408,14 @@ RunData describe_data(int dp_rank, int dp_size) {
     d.val = make_synthetic_source(FLAGS_data.substr(10), vocab, FLAGS_seed + 1, dp_rank, dp_size);
   } else {
     d.vocab = dataset_vocab_size(FLAGS_data);
-    d.tokenizer = load_tokenizer(dataset_tokenizer_spec(FLAGS_data));
+    // token ids imported by prepare (--input_format=raw16, ...) may come without a tokenizer
+    const std::string spec = dataset_tokenizer_spec(FLAGS_data);
+    if (!spec.empty() && spec != "none")
+      d.tokenizer = load_tokenizer(spec);
+    else if (!FLAGS_sample_prompt.empty())
+      throw_error("--sample_prompt needs a tokenizer and --data=", FLAGS_data,
+                  " has none (token ids imported by prepare): leave it out to sample after half a training "
+                  "sequence, printed as token ids");
   }
   return d;
 }
@@ -477,6 +437,66 @@ void open_data(RunData& d, const ModelConfig& cfg, int dp_rank, int dp_size) {
     }
   }
   if (d.val) check_validation_data(*d.val);
+}
+
+// --init_from: the weights a new run starts from (step 0, a fresh optimizer and schedule).
+struct InitFrom {
+  std::string dir;  // the checkpoint directory or HF folder; "" = none
+  bool hf = false;
+  ModelConfig cfg;
+  int64_t step = 0;  // the checkpoint's step, for the log
+};
+
+// A checkpoint directory (meta.json), a Hugging Face folder (config.json) or a --ckpt_dir root
+// (its latest checkpoint); its model config.
+InitFrom describe_init_from(const std::string& path) {
+  InitFrom init;
+  if (std::filesystem::exists(path + "/meta.json")) {
+    init.dir = path;
+  } else if (std::filesystem::exists(path + "/config.json")) {
+    init.dir = path;
+    init.hf = true;
+  } else {
+    init.dir = latest_checkpoint(path);
+  }
+  if (init.dir.empty())
+    throw_error("--init_from=", path, " is neither a checkpoint (meta.json), a --ckpt_dir root holding one (latest) ",
+                "nor a Hugging Face folder (config.json)");
+  init.cfg = init.hf ? read_hf_config(init.dir) : read_checkpoint_config(init.dir);
+  if (!init.hf) init.step = read_checkpoint_meta(init.dir).value("step", int64_t(0));
+  return init;
+}
+
+// The model is --init_from's: model flags given and --model_config must describe it; the run's
+// sequences, the data's vocabulary and the layout must fit it.
+void check_init_from(const InitFrom& init, const ModelConfigFile& file, int64_t data_vocab) {
+  const std::string conflicts = model_config_conflicts(file, init.cfg, FLAGS_seq, "the model there");
+  if (!conflicts.empty())
+    throw_error("--init_from=", init.dir, ": model flags conflict with the model there:", conflicts,
+                "\nThe model is the one --init_from names: drop these flags.");
+  if (FLAGS_seq > init.cfg.max_seq_len)
+    throw_error("--seq=", FLAGS_seq, " is longer than the max_seq_len (", init.cfg.max_seq_len, ") of --init_from=",
+                init.dir);
+  if (data_vocab > init.cfg.vocab_size)
+    throw_error("--data=", FLAGS_data, " has a vocabulary of ", data_vocab, " tokens, more than the vocab_size (",
+                init.cfg.vocab_size, ") of --init_from=", init.dir);
+  if (init.hf && FLAGS_tp > 1)
+    throw_error("--init_from=", init.dir, " is a Hugging Face folder, which loads with --tp=1 only: convert it to a ",
+                "checkpoint first (difftron convert --from_hf=", init.dir, " --to_checkpoint=ROOT) and give ",
+                "--init_from=ROOT");
+}
+
+// Fills the model's weights from --init_from (any TP x DP layout for a checkpoint); no
+// optimizer state is read.
+void load_init_weights(const InitFrom& init, Model& model, ParallelContext* par) {
+  if (init.hf) {
+    import_hf_model(init.dir, model);
+    LOG(INFO) << "initialised from the Hugging Face folder " << init.dir << "; a new run from step 0";
+  } else {
+    load_checkpoint(init.dir, model, nullptr, par);
+    LOG(INFO) << "initialised from " << init.dir << " (its step " << init.step
+              << "); a new run from step 0 with a fresh optimizer and schedule";
+  }
 }
 
 OptimizerConfig optimizer_config_from_flags() {
@@ -512,8 +532,9 @@ TrainOptions train_options_from_flags() {
 class RunCheckpoints {
  public:
   RunCheckpoints(Model& model, AdamW& opt, ParallelContext* par, BatchSource& train, const Tokenizer* tokenizer,
-                 bool rank0, RunRecords& records)
-      : model_(model), opt_(opt), par_(par), train_(train), tokenizer_(tokenizer), rank0_(rank0), records_(records) {
+                 bool rank0, RunRecords& records, std::string init_from)
+      : model_(model), opt_(opt), par_(par), train_(train), tokenizer_(tokenizer), rank0_(rank0), records_(records),
+        init_from_(std::move(init_from)) {
     async_.on_published = [this](const std::string& dir, int64_t step, double write_s) { published(dir, step, write_s); };
   }
   // After optimizer step `step` (0-based): a periodic save, in the background.
@@ -567,6 +588,7 @@ class RunCheckpoints {
     meta.extra = {{"tokenizer", tokenizer_ ? tokenizer_->spec() : std::string("")},
                   {"data", FLAGS_data},
                   {"flags", run_flags()}};
+    if (!init_from_.empty()) meta.extra["init_from"] = init_from_;
     return meta;
   }
   void published(const std::string& dir, int64_t step, double write_s) {
@@ -602,13 +624,15 @@ class RunCheckpoints {
   int64_t last_published_ = -1;
   bool prepared_ = false;
   std::map<int64_t, Pending> pending_;  // saves started, by step: what their records need
+  std::string init_from_;               // the weights the run started from ("" = initialised)
   AsyncCheckpointer async_;  // its destructor waits for a save in flight
 };
 
-// After training: --sample_tokens from --sample_prompt (a text dataset's tokenizer), or, for
-// the synthetic copy task, a prompt and the model's greedy continuation. Every rank runs it
-// (under TP the logits are gathered); rank 0 prints.
-void print_sample(Model& model, BatchSource& train, const Tokenizer* tokenizer) {
+// After training: --sample_tokens from --sample_prompt (a text dataset's tokenizer); for the
+// synthetic copy task, a prompt and the model's greedy continuation; for token ids without a
+// tokenizer (an imported dataset), a sample after the first half of a training sequence, as
+// ids. Every rank runs it (under TP the logits are gathered); rank 0 prints.
+void print_sample(Model& model, BatchSource& train, const Tokenizer* tokenizer, bool synthetic) {
   SampleOptions so;
   so.max_new_tokens = FLAGS_sample_tokens;
   so.temperature = FLAGS_temperature;
@@ -624,6 +648,16 @@ void print_sample(Model& model, BatchSource& train, const Tokenizer* tokenizer) 
   std::vector<int32_t> tok(FLAGS_seq), tgt(FLAGS_seq);
   train.next_batch(1, FLAGS_seq, tok.data(), tgt.data());
   const int64_t m = FLAGS_seq / 2;
+  if (!synthetic) {
+    prompt.assign(tok.begin(), tok.begin() + m);
+    auto ids = sample(model, prompt, so);
+    std::cout << "----- sample (token ids: the dataset has no tokenizer) -----\nprompt:";
+    for (int64_t i = 0; i < m; ++i) std::cout << " " << ids[i];
+    std::cout << "\nsample:";
+    for (size_t i = m; i < ids.size(); ++i) std::cout << " " << ids[i];
+    std::cout << "\n------------------\n";
+    return;
+  }
   prompt.assign(tok.begin(), tok.begin() + m + 1);
   so.max_new_tokens = std::min<int64_t>(FLAGS_sample_tokens, m);
   so.temperature = 0;
@@ -754,13 +788,32 @@ int train(int argc, char** argv, RunRecords& records) {
     LOG(INFO) << "command line: " << command_line;
   }
 
-  // ---- data and model config (from the checkpoint when resuming)
+  // ---- data and model config: the checkpoint's when resuming, --init_from's model when
+  // starting from it, else the model flags and --model_config
   RunData data = describe_data(dp_rank, dp_size);
+  const ModelConfigFile config_file = read_model_config_file(FLAGS_model_config);
   std::string resume_dir;
   if (!FLAGS_ckpt_dir.empty() && FLAGS_resume) resume_dir = latest_checkpoint(FLAGS_ckpt_dir);
-  ModelConfig cfg = resume_dir.empty() ? model_config_from_flags(data.vocab) : read_checkpoint_config(resume_dir);
-  if (!resume_dir.empty())
-    check_resume_flags(resume_dir, cfg, read_checkpoint_meta(resume_dir).value("extra", nlohmann::json::object()));
+  InitFrom init;
+  std::string init_from_record;  // what the run's checkpoints and `start` record name
+  ModelConfig cfg;
+  if (!resume_dir.empty()) {
+    cfg = read_checkpoint_config(resume_dir);
+    const nlohmann::json extra = read_checkpoint_meta(resume_dir).value("extra", nlohmann::json::object());
+    check_resume_flags(resume_dir, cfg, extra, config_file);
+    init_from_record = extra.value("init_from", std::string());
+    if (!FLAGS_init_from.empty())
+      LOG(INFO) << "--init_from is for a run's start: resuming " << resume_dir << " instead";
+  } else if (!FLAGS_init_from.empty()) {
+    init = describe_init_from(FLAGS_init_from);
+    check_init_from(init, config_file, data.vocab);
+    cfg = init.cfg;
+    init_from_record = init.dir;
+  } else {
+    cfg = model_config_from_flags(config_file, data.vocab, FLAGS_seq);
+    if (data.vocab > cfg.vocab_size)
+      throw_error("--vocab_size (", cfg.vocab_size, ") is smaller than the dataset's vocabulary (", data.vocab, ")");
+  }
   open_data(data, cfg, dp_rank, dp_size);
   const double bytes_per_token = !FLAGS_ckpt_dir.empty() && data.val
                                      ? eval_bytes_per_token(*data.val, data.tokenizer.get(), cfg.vocab_size, par.get())
@@ -775,7 +828,10 @@ int train(int argc, char** argv, RunRecords& records) {
               parse_recompute(FLAGS_recompute));
   startup.allocation = seconds_since(t);
   t = clock::now();
-  model.init_weights(FLAGS_seed);
+  // the optimizer's f32 masters are taken from these weights (on the GPU: --init_from's
+  // weights rounded to bf16)
+  if (init.dir.empty()) model.init_weights(FLAGS_seed);
+  else load_init_weights(init, model, par.get());
   model.keep_attention_state(FLAGS_keep_attention_state);
   startup.init = seconds_since(t);
   t = clock::now();
@@ -813,6 +869,7 @@ int train(int argc, char** argv, RunRecords& records) {
     start["resume_step"] = start_step;
   }
   start["start_step"] = start_step;
+  if (!init_from_record.empty()) start["init_from"] = init_from_record;
   bool start_written = false;
   auto write_start = [&] {
     start_written = true;
@@ -824,7 +881,8 @@ int train(int argc, char** argv, RunRecords& records) {
   TrainOptions to = train_options_from_flags();
   to.peak_flops = peak_flops;
   Trainer trainer(model, opt, *data.train, data.val.get(), to, par.get());
-  RunCheckpoints checkpoints(model, opt, par.get(), *data.train, data.tokenizer.get(), rank0, records);
+  RunCheckpoints checkpoints(model, opt, par.get(), *data.train, data.tokenizer.get(), rank0, records,
+                             init_from_record);
   const auto t_first_step = clock::now();
   trainer.on_step = [&](int64_t step, double) {
     if (step == start_step) {
@@ -909,7 +967,7 @@ int train(int argc, char** argv, RunRecords& records) {
               << ", " << static_cast<int64_t>(res.tokens_per_second) << " tokens/s";
 
   if (!rank0) std::cout.setstate(std::ios::failbit);
-  if (FLAGS_sample_tokens > 0) print_sample(model, *data.train, data.tokenizer.get());
+  if (FLAGS_sample_tokens > 0) print_sample(model, *data.train, data.tokenizer.get(), data.synthetic);
   return 0;
 }
 

@@ -19,6 +19,8 @@ packages=(
   zlib1g-dev                          # reading .gz text in `difftron prepare`
   linux-doc                           # the default English corpus of the main job
   strace                              # fault injection in the checkpoint durability tests
+  gnuplot-nox                         # `difftron plot` draws runs' metrics.jsonl into PNGs
+  python3-matplotlib                  # tools/plot_metrics.py (tools/scale_check.sh's loss plot)
   python3 python3-pip
 )
 
