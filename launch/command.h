@@ -2,7 +2,9 @@
 // time with DIFFTRON_COMMAND(name, summary, function); launch/main.cpp dispatches.
 // A command's function gets argv with argv[0] = "difftron <name>" and parses its own
 // gflags; it returns the process exit code. Errors thrown as difftron::Error are
-// printed by main and exit with status 1.
+// printed by main and exit with status 1. `difftron <name> --help` is answered by main:
+// the flags defined in the file that registers the command (gflags records each flag's
+// file), plus the flags of other files it reads (the table in launch/main.cpp).
 #pragma once
 #include <functional>
 #include <map>
@@ -13,13 +15,14 @@ namespace difftron {
 struct Command {
   std::string summary;
   std::function<int(int argc, char** argv)> run;
+  std::string file;  // the source file that registers it (__FILE__, as gflags records flags)
 };
 
 std::map<std::string, Command>& command_registry();
 
 struct CommandRegistrar {
-  CommandRegistrar(const char* name, const char* summary, int (*fn)(int, char**)) {
-    command_registry()[name] = Command{summary, fn};
+  CommandRegistrar(const char* name, const char* summary, int (*fn)(int, char**), const char* file) {
+    command_registry()[name] = Command{summary, fn, file};
   }
 };
 
@@ -28,4 +31,4 @@ struct CommandRegistrar {
 #define DIFFTRON_CONCAT_INNER(a, b) a##b
 #define DIFFTRON_CONCAT(a, b) DIFFTRON_CONCAT_INNER(a, b)
 #define DIFFTRON_COMMAND(name, summary, fn) \
-  static ::difftron::CommandRegistrar DIFFTRON_CONCAT(difftron_command_, __COUNTER__)(name, summary, fn)
+  static ::difftron::CommandRegistrar DIFFTRON_CONCAT(difftron_command_, __COUNTER__)(name, summary, fn, __FILE__)

@@ -34,9 +34,10 @@ DEFINE_string(to_hf, "", "write the --checkpoint as a Hugging Face folder here (
 DEFINE_string(dtype, "f32", "convert --to_hf: how the weights are stored, f32 (exact) or bf16 (half the size)");
 DEFINE_string(max_shard_size, "5GB", "convert --to_hf: weights above this size are split into shards "
               "model-0000K-of-0000N.safetensors with model.safetensors.index.json (e.g. 5GB, 500MB, 2GiB)");
-DEFINE_string(from_hf, "", "read this Hugging Face DiffLlama or Llama folder ...");
-DEFINE_string(to_checkpoint, "", "... and write it as a difftron checkpoint under this root (a new or empty "
-              "directory, never a training run's --ckpt_dir)");
+DEFINE_string(from_hf, "", "a Hugging Face DiffLlama or Llama folder to read (convert: to write it --to_checkpoint; "
+              "generate, eval: the model to run, instead of --checkpoint)");
+DEFINE_string(to_checkpoint, "", "convert --from_hf: write the folder as a difftron checkpoint under this root (a new "
+              "or empty directory, never a training run's --ckpt_dir)");
 DEFINE_string(logits_out, "", "convert: write the logits of every position of --prompt_ids (or --prompt, encoded "
               "with the model's tokenizer) as a float32 .npy [tokens, vocab], from --checkpoint or --from_hf");
 

@@ -36,7 +36,7 @@ DEFINE_double(top_p, 1.0, "generate: sample from the smallest set of most likely
 DEFINE_string(stop, "", "generate: stop when the text contains this string (repeat the flag for several)");
 DEFINE_bool(ignore_eos, false, "generate: do not stop at the tokenizer's eos (benchmarks: always max_new_tokens)");
 DEFINE_int32(warmup_runs, 0, "generate: untimed runs of the same generation before the reported one (benchmarks)");
-DEFINE_bool(json, false, "generate / eval: also print the result as one JSON line on stdout");
+DEFINE_bool(json, false, "generate: also print the result as one JSON line on stdout");
 DECLARE_double(temperature);
 DECLARE_int64(top_k);
 DECLARE_uint64(seed);

@@ -14,7 +14,7 @@
 #include "launch/command.h"
 
 DEFINE_string(input, "", "prepare: comma-separated files and folders (recursive) to read, or - for stdin");
-DEFINE_string(out, "", "prepare: output dataset folder (creates OUT/train and OUT/val)");
+DEFINE_string(out, "", "prepare: output dataset folder (creates OUT/train and OUT/val); plot: the PNG to write");
 DEFINE_string(tokenizer, "", "prepare: 'bytes' (default for text) or a Hugging Face tokenizer.json (byte-level BPE)");
 DEFINE_string(eos_token, "", "prepare: EOS token of a tokenizer.json when it is not a conventional one");
 DEFINE_string(input_format, "auto", "prepare: auto, text, llmc, megatron, npy, raw16 or raw32");
