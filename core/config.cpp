@@ -11,13 +11,19 @@
 namespace difftron {
 
 const char* attention_kind_name(AttentionKind k) {
-  return k == AttentionKind::Differential ? "diff" : "standard";
+  switch (k) {
+    case AttentionKind::Differential: return "diff";
+    case AttentionKind::Standard: return "standard";
+    case AttentionKind::DifferentialV2: return "diff_v2";
+  }
+  return "?";
 }
 
 AttentionKind parse_attention_kind(const std::string& s) {
   if (s == "diff" || s == "differential") return AttentionKind::Differential;
   if (s == "standard" || s == "baseline") return AttentionKind::Standard;
-  throw_error("attention: unknown kind '", s, "' (expected 'diff' or 'standard')");
+  if (s == "diff_v2" || s == "differential_v2") return AttentionKind::DifferentialV2;
+  throw_error("attention: unknown kind '", s, "' (expected 'diff', 'standard' or 'diff_v2')");
 }
 
 void ModelConfig::resolve_and_validate() {
@@ -50,9 +56,18 @@ std::vector<std::string> ModelConfig::problems() const {
   positive("head_dim", head_dim);
   positive("ffn_dim", ffn_dim);
   positive("max_seq_len", max_seq_len);
-  if (n_heads > 0 && n_kv_heads > 0 && n_heads % n_kv_heads != 0)
-    p.push_back("n_heads (" + std::to_string(n_heads) + ") must be a multiple of n_kv_heads (" +
-                std::to_string(n_kv_heads) + ")");
+  if (n_heads > 0 && n_kv_heads > 0 && n_heads % n_kv_heads != 0) {
+    std::string m = "n_heads (" + std::to_string(n_heads) + ") must be a multiple of n_kv_heads (" +
+                    std::to_string(n_kv_heads) + ")";
+    // diff_v2's pairing rule: its 4h query heads share 2h_kv K/V heads in groups of 2h / h_kv
+    // consecutive heads, and the two heads of a pair (2i, 2i + 1) must read the same K/V head;
+    // that holds exactly when the groups are whole pairs, i.e. when h_kv divides h.
+    if (attention == AttentionKind::DifferentialV2)
+      m += ": diff_v2 subtracts query heads 2i and 2i + 1, which must lie in one K/V group, and its " +
+           std::to_string(4 * n_heads) + " query heads over " + std::to_string(2 * n_kv_heads) +
+           " K/V heads do not form whole pairs per group";
+    p.push_back(m);
+  }
   if (head_dim > 0 && head_dim % 2 != 0)
     p.push_back("head_dim (" + std::to_string(head_dim) + ") must be even (RoPE rotates pairs)");
   if (!(rope_theta > 0)) p.push_back("rope_theta (" + std::to_string(rope_theta) + ") must be > 0");
@@ -84,6 +99,8 @@ int64_t ModelConfig::num_parameters() const {
                       + q_dim() * d_model                           // Wo
                       + 3 * d_model * ffn_dim;                      // W1, W3, W2
   if (attention == AttentionKind::Differential) per_layer += 4 * head_dim + 2 * head_dim;
+  // diff_v2: Wq twice as wide (4h query heads) and W_lambda [2h, d]
+  if (attention == AttentionKind::DifferentialV2) per_layer += d_model * q_dim() + 2 * n_heads * d_model;
   int64_t total = n_layers * per_layer + d_model + vocab_size * d_model;
   if (!tie_embeddings) total += vocab_size * d_model;
   return total;
@@ -92,9 +109,12 @@ int64_t ModelConfig::num_parameters() const {
 double ModelConfig::flops_per_token(int64_t seq) const {
   double dense = 6.0 * double(num_parameters() - num_embedding_parameters());
   // Per token and layer, forward: QK^T 2*q_dim*seq; PV 2*q_dim*seq (baseline) or
-  // 4*q_dim*seq (two maps over a 2dh-wide V). x3 for forward+backward, /2 for causal.
+  // 4*q_dim*seq (two maps over a 2dh-wide V); diff_v2 twice the baseline's (4h query heads
+  // of dh: QK^T and PV 4*q_dim*seq each). x3 for forward+backward, /2 for causal.
   // q_dim() = 2*h*dh, which is d_model in the usual layout.
-  double attn_width = attention == AttentionKind::Differential ? 6.0 * q_dim() : 4.0 * q_dim();
+  double attn_width = attention == AttentionKind::Differential     ? 6.0 * q_dim()
+                      : attention == AttentionKind::DifferentialV2 ? 8.0 * q_dim()
+                                                                   : 4.0 * q_dim();
   return dense + 3.0 * double(n_layers) * double(seq) * attn_width / 2.0;
 }
 

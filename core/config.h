@@ -9,16 +9,20 @@
 
 namespace difftron {
 
-enum class AttentionKind { Differential, Standard };
-const char* attention_kind_name(AttentionKind k);
-AttentionKind parse_attention_kind(const std::string& s);  // "diff" | "standard"
+// Differential: V1 (Ye et al., ICLR 2025); Standard: the baseline; DifferentialV2: the
+// authors' second version (docs/MODEL.md section 5).
+enum class AttentionKind { Differential, Standard, DifferentialV2 };
+const char* attention_kind_name(AttentionKind k);  // "diff" | "standard" | "diff_v2"
+AttentionKind parse_attention_kind(const std::string& s);  // "diff" | "standard" | "diff_v2"
 
 struct ModelConfig {
   int64_t vocab_size = 256;
   int64_t d_model = 128;
   int64_t n_layers = 2;
-  int64_t n_heads = 2;       // h: differential heads (the baseline has 2h ordinary heads)
-  int64_t n_kv_heads = 2;    // h_kv: key/value groups, divides h
+  int64_t n_heads = 2;       // h: differential heads (the baseline has 2h ordinary heads;
+                             // diff_v2 2h output heads, each a pair of query heads)
+  int64_t n_kv_heads = 2;    // h_kv: key/value groups, divides h (the baseline and diff_v2
+                             // have 2h_kv K/V heads of dh)
   int64_t head_dim = 0;      // dh: per-map head width; 0 = d_model / (2 h)
   int64_t ffn_dim = 0;       // SwiGLU width; 0 = 8/3 d rounded up to a multiple of 128
   int64_t max_seq_len = 256;
@@ -39,6 +43,8 @@ struct ModelConfig {
 
   int64_t q_dim() const { return 2 * n_heads * head_dim; }     // width of x Wq
   int64_t kv_dim() const { return 2 * n_kv_heads * head_dim; } // width of x Wk and of x Wv
+  // Width of x Wq: q_dim(), or 2 q_dim() for diff_v2 (4h query heads of dh, in pairs).
+  int64_t q_proj_dim() const { return attention == AttentionKind::DifferentialV2 ? 2 * q_dim() : q_dim(); }
   int64_t num_parameters() const;
   int64_t num_embedding_parameters() const { return vocab_size * d_model; }
   // Training FLOPs per token (docs/MODEL.md section 4) at sequence length `seq`.

@@ -1,6 +1,8 @@
 // Generation with a K/V cache: see decode.h. The layer below is the forward pass of
 // core/model.cpp (Model::layer_forward) for rows of new tokens, with the attention replaced
 // by Ops::cached_attention, which also rotates and stores their keys and values.
+// Differential Transformer V2 (docs/MODEL.md section 5) is standard cached attention of its 4h
+// query heads, then Ops::diff_v2_combine_forward with the new tokens' lambda logits.
 #include "core/decode.h"
 
 #include <algorithm>
@@ -32,7 +34,9 @@ Decoder::Decoder(Model& model, int64_t max_batch, int64_t max_len, int64_t max_r
     throw_error("Decoder: max_len (", max_len, ") must be in [1, max_seq_len=", cfg_.max_seq_len, "]");
   len_.assign(max_b_, 0);
   const ModelPrecision& prec = model.precision();
+  const bool v2 = cfg_.attention == AttentionKind::DifferentialV2;
   const int64_t d = cfg_.d_model, qd = cfg_.q_dim(), kvd = cfg_.kv_dim(), F = cfg_.ffn_dim, R = max_rows_;
+  const int64_t qp = cfg_.q_proj_dim(), nz = v2 ? 2 * cfg_.n_heads : 0;  // x Wq^T; lambda logits
   auto P = [&](const std::string& name) { return model.param(name).value; };
   // names[0..] as one matrix [sum of rows, d] when they follow each other in the flat buffer
   auto adjacent = [&](const std::vector<std::string>& names) -> Tensor {
@@ -58,7 +62,13 @@ Decoder::Decoder(Model& model, int64_t max_batch, int64_t max_len, int64_t max_r
     L.w_gate = P(p + "mlp.gate_proj.weight");
     L.w_up = P(p + "mlp.up_proj.weight");
     L.w_down = P(p + "mlp.down_proj.weight");
-    L.wqkv = adjacent({p + "self_attn.q_proj.weight", p + "self_attn.k_proj.weight", p + "self_attn.v_proj.weight"});
+    std::vector<std::string> qkv = {p + "self_attn.q_proj.weight", p + "self_attn.k_proj.weight",
+                                    p + "self_attn.v_proj.weight"};
+    if (v2) {  // the lambda projection follows v_proj (core/model.cpp): one GEMM gives q|k|v|z
+      L.lambda = P(p + "self_attn.lambda_proj.weight");  // diff_v2: W_lambda [2h, d], not a value
+      qkv.push_back(p + "self_attn.lambda_proj.weight");
+    }
+    L.wqkv = adjacent(qkv);
     L.wgate_up = adjacent({p + "mlp.gate_proj.weight", p + "mlp.up_proj.weight"});
     if (diff_) {
       L.subln = P(p + "self_attn.subln.weight");
@@ -81,15 +91,16 @@ Decoder::Decoder(Model& model, int64_t max_batch, int64_t max_len, int64_t max_r
   x_ = act({R, d});
   ln_ = act({R, d});
   rstd_ = ops_.empty({R}, prec.stat);
-  q_ = act({R, qd});
+  q_ = act({R, qp});
   k_ = act({R, kvd});
   v_ = act({R, kvd});
-  att_ = act({R, qd});
+  att_ = act({R, qp});
   if (diff_) {
     sub_ = act({R, qd});
     rstd_sub_ = ops_.empty({R * cfg_.n_heads}, prec.stat);
   }
-  qkv_ = act({qd + 2 * kvd});
+  if (v2) sub_ = act({R * (qd + nz)});  // the subtracted pairs [R, qd], then the lambda logits [R, 2h]
+  qkv_ = act({qp + 2 * kvd + nz});
   gate_ = act({R, F});
   up_ = act({R, F});
   act_ = act({R, F});
@@ -104,32 +115,47 @@ void Decoder::layer(int64_t l, int64_t first, int64_t B, int64_t T) {
   LayerRefs& L = layers_[l];
   const int64_t N = B * T, d = cfg_.d_model, qd = cfg_.q_dim(), kvd = cfg_.kv_dim(), F = cfg_.ffn_dim;
   const int64_t h = cfg_.n_heads, hkv = cfg_.n_kv_heads, dh = cfg_.head_dim, C = max_len_;
+  const bool v2 = cfg_.attention == AttentionKind::DifferentialV2;
+  const int64_t qp = cfg_.q_proj_dim(), nz = v2 ? 2 * h : 0;  // diff_v2: 4h query heads, 2h lambda logits
   Tensor x = x_.flat_slice(0, N * d).view({N, d}), ln = ln_.flat_slice(0, N * d).view({N, d});
   Tensor rstd = rstd_.flat_slice(0, N);
   ops_.rmsnorm_forward(x, L.attn_norm, cfg_.norm_eps, 1.0f, ln, rstd);
 
   // One token: q, k, v from one GEMM (one pass over the weights, one launch) where they
   // are adjacent; the output row [q | k | v] splits into contiguous pieces.
-  Tensor q, k, v;
+  Tensor q, k, v, z;  // z: diff_v2's lambda logits [N, 2h]
   if (N == 1 && L.wqkv.defined()) {
-    Tensor qkv = qkv_.view({1, qd + 2 * kvd});
+    Tensor qkv = qkv_.view({1, qp + 2 * kvd + nz});
     ops_.matmul(ln, false, L.wqkv, true, qkv);
-    q = qkv_.flat_slice(0, qd);
-    k = qkv_.flat_slice(qd, kvd);
-    v = qkv_.flat_slice(qd + kvd, kvd);
+    q = qkv_.flat_slice(0, qp);
+    k = qkv_.flat_slice(qp, kvd);
+    v = qkv_.flat_slice(qp + kvd, kvd);
+    if (v2) z = qkv_.flat_slice(qp + 2 * kvd, nz);
   } else {
-    q = q_.flat_slice(0, N * qd).view({N, qd});
+    q = q_.flat_slice(0, N * qp).view({N, qp});
     k = k_.flat_slice(0, N * kvd).view({N, kvd});
     v = v_.flat_slice(0, N * kvd).view({N, kvd});
     ops_.matmul(ln, false, L.wq, true, q);
     ops_.matmul(ln, false, L.wk, true, k);
     ops_.matmul(ln, false, L.wv, true, v);
+    if (v2) {
+      z = sub_.flat_slice(max_rows_ * qd, N * nz).view({N, nz});
+      ops_.matmul(ln, false, L.lambda, true, z);  // L.lambda: W_lambda
+    }
   }
   Tensor kc = L.k_cache.flat_slice(first * C * kvd, B * C * kvd);
   Tensor vc = L.v_cache.flat_slice(first * C * kvd, B * C * kvd);
   Tensor start = start_.flat_slice(0, B);
-  Tensor att = att_.flat_slice(0, N * qd);
-  if (diff_) {
+  Tensor att = att_.flat_slice(0, N * qp);
+  if (v2) {
+    Tensor q4 = q.view({B, T, 4 * h, dh}), k4 = k.view({B, T, 2 * hkv, dh}), v4 = v.view({B, T, 2 * hkv, dh});
+    Tensor kc4 = kc.view({B, C, 2 * hkv, dh}), vc4 = vc.view({B, C, 2 * hkv, dh});
+    Tensor att4 = att.view({B, T, 4 * h, dh});
+    ops_.cached_attention(q4, k4, v4, start, Tensor(), cfg_.rope_theta, kc4, vc4, att4);
+    Tensor combined = sub_.flat_slice(0, N * qd).view({B, T, 2 * h, dh});
+    ops_.diff_v2_combine_forward(att4, z, combined);
+    ops_.matmul(combined.view({N, qd}), false, L.wo, true, x, 1.0f, 1.0f);  // x += O Wo^T
+  } else if (diff_) {
     Tensor q5 = q.view({B, T, h, 2, dh}), k5 = k.view({B, T, hkv, 2, dh}), v4 = v.view({B, T, hkv, 2 * dh});
     Tensor kc5 = kc.view({B, C, hkv, 2, dh}), vc4 = vc.view({B, C, hkv, 2 * dh});
     Tensor att4 = att.view({B, T, h, 2 * dh});

@@ -1,7 +1,8 @@
-// Forward and hand-written backward of the Differential / baseline Transformer.
+// Forward and hand-written backward of the Differential (V1, V2) / baseline Transformer.
 // Shapes: N = B*S rows; d = d_model; per TP rank: h_ diff heads, hkv_ K/V groups,
 // q_dim_ = 2*h_*dh, kv_dim_ = 2*hkv_*dh, F_ SwiGLU width, V_ vocabulary rows (all equal to
-// the config's values at TP 1). Under TP the residual stream [N, d] is the same on every
+// the config's values at TP 1). diff_v2 (docs/MODEL.md section 5): 4h_ query heads of dh
+// (qp_dim_ = 2 q_dim_ wide) in pairs over 2hkv_ K/V heads, 2h_ output heads of dh. Under TP the residual stream [N, d] is the same on every
 // rank: row-parallel outputs (o_proj, down_proj, the embedding) and the gradients flowing
 // out of column-parallel inputs (q/k/v, gate/up, the LM head) are summed over TP.
 #include "core/model.h"
@@ -76,10 +77,12 @@ Model::Model(const ModelConfig& config, Ops& ops, ModelPrecision precision, int6
   vocab_rows_ = std::min(V_, cfg_.vocab_size - vocab_begin_);  // >= 1 (padded_vocab)
   Vh_ = T > 1 ? V_ + 1 : V_;
   q_dim_ = cfg_.q_dim() / T;
+  qp_dim_ = cfg_.q_proj_dim() / T;
   kv_dim_ = cfg_.kv_dim() / T;
   const int64_t d = cfg_.d_model, F = cfg_.ffn_dim, V = cfg_.vocab_size, dh = cfg_.head_dim;
   const int64_t qd = cfg_.q_dim(), kvd = cfg_.kv_dim();
   const bool diff = cfg_.attention == AttentionKind::Differential;
+  const bool v2 = cfg_.attention == AttentionKind::DifferentialV2;
 
   // Column-parallel weights split their rows (dim 0), row-parallel ones their columns.
   params_.reserve(3 + 14 * cfg_.n_layers);
@@ -89,9 +92,11 @@ Model::Model(const ModelConfig& config, Ops& ops, ModelPrecision precision, int6
     Layer& L = layers_[l];
     const std::string p = "model.layers." + std::to_string(l) + ".";
     L.attn_norm = add_param(p + "input_layernorm.weight", {d}, false);
-    L.wq = add_param(p + "self_attn.q_proj.weight", {qd, d}, true, false, 0);
+    L.wq = add_param(p + "self_attn.q_proj.weight", {cfg_.q_proj_dim(), d}, true, false, 0);
     L.wk = add_param(p + "self_attn.k_proj.weight", {kvd, d}, true, false, 0);
     L.wv = add_param(p + "self_attn.v_proj.weight", {kvd, d}, true, false, 0);
+    // diff_v2: one lambda logit per token and output head; a rank holds its pairs' rows
+    L.wlambda = v2 ? add_param(p + "self_attn.lambda_proj.weight", {2 * cfg_.n_heads, d}, true, false, 0) : -1;
     L.wo = add_param(p + "self_attn.o_proj.weight", {d, qd}, true, false, 1);
     L.lq1 = L.lk1 = L.lq2 = L.lk2 = L.subln = -1;
     if (diff) {  // whole on every rank; each rank's gradient covers only its heads
@@ -126,7 +131,7 @@ Model::Model(const ModelConfig& config, Ops& ops, ModelPrecision precision, int6
   } else if (recompute_ == Recompute::Selective) {
     LayerActivations shared;  // ln1 is dead before ln2 is written, and back in the backward
     shared.ln1 = shared.ln2 = act({N, d});
-    if (diff) shared.sub = act({N, q_dim_});
+    if (diff || v2) shared.sub = act({N, q_dim_});
     shared.act = act({N, F_});
     for (auto& L : layers_) static_cast<LayerActivations&>(L) = allocate_activations(&shared);
   } else {
@@ -145,6 +150,7 @@ Model::Model(const ModelConfig& config, Ops& ops, ModelPrecision precision, int6
   dk_ = act(layers_.empty() ? Shape{1} : layers_[0].k.shape());
   dv_ = act(layers_.empty() ? Shape{1} : layers_[0].v.shape());
   dlambda_ = stat({1});
+  if (v2) dlam_logits_ = act({N, 2 * h_});
   dact_ = act({N, F_});
   dgate_ = act({N, F_});
   dup_ = act({N, F_});
@@ -182,6 +188,14 @@ Model::LayerActivations Model::allocate_activations(const LayerActivations* elem
     L.lambda = stat({1});
     L.sub = elementwise ? elementwise->sub : act({N, q_dim_});
     L.rstd_sub = stat({N * h_});
+  } else if (cfg_.attention == AttentionKind::DifferentialV2) {
+    L.q = act({B, S, 4 * h_, dh});
+    L.k = act({B, S, 2 * hkv_, dh});
+    L.v = act({B, S, 2 * hkv_, dh});
+    L.att = act({B, S, 4 * h_, dh});
+    L.lse = stat({B, 4 * h_, S});
+    L.lam_logits = act({N, 2 * h_});
+    L.sub = elementwise ? elementwise->sub : act({N, q_dim_});
   } else {
     L.q = act({B, S, 2 * h_, dh});
     L.k = act({B, S, 2 * hkv_, dh});
@@ -351,7 +365,7 @@ void Model::init_weights(uint64_t seed) {
       continue;
     }
     double std = cfg_.init_std;
-    if (n.find(".lambda_") != std::string::npos)
+    if (n.find(".lambda_") != std::string::npos && !ends_with("lambda_proj.weight"))  // V1's vectors
       std = cfg_.lambda_std;
     else if (ends_with("o_proj.weight") || ends_with("down_proj.weight"))
       std = out_std;
@@ -391,18 +405,20 @@ void Model::layer_forward(int64_t l, int64_t B, int64_t S, bool recompute) {
   const int64_t N = B * S, d = cfg_.d_model, F = F_, dh = cfg_.head_dim;
   const int64_t h = h_, hkv = hkv_;
   const bool diff = cfg_.attention == AttentionKind::Differential;
+  const bool v2 = cfg_.attention == AttentionKind::DifferentialV2;
   Tensor x_in = L.x_in.view({N, d}), ln1 = L.ln1.view({N, d}), x_mid = L.x_mid.view({N, d});
   Tensor rstd1 = L.rstd1.view({N});
   ops_.rmsnorm_forward(x_in, P(L.attn_norm), cfg_.norm_eps, 1.0f, ln1, rstd1);
 
-  Tensor q = diff ? L.q.view({B, S, h, 2, dh}) : L.q.view({B, S, 2 * h, dh});
+  const int64_t qh = qp_dim_ / dh;  // query heads of dh: 2h (V1, baseline) or 4h (V2)
+  Tensor q = diff ? L.q.view({B, S, h, 2, dh}) : L.q.view({B, S, qh, dh});
   Tensor k = diff ? L.k.view({B, S, hkv, 2, dh}) : L.k.view({B, S, 2 * hkv, dh});
   Tensor v = diff ? L.v.view({B, S, hkv, 2 * dh}) : L.v.view({B, S, 2 * hkv, dh});
-  Tensor q2 = q.view({N, q_dim_}), k2 = k.view({N, kv_dim_}), v2 = v.view({N, kv_dim_});
-  ops_.matmul(ln1, false, P(L.wq), true, q2);  // [N, q_dim_]
-  ops_.matmul(ln1, false, P(L.wk), true, k2);  // [N, kv_dim_]
-  ops_.matmul(ln1, false, P(L.wv), true, v2);  // [N, kv_dim_]
-  Tensor q_heads = q.view({B, S, 2 * h, dh}), k_heads = k.view({B, S, 2 * hkv, dh});
+  Tensor q2 = q.view({N, qp_dim_}), k2 = k.view({N, kv_dim_}), v2d = v.view({N, kv_dim_});
+  ops_.matmul(ln1, false, P(L.wq), true, q2);   // [N, qp_dim_]
+  ops_.matmul(ln1, false, P(L.wk), true, k2);   // [N, kv_dim_]
+  ops_.matmul(ln1, false, P(L.wv), true, v2d);  // [N, kv_dim_]
+  Tensor q_heads = q.view({B, S, qh, dh}), k_heads = k.view({B, S, 2 * hkv, dh});
   ops_.rope(q_heads, cfg_.rope_theta, false);
   ops_.rope(k_heads, cfg_.rope_theta, false);
 
@@ -416,6 +432,16 @@ void Model::layer_forward(int64_t l, int64_t B, int64_t S, bool recompute) {
     Tensor att_rows = att.view({N * h, 2 * dh}), sub_rows = L.sub.view({N * h, 2 * dh});
     Tensor rstd_sub = L.rstd_sub.view({N * h});
     ops_.rmsnorm_forward(att_rows, P(L.subln), cfg_.norm_eps, float(1.0 - li), sub_rows, rstd_sub);
+    sub_in = L.sub.view({N, q_dim_});
+  } else if (v2) {
+    // standard attention of the 4h query heads (GQA over the 2hkv K/V heads), then pair i's
+    // two outputs subtracted with lambda = sigmoid(z), z = ln1 W_lambda^T per token and pair
+    Tensor att = L.att.view({B, S, qh, dh}), lse = L.lse.view({B, qh, S});
+    ops_.attention_forward(q, k, v, att, lse);
+    Tensor z = L.lam_logits.view({N, 2 * h});
+    ops_.matmul(ln1, false, P(L.wlambda), true, z);  // [N, 2h]
+    Tensor combined = L.sub.view({B, S, 2 * h, dh});
+    ops_.diff_v2_combine_forward(att, z, combined);
     sub_in = L.sub.view({N, q_dim_});
   } else {
     Tensor att = L.att.view({B, S, 2 * h, dh}), lse = L.lse.view({B, 2 * h, S});
@@ -535,6 +561,8 @@ void Model::layer_backward(int64_t l, int64_t B, int64_t S) {
   const int64_t N = B * S, d = cfg_.d_model, F = F_, dh = cfg_.head_dim;
   const int64_t h = h_, hkv = hkv_;
   const bool diff = cfg_.attention == AttentionKind::Differential;
+  const bool v2 = cfg_.attention == AttentionKind::DifferentialV2;
+  const int64_t qh = qp_dim_ / dh;  // query heads of dh (not V1)
   Tensor dres = dres_.view({N, d}), dln = dln_.view({N, d});
   if (recompute_ == Recompute::Full) layer_forward(l, B, S, true);
   const bool selective = recompute_ == Recompute::Selective;  // what it dropped is written again
@@ -560,12 +588,16 @@ void Model::layer_backward(int64_t l, int64_t B, int64_t S) {
                         G(L.mlp_norm));
 
   // ---- attention: x_mid = x_in + O Wo^T
-  Tensor q = diff ? L.q.view({B, S, h, 2, dh}) : L.q.view({B, S, 2 * h, dh});
+  Tensor q = diff ? L.q.view({B, S, h, 2, dh}) : L.q.view({B, S, qh, dh});
   Tensor k = diff ? L.k.view({B, S, hkv, 2, dh}) : L.k.view({B, S, 2 * hkv, dh});
   Tensor v = diff ? L.v.view({B, S, hkv, 2 * dh}) : L.v.view({B, S, 2 * hkv, dh});
   Tensor dq = dq_.view(q.shape()), dk = dk_.view(k.shape()), dv = dv_.view(v.shape());
   Tensor dsub = dsub_.view({N, q_dim_});
-  Tensor o_in = diff ? L.sub.view({N, q_dim_}) : L.att.view({N, q_dim_});
+  Tensor o_in = diff || v2 ? L.sub.view({N, q_dim_}) : L.att.view({N, q_dim_});
+  if (selective && v2) {
+    Tensor combined = L.sub.view({B, S, 2 * h, dh});
+    ops_.diff_v2_combine_forward(L.att.view({B, S, qh, dh}), L.lam_logits.view({N, 2 * h}), combined);
+  }
   if (selective && diff) {
     Tensor att_rows = L.att.view({N * h, 2 * dh}), sub_rows = L.sub.view({N * h, 2 * dh});
     Tensor rstd_sub = L.rstd_sub.view({N * h});
@@ -585,14 +617,19 @@ void Model::layer_backward(int64_t l, int64_t B, int64_t S) {
                                  dq, dk, dv, dlambda_);
     ops_.diff_lambda_backward(P(L.lq1), P(L.lk1), P(L.lq2), P(L.lk2), dlambda_, G(L.lq1), G(L.lk1),
                               G(L.lq2), G(L.lk2));
+  } else if (v2) {
+    Tensor att = L.att.view({B, S, qh, dh}), datt = datt_.view({B, S, qh, dh});
+    Tensor dz = dlam_logits_.view({N, 2 * h});
+    ops_.diff_v2_combine_backward(att, L.lam_logits.view({N, 2 * h}), dsub.view({B, S, 2 * h, dh}), datt, dz);
+    ops_.attention_backward(q, k, v, att, L.lse.view({B, qh, S}), datt, dq, dk, dv);
   } else {
     Tensor att = L.att.view({B, S, 2 * h, dh});
     ops_.attention_backward(q, k, v, att, L.lse.view({B, 2 * h, S}), dsub.view(att.shape()), dq, dk, dv);
   }
-  Tensor dq_heads = dq.view({B, S, 2 * h, dh}), dk_heads = dk.view({B, S, 2 * hkv, dh});
+  Tensor dq_heads = dq.view({B, S, qp_dim_ / dh, dh}), dk_heads = dk.view({B, S, 2 * hkv, dh});
   ops_.rope(dq_heads, cfg_.rope_theta, true);
   ops_.rope(dk_heads, cfg_.rope_theta, true);
-  Tensor dq2 = dq.view({N, q_dim_}), dk2 = dk.view({N, kv_dim_}), dv2 = dv.view({N, kv_dim_});
+  Tensor dq2 = dq.view({N, qp_dim_}), dk2 = dk.view({N, kv_dim_}), dv2 = dv.view({N, kv_dim_});
   Tensor ln1 = L.ln1.view({N, d});
   if (selective) {
     Tensor rstd1 = L.rstd1.view({N});
@@ -604,6 +641,11 @@ void Model::layer_backward(int64_t l, int64_t B, int64_t S) {
   ops_.matmul(dq2, true, ln1, false, G(L.wq), 1.0f, 1.0f);
   ops_.matmul(dk2, true, ln1, false, G(L.wk), 1.0f, 1.0f);
   ops_.matmul(dv2, true, ln1, false, G(L.wv), 1.0f, 1.0f);
+  if (v2) {  // z = ln1 W_lambda^T
+    Tensor dz = dlam_logits_.view({N, 2 * h});
+    ops_.matmul(dz, false, P(L.wlambda), false, dln, 1.0f, 1.0f);
+    ops_.matmul(dz, true, ln1, false, G(L.wlambda), 1.0f, 1.0f);
+  }
   tp_all_reduce(dln);  // each rank's dln covers its heads only
   ops_.rmsnorm_backward(L.x_in.view({N, d}), P(L.attn_norm), L.rstd1.view({N}), 1.0f, dln, dres,
                         G(L.attn_norm));

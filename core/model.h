@@ -1,4 +1,4 @@
-// The Differential Transformer (docs/MODEL.md) and the baseline Transformer, with a
+// The Differential Transformer (docs/MODEL.md; V1 and V2) and the baseline Transformer, with a
 // hand-written backward, written once against the op interface (kernels/ops.h) so the
 // same code runs on the CPU reference and on the GPU. Parameters carry Hugging Face Llama
 // names; the Q/K/V column order is difftron's interleaved layout (kernels/ops.h).
@@ -148,16 +148,19 @@ class Model {
   // `vocab_cols` columns (the plan tool sizes memory with it).
   static int64_t head_chunk_rows(int64_t rows, int64_t vocab_cols);
 
-  // Lambda of layer l from its current parameters (differential attention only).
+  // Lambda of layer l from its current parameters (differential attention V1 only; V2's
+  // lambda depends on the token).
   double lambda_value(int64_t layer);
 
  private:
   struct LayerParams {  // indices into params_
     int attn_norm, wq, wk, wv, wo, lq1, lk1, lq2, lk2, subln, mlp_norm, w_gate, w_up, w_down;
+    int wlambda;  // diff_v2's lambda projection (-1 otherwise)
   };
   struct LayerActivations {  // what the forward leaves for the backward
     Tensor attn_saved;  // the backend's saved attention state (Ops::diff_attention_saved_numel)
     Tensor x_in, ln1, rstd1, q, k, v, lambda, att, lse, sub, rstd_sub, x_mid, ln2, rstd2, gate, up, act;
+    Tensor lam_logits;  // diff_v2: z = ln1 W_lambda^T [N, 2h] (sub holds the subtracted pairs)
   };
   // Under recomputation some activations of every layer are views of one shared buffer
   // (Recompute: which ones), written again by the backward before it reads them.
@@ -215,7 +218,8 @@ class Model {
   // This rank's share: diff heads, K/V groups, SwiGLU width, padded vocabulary rows
   // [vocab_begin_, +V_), of which the first vocab_rows_ are real.
   int64_t h_ = 0, hkv_ = 0, F_ = 0, V_ = 0, vocab_begin_ = 0, vocab_rows_ = 0;
-  int64_t q_dim_ = 0, kv_dim_ = 0;  // local widths of x Wq^T and x Wk^T
+  int64_t q_dim_ = 0, kv_dim_ = 0;  // local widths of o_proj's input and of x Wk^T
+  int64_t qp_dim_ = 0;              // local width of x Wq^T (q_dim_, or 2 q_dim_ for diff_v2)
   bool grad_sync_ = true;
   std::function<void(int64_t)> grads_ready_;
   int ready_from_ = 0;  // params()[ready_from_..] have been handed over in this backward
@@ -237,6 +241,7 @@ class Model {
   Tensor x_final_, lnf_, rstdf_;   // [N, d], [N]
   Tensor dres_, dln_;              // [N, d]
   Tensor dsub_, datt_, dq_, dk_, dv_, dlambda_;
+  Tensor dlam_logits_;             // diff_v2: [N, 2h]
   Tensor dact_, dgate_, dup_;
   Tensor logits_, losses_, lse_head_;  // [chunk, Vh_], [chunk]
   int64_t head_chunk_ = 0;

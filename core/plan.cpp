@@ -42,8 +42,10 @@ Plan make_plan(const PlanInput& in) {
     throw Error(m);
   }
   const bool diff = c.attention == AttentionKind::Differential;
+  const bool v2 = c.attention == AttentionKind::DifferentialV2;  // docs/MODEL.md section 5
   const int64_t d = c.d_model, dh = c.head_dim, L = c.n_layers;
   const int64_t h = c.n_heads / T, q = c.q_dim() / T, kv = c.kv_dim() / T, F = c.ffn_dim / T;
+  const int64_t qp = c.q_proj_dim() / T;  // x Wq^T: q, or 2q for diff_v2 (4h query heads)
   if (c.vocab_size < T) throw_error("plan: vocab_size (", c.vocab_size, ") is smaller than tp (", T, ")");
   // the padded vocabulary's slice, of which TP rank 0 holds the most real rows
   const int64_t V = Model::padded_vocab(c.vocab_size, int(T)) / T, Vh = T > 1 ? V + 1 : V;
@@ -54,7 +56,9 @@ Plan make_plan(const PlanInput& in) {
   params.push_back({V_real * d, false, true});
   for (int64_t l = 0; l < L; ++l) {
     params.push_back({d, true, false});
-    for (int64_t n : {q * d, kv * d, kv * d, d * q}) params.push_back({n, false, false});
+    for (int64_t n : {qp * d, kv * d, kv * d}) params.push_back({n, false, false});
+    if (v2) params.push_back({2 * h * d, false, false});  // lambda_proj
+    params.push_back({d * q, false, false});
     if (diff) {
       for (int i = 0; i < 4; ++i) params.push_back({dh, true, false});
       params.push_back({2 * dh, true, false});
@@ -82,16 +86,18 @@ Plan make_plan(const PlanInput& in) {
   p.optimizer_bytes = double(p.shard_elements) * (8 + (separate_master ? 4 : 0));
   const int64_t N = in.micro_batch * in.seq;
   const int64_t chunk = Model::head_chunk_rows(N, Vh);
-  // per layer: x_in ln1 x_mid ln2 | q (att sub) | k v | gate up act; stats rstd1 rstd2 lse (rstd_sub lambda)
-  const double layer_act = double(N) * (4 * d + (diff ? 3 : 2) * q + 2 * kv + 3 * F);
-  const double layer_stat = double(N) * (2 + 2 * h) + (diff ? double(N) * h + 1 : 0);
+  // per layer: x_in ln1 x_mid ln2 | q (att sub) | k v | gate up act; stats rstd1 rstd2 lse (rstd_sub lambda);
+  // diff_v2: q and att 2q wide, sub q, the lambda logits 2h; lse of 4h heads
+  const double attn_act = v2 ? 5.0 * q + 2.0 * h : (diff ? 3.0 : 2.0) * q;
+  const double layer_act = double(N) * (4 * d + attn_act + 2 * kv + 3 * F);
+  const double layer_stat = double(N) * (2 + (v2 ? 4 : 2) * h) + (diff ? double(N) * h + 1 : 0);
   const double layer_saved = diff && in.attention_saved_o2 ? double(N) * q * 2 : 0;  // bf16 O2n
   // Recomputation (core/model.h) keeps less per layer and adds one shared set:
   //   selective: ln1/ln2 (one buffer), sub and act are shared;
   //   full: a layer keeps x_in (and lambda); one layer's whole set is shared (layer 0's x_in).
   double acts = 0, stats = 0, saved = 0;
-  const double elementwise_per_layer = double(N) * (2 * d + (diff ? q : 0) + F);
-  const double elementwise_shared = double(N) * (d + (diff ? q : 0) + F);
+  const double elementwise_per_layer = double(N) * (2 * d + (diff || v2 ? q : 0) + F);
+  const double elementwise_shared = double(N) * (d + (diff || v2 ? q : 0) + F);
   switch (in.recompute) {
     case Recompute::None:
       acts = L * layer_act, stats = L * layer_stat, saved = L * layer_saved;
@@ -105,9 +111,11 @@ Plan make_plan(const PlanInput& in) {
       stats = layer_stat + (diff ? double(L - 1) : 0), saved = layer_saved;
       break;
   }
-  // shared: x_final lnf dres dln | dsub datt dq | dk dv | dact dgate dup | logits (+ ones, dummy)
+  // shared: x_final lnf dres dln | dsub datt dq (diff_v2: q 2q 2q, + the lambda logits' 2h) | dk dv |
+  // dact dgate dup | logits (+ ones, dummy)
   const bool masked = Vh > V_real;  // ones and the column mask
-  const double shared_act = double(N) * (4 * d + 3 * q + 2 * kv + 3 * F) + double(chunk) * Vh +
+  const double shared_attn = v2 ? 5.0 * q + 2.0 * h : 3.0 * q;
+  const double shared_act = double(N) * (4 * d + shared_attn + 2 * kv + 3 * F) + double(chunk) * Vh +
                             (masked ? double(chunk) + Vh : 0);
   const double shared_stat = double(N) + 1 + 2.0 * chunk + (T > 1 ? double(chunk) : 0);
   p.activation_bytes = (acts + shared_act) * in.act_bytes + (stats + shared_stat) * in.stat_bytes + saved +
@@ -160,7 +168,9 @@ PlanInput plan_input_for_run(const ModelConfig& cfg, bool cuda, int tp, int dp, 
   if (!cuda) in.param_bytes = in.act_bytes = in.grad_bytes = in.stat_bytes = 4;
   // The fused kernels (head_dim 64 or 128) keep O2n per layer when asked, and their backward
   // sums dQ in an f32 workspace.
-  const bool fused = cuda && (cfg.head_dim == 64 || cfg.head_dim == 128);
+  // (diff_v2's attention has GQA, which they do not run: it takes the cuBLAS path.)
+  const bool fused = cuda && (cfg.head_dim == 64 || cfg.head_dim == 128) &&
+                     cfg.attention != AttentionKind::DifferentialV2;
   in.attention_saved_o2 = fused && keep_attention_state;
   in.attention_fused_dq = fused;
   return in;

@@ -168,6 +168,20 @@ class Ops {
                                   const Tensor& out, const Tensor& lse, const Tensor& dout,
                                   Tensor& dq, Tensor& dk, Tensor& dv) = 0;
 
+  // ---- Differential Transformer V2: the pairwise subtraction (docs/MODEL.md section 5) ----
+  // att [B, S, 2H, dh] is standard attention's output with 2H query heads, pair i being query
+  // heads (2i, 2i + 1); z [B*S, H] the lambda logits (x W_lambda^T); out [B, S, H, dh]:
+  //   out[n, i, :] = att[n, 2i, :] - sigmoid(z[n, i]) * att[n, 2i + 1, :]
+  // att, z, out (and the backward's dout, datt, dz) share one dtype (f32 or f64 on the CPU,
+  // f32 or bf16 on the GPU; arithmetic in f32 there). The CPU reference
+  // (kernels/cpu/diff_v2_combine.cpp) is also the default for host tensors.
+  virtual void diff_v2_combine_forward(const Tensor& att, const Tensor& z, Tensor& out);
+  // Overwrites datt [B, S, 2H, dh] and dz [B*S, H]:
+  //   datt[n, 2i] = dout[n, i],  datt[n, 2i + 1] = -s dout[n, i],
+  //   dz[n, i] = -s (1 - s) <dout[n, i], att[n, 2i + 1]>,  s = sigmoid(z[n, i]).
+  virtual void diff_v2_combine_backward(const Tensor& att, const Tensor& z, const Tensor& dout,
+                                        Tensor& datt, Tensor& dz);
+
   // ---- attention of new tokens against a K/V cache (generation, core/decode.h) -----------
   // B sequences, each with T new tokens at positions start[b] + t (t < T); start is i32 [B]
   // in the backend's memory. Per sequence: q and k of the new tokens are rotated as rope()

@@ -1,6 +1,7 @@
 // mpi-ranks: 2
 // Two ranks: tensor parallel TP=2 (differential attention with GQA and an untied head;
-// the baseline with tied embeddings) and data parallel DP=2 train like one process.
+// the baseline with tied embeddings; Differential Transformer V2, whose pairs of query heads
+// and lambda rows split with their heads) and data parallel DP=2 train like one process.
 // TP: the gradients of one micro-batch, the losses of 4 steps and the final weights match
 // the single-process run within stated tolerances (sharded GEMMs and the parallel
 // cross-entropy sum in another order); parameters every TP rank holds whole stay bit-identical
@@ -97,7 +98,8 @@ TEST_P(TensorParallel2, TrainingMatchesSingleProcess) {
   std::string where;
   const double wd = max_weight_diff(spec, *ctx, par, ref, &where);
   EXPECT_LE(wd, tol.weight_abs(spec.steps)) << "at " << where;
-  report(GetParam().first == AttentionKind::Differential ? "TP=2 diff" : "TP=2 standard, tied",
+  const AttentionKind kind = GetParam().first;
+  report(kind == AttentionKind::Differential ? "TP=2 diff" : kind == AttentionKind::Standard ? "TP=2 standard, tied" : "TP=2 diff_v2",
          max_rel_loss_diff(par, ref), wd, tol.weight_abs(spec.steps));
   auto ops = make_cpu_ops();
   Model layout(spec.cfg, *ops, ModelPrecision::uniform(DType::F32), 1, 1, model_parallel(*ctx));
@@ -107,7 +109,8 @@ TEST_P(TensorParallel2, TrainingMatchesSingleProcess) {
 
 INSTANTIATE_TEST_SUITE_P(Variants, TensorParallel2,
                          ::testing::Values(std::make_pair(AttentionKind::Differential, false),
-                                           std::make_pair(AttentionKind::Standard, true)));
+                                           std::make_pair(AttentionKind::Standard, true),
+                                           std::make_pair(AttentionKind::DifferentialV2, false)));
 
 TEST(DataParallel2, TrainingMatchesSingleProcessWithAccumulation) {
   auto ctx = grid(1, 2);

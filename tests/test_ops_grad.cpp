@@ -5,7 +5,10 @@
 
 #include <gtest/gtest.h>
 
+#include "base/error.h"
+#include "kernels/cpu/diff_v2_combine.h"
 #include "kernels/cpu/reference.h"
+#include "kernels/ops.h"
 #include "tests/grad_check.h"
 
 namespace difftron {
@@ -172,6 +175,54 @@ TEST(OpGrad, StandardAttentionGQA) {
   expect_grad("attention dq", dq, numeric_grad(loss, q));
   expect_grad("attention dk", dk, numeric_grad(loss, k));
   expect_grad("attention dv", dv, numeric_grad(loss, v));
+}
+
+// Differential Transformer V2's subtraction: out[r, i] = att[r, 2i] - sigmoid(z[r, i]) att[r, 2i + 1].
+TEST(OpGrad, DiffV2Combine) {
+  const int64_t rows = 6, H = 3, dh = 5;
+  V att = randn(rows * 2 * H * dh, 31), z = randn(rows * H, 32, 2.0), R = randn(rows * H * dh, 33);
+  auto loss = [&] {
+    V out(rows * H * dh);
+    cpu::diff_v2_combine_forward(att.data(), z.data(), out.data(), rows, H, dh);
+    return dot(out, R);
+  };
+  // the formula itself, element (row 4, pair 2, column 3), computed independently
+  V out(rows * H * dh);
+  cpu::diff_v2_combine_forward(att.data(), z.data(), out.data(), rows, H, dh);
+  const double s = 1.0 / (1.0 + std::exp(-z[4 * H + 2]));
+  EXPECT_NEAR(out[(4 * H + 2) * dh + 3],
+              att[(4 * 2 * H + 2 * 2) * dh + 3] - s * att[(4 * 2 * H + 2 * 2 + 1) * dh + 3], 1e-12);
+  V datt(att.size(), 7.0), dz(z.size(), 7.0);  // overwritten
+  cpu::diff_v2_combine_backward(att.data(), z.data(), R.data(), datt.data(), dz.data(), rows, H, dh);
+  expect_grad("diff_v2_combine datt", datt, numeric_grad(loss, att));
+  expect_grad("diff_v2_combine dz", dz, numeric_grad(loss, z));
+}
+
+// The Ops methods (the CPU backend's default) agree with the raw reference and check shapes.
+TEST(OpGrad, DiffV2CombineOpsChecksShapes) {
+  auto ops = make_cpu_ops();
+  const int64_t B = 2, S = 3, H = 2, dh = 4;
+  Tensor att = ops->empty({B, S, 2 * H, dh}, DType::F64), z = ops->empty({B * S, H}, DType::F64);
+  Tensor out = ops->empty({B, S, H, dh}, DType::F64);
+  V a = randn(att.numel(), 34), zz = randn(z.numel(), 35);
+  ops->upload(att, a.data());
+  ops->upload(z, zz.data());
+  ops->diff_v2_combine_forward(att, z, out);
+  V got(out.numel()), want(out.numel());
+  ops->download(out, got.data());
+  cpu::diff_v2_combine_forward(a.data(), zz.data(), want.data(), B * S, H, dh);
+  EXPECT_EQ(got, want);
+  Tensor odd = ops->empty({B, S, 3, dh}, DType::F64);
+  try {
+    ops->diff_v2_combine_forward(odd, z, out);
+    FAIL() << "an odd number of query heads was accepted";
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find("even number of query heads"), std::string::npos) << e.what();
+  }
+  Tensor z_bad = ops->empty({B * S, H + 1}, DType::F64);
+  EXPECT_THROW(ops->diff_v2_combine_forward(att, z_bad, out), Error);
+  Tensor z32 = ops->empty({B * S, H}, DType::F32);
+  EXPECT_THROW(ops->diff_v2_combine_forward(att, z32, out), Error);
 }
 
 TEST(OpGrad, MatmulMatchesNaiveLoopsForEveryTranspose) {
