@@ -382,6 +382,28 @@ std::vector<Case> make_cases() {
       });
     }
 
+  // ---- Differential Transformer V2: the pairwise subtraction ----------------------------
+  // att [B,S,2H,dh], z [B*S,H]; dh 64 and 128 take the 8-wide path, dh 6 the scalar one.
+  struct V2S { int64_t B, S, H, dh; };
+  for (DType t : {F32, BF16})
+    for (V2S s : {V2S{2, 37, 4, 64}, V2S{1, 129, 8, 128}, V2S{3, 5, 3, 6}}) {
+      const std::string sh = "/B" + std::to_string(s.B) + "S" + std::to_string(s.S) + "H" + std::to_string(s.H) +
+                             "dh" + std::to_string(s.dh);
+      add(std::string("diff_v2_combine_forward/") + prec(t) + sh, [=](Env& e) {
+        Tensor att = e.input("att", {s.B, s.S, 2 * s.H, s.dh}, t);
+        Tensor z = e.input("z", {s.B * s.S, s.H}, t, 2.0);
+        Tensor out = e.output("out", {s.B, s.S, s.H, s.dh}, t);
+        e.ops().diff_v2_combine_forward(att, z, out);
+      });
+      add(std::string("diff_v2_combine_backward/") + prec(t) + sh, [=](Env& e) {
+        Tensor att = e.input("att", {s.B, s.S, 2 * s.H, s.dh}, t);
+        Tensor z = e.input("z", {s.B * s.S, s.H}, t, 2.0);
+        Tensor dout = e.input("dout", {s.B, s.S, s.H, s.dh}, t);
+        Tensor datt = e.output("datt", att.shape(), t), dz = e.output("dz", z.shape(), t);
+        e.ops().diff_v2_combine_backward(att, z, dout, datt, dz);
+      });
+    }
+
   // ---- cross-entropy ---------------------------------------------------------------------
   for (DType t : {F32, BF16})
     for (int64_t V : {int64_t(1000), int64_t(1001), int64_t(32000)})

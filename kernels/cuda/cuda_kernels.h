@@ -82,6 +82,12 @@ void attention_simple_backward(CudaContext& ctx, const Tensor& q, const Tensor& 
 void cached_attention(CudaContext& ctx, const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& start,
                       const Tensor& lambda, double rope_theta, Tensor& k_cache, Tensor& v_cache, Tensor& out);
 
+// diff_v2_combine.cu: Differential Transformer V2's pairwise subtraction (Ops::diff_v2_combine_*);
+// att [B,S,2H,dh], z [B*S,H], out/dout [B,S,H,dh], all one dtype (f32 or bf16).
+void diff_v2_combine_forward(CudaContext& ctx, const Tensor& att, const Tensor& z, Tensor& out);
+void diff_v2_combine_backward(CudaContext& ctx, const Tensor& att, const Tensor& z, const Tensor& dout,
+                              Tensor& datt, Tensor& dz);
+
 // swiglu.cu
 void swiglu_forward(CudaContext& ctx, const Tensor& gate, const Tensor& up, Tensor& out);
 void swiglu_backward(CudaContext& ctx, const Tensor& gate, const Tensor& up, const Tensor& dout,

@@ -565,6 +565,41 @@ class CudaOps final : public Ops {
   }
 
   // ---- SwiGLU ------------------------------------------------------------------------
+  // ---- Differential Transformer V2: the pairwise subtraction ---------------------------------
+  // att [B,S,2H,dh] and z [B*S,H]: the shapes both directions check.
+  static void check_diff_v2_combine(const Tensor& att, const Tensor& z, const char* op) {
+    float_on_gpu(att, op, "att");
+    float_on_gpu(z, op, "z");
+    same_dtype(att, z, op, "att", "z");
+    if (att.ndim() != 4 || att.dim(2) % 2 != 0)
+      fail(op, "att " + att.str() + " must be [B, S, 2H, dh] (an even number of query heads: pairs)");
+    numel_is(z, att.dim(0) * att.dim(1) * (att.dim(2) / 2), op, "z");
+  }
+
+  void diff_v2_combine_forward(const Tensor& att, const Tensor& z, Tensor& out) override {
+    const char* op = "diff_v2_combine_forward";
+    check_diff_v2_combine(att, z, op);
+    float_on_gpu(out, op, "out");
+    same_dtype(att, out, op, "att", "out");
+    numel_is(out, att.numel() / 2, op, "out");
+    ctx_.activate();
+    cuda::diff_v2_combine_forward(ctx_, att, z, out);
+  }
+
+  void diff_v2_combine_backward(const Tensor& att, const Tensor& z, const Tensor& dout, Tensor& datt,
+                                Tensor& dz) override {
+    const char* op = "diff_v2_combine_backward";
+    check_diff_v2_combine(att, z, op);
+    for (auto [t, n, numel] : {std::tuple<const Tensor*, const char*, int64_t>{&dout, "dout", att.numel() / 2},
+                               {&datt, "datt", att.numel()}, {&dz, "dz", z.numel()}}) {
+      float_on_gpu(*t, op, n);
+      same_dtype(att, *t, op, "att", n);
+      numel_is(*t, numel, op, n);
+    }
+    ctx_.activate();
+    cuda::diff_v2_combine_backward(ctx_, att, z, dout, datt, dz);
+  }
+
   void swiglu_forward(const Tensor& gate, const Tensor& up, Tensor& out) override {
     const char* op = "swiglu_forward";
     float_on_gpu(gate, op, "gate");
