@@ -153,7 +153,7 @@ INSTANTIATE_TEST_SUITE_P(
 TEST(CudaDecoder, MatchesTheFullForwardInBf16) {
   skip_without_gpu();
   auto ops = make_cuda_ops(0);
-  for (AttentionKind kind : {AttentionKind::Differential, AttentionKind::Standard}) {
+  for (AttentionKind kind : {AttentionKind::Differential, AttentionKind::Standard, AttentionKind::DifferentialV2}) {
     SCOPED_TRACE(attention_kind_name(kind));
     ModelConfig cfg;
     cfg.vocab_size = 200;
