@@ -72,7 +72,15 @@ std::vector<std::string> unsupported_fields(const nlohmann::json& hf) {
 }  // namespace
 
 const char* hf_model_type(const ModelConfig& c) {
-  return c.attention == AttentionKind::Differential ? "diffllama" : "llama";
+  switch (c.attention) {
+    case AttentionKind::Differential: return "diffllama";
+    case AttentionKind::Standard: return "llama";
+    default:
+      throw_error("attention=", attention_kind_name(c.attention),
+                  " has no Hugging Face transformers class, so it cannot be exported as a Hugging Face "
+                  "folder; its checkpoint and tensor names for the authors' reference code are described "
+                  "in docs/EXPORT.md");
+  }
 }
 
 ModelConfig model_config_from_hf(const nlohmann::json& hf, const std::string& source) {

@@ -53,7 +53,9 @@ DEFINE_string(init_from, "",
               "start a new run (step 0, fresh optimizer and schedule) from the weights of a checkpoint, a "
               "--ckpt_dir root (its latest) or a Hugging Face DiffLlama/Llama folder; the model is that one. "
               "Ignored when --ckpt_dir already holds a checkpoint to resume");
-DEFINE_string(attention, "diff", "diff (Differential Transformer) or standard (baseline Transformer)");
+DEFINE_string(attention, "diff",
+              "diff (Differential Transformer), diff_v2 (Differential Transformer V2) or standard (baseline "
+              "Transformer)");
 DEFINE_int64(vocab_size, 0, "vocabulary size; 0 = from the dataset (or 16 for synthetic tasks)");
 DEFINE_int64(d_model, 128, "model width d");
 DEFINE_int64(n_layers, 2, "number of layers L");

@@ -136,7 +136,7 @@ ModelConfig config(AttentionKind kind, bool tie) {
 }
 
 TEST(Plan, MemoryAndLayoutMatchTheModelsAllocations) {
-  for (auto kind : {AttentionKind::Differential, AttentionKind::Standard}) {
+  for (auto kind : {AttentionKind::Differential, AttentionKind::Standard, AttentionKind::DifferentialV2}) {
     for (bool tie : {false, true}) {
       for (int tp : {1, 2, 4}) {
         for (int dp : {1, 3})
@@ -176,7 +176,7 @@ TEST(Plan, MemoryAndLayoutMatchTheModelsAllocations) {
 }
 
 TEST(Plan, TensorParallelCollectivesMatchOneMicroBatch) {
-  for (auto kind : {AttentionKind::Differential, AttentionKind::Standard}) {
+  for (auto kind : {AttentionKind::Differential, AttentionKind::Standard, AttentionKind::DifferentialV2}) {
     const int tp = 2;
     const int64_t B = 2, S = 12, N = B * S;
     CountingOps ops;
