@@ -531,12 +531,14 @@ TrainOptions train_options_from_flags() {
 // --async_save), blocking saves at the end and on a signal, pruning (--ckpt_keep). Each
 // published save is a `checkpoint` record: how long the step loop was held up (stall) and
 // how long the writing took.
+nlohmann::ordered_json changed_flags();
+
 class RunCheckpoints {
  public:
   RunCheckpoints(Model& model, AdamW& opt, ParallelContext* par, BatchSource& train, const Tokenizer* tokenizer,
-                 bool rank0, RunRecords& records, std::string init_from)
+                 bool rank0, RunRecords& records, std::string init_from, std::string command_line)
       : model_(model), opt_(opt), par_(par), train_(train), tokenizer_(tokenizer), rank0_(rank0), records_(records),
-        init_from_(std::move(init_from)) {
+        init_from_(std::move(init_from)), command_line_(std::move(command_line)) {
     async_.on_published = [this](const std::string& dir, int64_t step, double write_s) { published(dir, step, write_s); };
   }
   // After optimizer step `step` (0-based): a periodic save, in the background.
@@ -587,9 +589,13 @@ class RunCheckpoints {
     meta.tokens_seen = steps_done * FLAGS_batch * FLAGS_seq * FLAGS_grad_accum * (par_ ? par_->dp_size() : 1);
     meta.seed = FLAGS_seed;
     meta.data_position = train_.position();
+    // what made this checkpoint: the command, every flag that differs from its default, and
+    // the flags a resume must agree with (check_resume_flags); the model config is meta's own
     meta.extra = {{"tokenizer", tokenizer_ ? tokenizer_->spec() : std::string("")},
                   {"data", FLAGS_data},
-                  {"flags", run_flags()}};
+                  {"flags", run_flags()},
+                  {"command_line", command_line_},
+                  {"changed_flags", changed_flags()}};
     if (!init_from_.empty()) meta.extra["init_from"] = init_from_;
     return meta;
   }
@@ -627,6 +633,7 @@ class RunCheckpoints {
   bool prepared_ = false;
   std::map<int64_t, Pending> pending_;  // saves started, by step: what their records need
   std::string init_from_;               // the weights the run started from ("" = initialised)
+  std::string command_line_;
   AsyncCheckpointer async_;  // its destructor waits for a save in flight
 };
 
@@ -884,7 +891,7 @@ int train(int argc, char** argv, RunRecords& records) {
   to.peak_flops = peak_flops;
   Trainer trainer(model, opt, *data.train, data.val.get(), to, par.get());
   RunCheckpoints checkpoints(model, opt, par.get(), *data.train, data.tokenizer.get(), rank0, records,
-                             init_from_record);
+                             init_from_record, command_line);
   const auto t_first_step = clock::now();
   trainer.on_step = [&](int64_t step, double) {
     if (step == start_step) {

@@ -252,7 +252,13 @@ TEST(CliOutputs, TrainRecordsTheRunInItsDirectory) {
     EXPECT_EQ(ckpts[i]["reason"], i < 2 ? "periodic" : "final");
     EXPECT_GE(ckpts[i]["stall_s"].get<double>(), 0);
     EXPECT_GE(ckpts[i]["write_s"].get<double>(), 0);
-    EXPECT_TRUE(fs::exists(ckpts[i]["path"].get<std::string>() + "/meta.json")) << ckpts[i].dump();
+    const std::string meta_path = ckpts[i]["path"].get<std::string>() + "/meta.json";
+    ASSERT_TRUE(fs::exists(meta_path)) << ckpts[i].dump();
+    // every checkpoint records the command that made it, its changed flags and the config
+    const Json meta = Json::parse(read_text(meta_path));
+    EXPECT_EQ(meta["extra"]["command_line"], start["command_line"]) << meta.dump();
+    EXPECT_EQ(meta["extra"]["changed_flags"], start["flags"]) << meta.dump();
+    EXPECT_TRUE(meta.contains("model_config")) << meta.dump();
   }
   const Json& end = a.back();
   ASSERT_EQ(end.value("event", ""), "end");
