@@ -16,51 +16,19 @@
 #include "io/hf_diffllama.h"
 #include "io/safetensors.h"
 #include "tests/grad_check.h"
+#include "tests/test_hf_util.h"
 
 namespace difftron {
 namespace {
 
-const std::string kFixture = std::string(DIFFTRON_SOURCE_DIR) + "/tests/data/hf_diffllama_gqa";
+using testing::all_logits;
+using testing::read_npy_f64;
 
-// Minimal .npy reader for a little-endian float64 C-order array.
-std::vector<double> read_npy_f64(const std::string& path, std::vector<int64_t>* shape) {
-  std::ifstream f(path, std::ios::binary);
-  std::string all((std::istreambuf_iterator<char>(f)), std::istreambuf_iterator<char>());
-  EXPECT_EQ(all.substr(1, 5), "NUMPY");
-  uint16_t hlen;
-  std::memcpy(&hlen, all.data() + 8, 2);
-  std::string header = all.substr(10, hlen);
-  EXPECT_NE(header.find("'descr': '<f8'"), std::string::npos) << header;
-  EXPECT_NE(header.find("'fortran_order': False"), std::string::npos) << header;
-  auto lp = header.find("'shape': (");
-  std::string dims = header.substr(lp + 10, header.find(')', lp) - lp - 10);
-  shape->clear();
-  for (size_t pos = 0; pos < dims.size();) {
-    size_t comma = dims.find(',', pos);
-    std::string d = dims.substr(pos, comma == std::string::npos ? std::string::npos : comma - pos);
-    if (d.find_first_of("0123456789") != std::string::npos) shape->push_back(std::stoll(d));
-    if (comma == std::string::npos) break;
-    pos = comma + 1;
-  }
-  size_t n = (all.size() - 10 - hlen) / 8;
-  std::vector<double> v(n);
-  std::memcpy(v.data(), all.data() + 10 + hlen, n * 8);
-  return v;
-}
+const std::string kFixture = std::string(DIFFTRON_SOURCE_DIR) + "/tests/data/hf_diffllama_gqa";
 
 std::vector<int32_t> fixture_tokens() {
   std::ifstream f(kFixture + "/tokens.json");
   return nlohmann::json::parse(f).get<std::vector<int32_t>>();
-}
-
-// Logits at every position, [S, V], from the causal model one prefix at a time.
-std::vector<double> all_logits(Model& m, const std::vector<int32_t>& tok) {
-  std::vector<double> out;
-  for (size_t t = 1; t <= tok.size(); ++t) {
-    auto l = m.last_logits(tok.data(), t);
-    out.insert(out.end(), l.begin(), l.end());
-  }
-  return out;
 }
 
 TEST(HfDiffLlama, ConfigMapsSingleMapHeadsToDifferentialHeads) {
