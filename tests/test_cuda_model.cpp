@@ -37,7 +37,7 @@ void skip_without_gpu() {
 
 ModelConfig tiny_config(AttentionKind kind) {
   ModelConfig c;
-  c.vocab_size = 64;
+  c.vocab_size = 61;  // padded to 64: the padding columns masked on the GPU too
   c.d_model = 64;
   c.n_layers = 2;
   c.n_heads = 2;
