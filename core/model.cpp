@@ -32,6 +32,16 @@ const char* recompute_name(Recompute r) {
   return "?";
 }
 
+const char* linear_input_name(LinearInput site) {
+  switch (site) {
+    case LinearInput::AttnNorm: return "ln1";
+    case LinearInput::AttnOutput: return "attn_out";
+    case LinearInput::MlpNorm: return "ln2";
+    case LinearInput::MlpAct: return "swiglu";
+  }
+  return "?";
+}
+
 Model::Model(const ModelConfig& config, Ops& ops, ModelPrecision precision, int64_t max_batch,
              int64_t max_seq, ModelParallel parallel, Recompute recompute)
     : cfg_(config), ops_(ops), prec_(precision), max_b_(max_batch), max_s_(max_seq), par_(parallel),
@@ -408,7 +418,9 @@ void Model::layer_forward(int64_t l, int64_t B, int64_t S, bool recompute) {
   const bool v2 = cfg_.attention == AttentionKind::DifferentialV2;
   Tensor x_in = L.x_in.view({N, d}), ln1 = L.ln1.view({N, d}), x_mid = L.x_mid.view({N, d});
   Tensor rstd1 = L.rstd1.view({N});
+  ForwardProbe* probe = recompute ? nullptr : probe_;  // the backward's second pass is not observed
   ops_.rmsnorm_forward(x_in, P(L.attn_norm), cfg_.norm_eps, 1.0f, ln1, rstd1);
+  if (probe) probe->linear_input(l, LinearInput::AttnNorm, ln1);
 
   const int64_t qh = qp_dim_ / dh;  // query heads of dh: 2h (V1, baseline) or 4h (V2)
   Tensor q = diff ? L.q.view({B, S, h, 2, dh}) : L.q.view({B, S, qh, dh});
@@ -428,7 +440,8 @@ void Model::layer_forward(int64_t l, int64_t B, int64_t S, bool recompute) {
     ops_.diff_lambda_forward(P(L.lq1), P(L.lk1), P(L.lq2), P(L.lk2), li, L.lambda);
     Tensor att = L.att.view({B, S, h, 2 * dh}), lse = L.lse.view({B, h, 2, S});
     Tensor saved = attn_saved(L, q);
-    ops_.diff_attention_forward(q, k, v, L.lambda, att, lse, saved);
+    if (!(probe && probe->attention(l, q, k, v, L.lambda, att)))
+      ops_.diff_attention_forward(q, k, v, L.lambda, att, lse, saved);
     Tensor att_rows = att.view({N * h, 2 * dh}), sub_rows = L.sub.view({N * h, 2 * dh});
     Tensor rstd_sub = L.rstd_sub.view({N * h});
     ops_.rmsnorm_forward(att_rows, P(L.subln), cfg_.norm_eps, float(1.0 - li), sub_rows, rstd_sub);
@@ -437,7 +450,7 @@ void Model::layer_forward(int64_t l, int64_t B, int64_t S, bool recompute) {
     // standard attention of the 4h query heads (GQA over the 2hkv K/V heads), then pair i's
     // two outputs subtracted with lambda = sigmoid(z), z = ln1 W_lambda^T per token and pair
     Tensor att = L.att.view({B, S, qh, dh}), lse = L.lse.view({B, qh, S});
-    ops_.attention_forward(q, k, v, att, lse);
+    if (!(probe && probe->attention(l, q, k, v, Tensor(), att))) ops_.attention_forward(q, k, v, att, lse);
     Tensor z = L.lam_logits.view({N, 2 * h});
     ops_.matmul(ln1, false, P(L.wlambda), true, z);  // [N, 2h]
     Tensor combined = L.sub.view({B, S, 2 * h, dh});
@@ -445,21 +458,24 @@ void Model::layer_forward(int64_t l, int64_t B, int64_t S, bool recompute) {
     sub_in = L.sub.view({N, q_dim_});
   } else {
     Tensor att = L.att.view({B, S, 2 * h, dh}), lse = L.lse.view({B, 2 * h, S});
-    ops_.attention_forward(q, k, v, att, lse);
+    if (!(probe && probe->attention(l, q, k, v, Tensor(), att))) ops_.attention_forward(q, k, v, att, lse);
     sub_in = L.att.view({N, q_dim_});
   }
   // x_mid = x_in + O Wo^T; under TP rank 0 adds x_in to its partial product, then the
   // partial products are summed.
+  if (probe) probe->linear_input(l, LinearInput::AttnOutput, sub_in);
   if (tp_rank_ == 0) ops_.copy(x_in, x_mid);
   ops_.matmul(sub_in, false, P(L.wo), true, x_mid, 1.0f, tp_rank_ == 0 ? 1.0f : 0.0f);
   tp_all_reduce(x_mid);
 
   Tensor ln2 = L.ln2.view({N, d}), rstd2 = L.rstd2.view({N});
   ops_.rmsnorm_forward(x_mid, P(L.mlp_norm), cfg_.norm_eps, 1.0f, ln2, rstd2);
+  if (probe) probe->linear_input(l, LinearInput::MlpNorm, ln2);
   Tensor gate = L.gate.view({N, F}), up = L.up.view({N, F}), a = L.act.view({N, F});
   ops_.matmul(ln2, false, P(L.w_gate), true, gate);
   ops_.matmul(ln2, false, P(L.w_up), true, up);
   ops_.swiglu_forward(gate, up, a);
+  if (probe) probe->linear_input(l, LinearInput::MlpAct, a);
   if (recompute) return;  // the output is the next layer's input, kept
   Tensor x_out = (l + 1 < cfg_.n_layers ? layers_[l + 1].x_in : x_final_).view({N, d});
   if (tp_rank_ == 0) ops_.copy(x_mid, x_out);
@@ -477,7 +493,10 @@ void Model::forward_body(int64_t B, int64_t S) {
     ops_.embedding_forward(tok, vocab_rows(embed_, false), x0);
     tp_all_reduce(x0);
   }
-  for (int64_t l = 0; l < cfg_.n_layers; ++l) layer_forward(l, B, S);
+  for (int64_t l = 0; l < cfg_.n_layers; ++l) {
+    layer_forward(l, B, S);
+    if (probe_) probe_->layer_output(l, (l + 1 < cfg_.n_layers ? layers_[l + 1].x_in : x_final_).view({N, d}));
+  }
   Tensor xf = x_final_.view({N, d}), lnf = lnf_.view({N, d}), rstdf = rstdf_.view({N});
   ops_.rmsnorm_forward(xf, P(final_norm_), cfg_.norm_eps, 1.0f, lnf, rstdf);
 }

@@ -73,6 +73,37 @@ struct ModelParallel {
   int64_t flat_multiple = 64;
 };
 
+// Observes a forward pass for evaluation (core/eval_tasks.h: activation statistics, simulated
+// quantisation). Model::set_probe; with none set the forward pass does no extra work. Called
+// from forward passes only (forward_loss, last_logits; forward_backward's first pass too, but a
+// probe that alters tensors there makes the gradients those of another model). Tensors are the
+// model's own (its device and dtype), this rank's slices under TP.
+enum class LinearInput {
+  AttnNorm,    // ln1 [N, d]: the input of q_proj, k_proj, v_proj (and V2's lambda_proj)
+  AttnOutput,  // [N, q_dim]: the input of o_proj (V1: after the sub-layer norm; V2: after the
+               // pairwise subtraction; baseline: the attention output)
+  MlpNorm,     // ln2 [N, d]: the input of gate_proj and up_proj
+  MlpAct,      // silu(gate) * up [N, F]: the input of down_proj
+};
+const char* linear_input_name(LinearInput site);
+
+struct ForwardProbe {
+  virtual ~ForwardProbe() = default;
+  // Before the linear layers of `layer` at `site` read x; x may be modified in place.
+  virtual void linear_input(int64_t layer, LinearInput site, Tensor& x) {}
+  // Before layer `layer`'s attention: q and k after RoPE, v, in the layouts of kernels/ops.h
+  // (V1: q [B,S,h,2,dh], k [B,S,h_kv,2,dh], v [B,S,h_kv,2dh], lambda [1]; baseline and V2:
+  // q [B,S,H,dh], k and v [B,S,H_kv,dh], lambda undefined). Returns true when it has written
+  // `out` itself ([B,S,h,2dh] or [B,S,H,dh], as the attention op would): the model then skips
+  // its attention op (and leaves lse unwritten: no backward may follow).
+  virtual bool attention(int64_t layer, const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& lambda,
+                         Tensor& out) {
+    return false;
+  }
+  // x [N, d]: the residual stream after layer `layer` (its output, the next layer's input).
+  virtual void layer_output(int64_t layer, const Tensor& x) {}
+};
+
 class ParallelContext;
 // How a Model on a TP x DP grid is split: the grid's TP communicators, and flat buffers padded
 // so that ZeRO's DP shards stay 64-element aligned.
@@ -148,6 +179,9 @@ class Model {
   // `vocab_cols` columns (the plan tool sizes memory with it).
   static int64_t head_chunk_rows(int64_t rows, int64_t vocab_cols);
 
+  // The probe forward passes report to (null: none). Not owned; it must outlive its use.
+  void set_probe(ForwardProbe* probe) { probe_ = probe; }
+
   // Lambda of layer l from its current parameters (differential attention V1 only; V2's
   // lambda depends on the token).
   double lambda_value(int64_t layer);
@@ -221,6 +255,7 @@ class Model {
   int64_t q_dim_ = 0, kv_dim_ = 0;  // local widths of o_proj's input and of x Wk^T
   int64_t qp_dim_ = 0;              // local width of x Wq^T (q_dim_, or 2 q_dim_ for diff_v2)
   bool grad_sync_ = true;
+  ForwardProbe* probe_ = nullptr;
   std::function<void(int64_t)> grads_ready_;
   int ready_from_ = 0;  // params()[ready_from_..] have been handed over in this backward
   std::vector<Param> params_;

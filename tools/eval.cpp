@@ -1,23 +1,42 @@
-// `difftron eval`: mean loss, perplexity, bits per token and bits per byte of a checkpoint or
-// a Hugging Face folder on a token dataset (difftron prepare), read in order from its first
-// sample: the same tokens for every model, so checkpoints and exports compare directly.
-// Bytes are those of the text the targets decode to with the dataset's tokenizer. Prints a
-// summary line and one JSON line on stdout.
+// `difftron eval`: what a checkpoint or a Hugging Face folder does on a task (docs/EVAL.md).
+//   --task=loss (the default): mean loss, perplexity, bits per token and bits per byte on a
+//     token dataset (difftron prepare), read in order from its first sample: the same tokens for
+//     every model, so checkpoints and exports compare directly. Bytes are those of the text the
+//     targets decode to with the dataset's tokenizer.
+//   --task=activations: per layer, the largest attention logit, the largest |hidden state| and
+//     the hidden states' kurtosis over a sample of the dataset.
+//   --task=quant: the loss of that sample with every linear layer's input fake-quantised to each
+//     of --bits (and with --quant_logits the attention logits too), next to the float loss.
+//   --task=needles: multi-needle retrieval accuracy on a task file of `difftron needles`, by
+//     greedy generation of each queried number.
+// Prints a table and one JSON line per result on stdout.
 #include <cmath>
+#include <cstdarg>
 #include <cstdio>
+#include <fstream>
 #include <iostream>
+#include <map>
+#include <sstream>
 #include <vector>
 
 #include <gflags/gflags.h>
 #include <glog/logging.h>
 #include <nlohmann/json.hpp>
 
+#include "core/decode.h"
+#include "core/eval_tasks.h"
 #include "io/dataset.h"
 #include "io/tokenizer.h"
 #include "launch/command.h"
 #include "tools/inference.h"
 
-DEFINE_int64(max_tokens, 0, "eval: evaluate at most about this many tokens, whole sequences (0: the whole dataset)");
+DEFINE_string(task, "loss", "eval: loss | activations | quant | needles (docs/EVAL.md)");
+DEFINE_int64(max_tokens, 0,
+             "eval: evaluate at most about this many tokens, whole sequences (0: the whole dataset for --task=loss, "
+             "8 sequences for activations and quant)");
+DEFINE_string(bits, "8,6,4", "eval --task=quant: the activation bit widths to simulate, comma-separated");
+DEFINE_bool(quant_logits, false, "eval --task=quant: also fake-quantise the attention logits (each query row) to the same bits");
+DEFINE_string(needles_file, "", "eval --task=needles: the task file written by `difftron needles`");
 DECLARE_string(data);   // launch/train.cpp
 DECLARE_int64(seq);     // launch/train.cpp
 DECLARE_int64(batch);   // launch/train.cpp
@@ -30,90 +49,340 @@ bool flag_given(const char* name) {
   return gflags::GetCommandLineFlagInfo(name, &info) && !info.is_default;
 }
 
-int eval_main(int argc, char** argv) {
-  gflags::ParseCommandLineFlags(&argc, &argv, true);
-  if (!flag_given("data") || FLAGS_data.rfind("synthetic:", 0) == 0)
-    throw_error("--data: give a token dataset directory (difftron prepare); eval needs real text to count bytes");
-  if (FLAGS_max_tokens < 0) throw_error("--max_tokens (", FLAGS_max_tokens, ") must be >= 0 (0: the whole dataset)");
-  if (FLAGS_batch <= 0) throw_error("--batch (", FLAGS_batch, ") must be positive");
-  std::unique_ptr<Ops> ops = make_ops_for_device();
-  const int64_t want_seq = flag_given("seq") ? FLAGS_seq : 0;  // 0: the model's max_seq_len
-  if (want_seq < 0) throw_error("--seq (", want_seq, ") must be positive");
-  LoadedModel lm = load_model_for_inference(*ops, FLAGS_batch, want_seq > 0 ? want_seq : int64_t(1) << 40);
-  const ModelConfig& cfg = lm.model->config();
-  const int64_t S = want_seq > 0 ? want_seq : cfg.max_seq_len, B = FLAGS_batch;
-  if (S > cfg.max_seq_len) throw_error("--seq (", S, ") is longer than the model's context (max_seq_len ", cfg.max_seq_len, ")");
+std::vector<int> parse_bits(const std::string& list) {
+  std::vector<int> bits;
+  std::stringstream ss(list);
+  for (std::string item; std::getline(ss, item, ',');) {
+    size_t used = 0;
+    int b = 0;
+    try {
+      b = std::stoi(item, &used);
+    } catch (const std::exception&) {
+      used = 0;
+    }
+    if (used == 0 || used != item.size() || b < 2 || b > 16)
+      throw_error("--bits: '", item, "' is not a bit width in [2, 16] (give e.g. --bits=8,6,4)");
+    bits.push_back(b);
+  }
+  if (bits.empty()) throw_error("--bits is empty (give e.g. --bits=8,6,4)");
+  return bits;
+}
 
+// The dataset's sequences in order, and the loss of a model over them.
+struct DatasetSample {
+  std::unique_ptr<BatchSource> data;
+  std::unique_ptr<Tokenizer> tok;  // null: none recorded (no bits per byte)
+  int64_t S = 0, B = 0, n_seq = 0;
+
+  struct Loss {
+    double nats = 0;
+    int64_t tokens = 0, bytes = 0;
+    double mean() const { return tokens > 0 ? nats / double(tokens) : 0.0; }
+  };
+  // Every sequence of the sample through model.forward_loss (the dataset is read again from
+  // its first sample each time).
+  Loss loss(Model& model) {
+    std::vector<int32_t> tokens(B * S), targets(B * S);
+    Loss out;
+    data->restore_position(start_);
+    for (int64_t done = 0; done < n_seq;) {
+      const int64_t nb = std::min(B, n_seq - done);
+      data->next_batch(nb, S, tokens.data(), targets.data());
+      int64_t valid = 0;
+      std::vector<int32_t> text_ids;
+      for (int64_t i = 0; i < nb * S; ++i)
+        if (targets[i] >= 0) {
+          ++valid;
+          text_ids.push_back(targets[i]);
+        }
+      out.nats += model.forward_loss(tokens.data(), targets.data(), nb, S) * double(valid);
+      out.tokens += valid;
+      if (tok) out.bytes += int64_t(tok->decode(text_ids).size());
+      done += nb;
+    }
+    return out;
+  }
+  std::string start_;
+};
+
+// Opens --data for a model: sequences of --seq (default: the model's context), the first
+// --max_tokens of them (default_sequences when not given; 0: all).
+DatasetSample open_sample(const ModelConfig& cfg, int64_t S, int64_t default_sequences) {
+  DatasetSample d;
   const int64_t data_vocab = dataset_vocab_size(FLAGS_data);
   if (data_vocab > cfg.vocab_size)
     throw_error("--data=", FLAGS_data, " has a vocabulary of ", data_vocab, " tokens, more than the model's ", cfg.vocab_size);
   const std::string spec = dataset_tokenizer_spec(FLAGS_data);
-  std::unique_ptr<Tokenizer> tok = spec.empty() || spec == "none" ? nullptr : load_tokenizer(spec);
-  if (!tok) LOG(WARNING) << FLAGS_data << " records no tokenizer: no bits per byte";
+  d.tok = spec.empty() || spec == "none" ? nullptr : load_tokenizer(spec);
   DatasetOptions o;
   o.path = FLAGS_data;
   o.vocab_size = cfg.vocab_size;
   o.shuffle = false;
-  std::unique_ptr<BatchSource> data = open_token_dataset(o);
-  const int64_t dataset_tokens = nlohmann::json::parse(data->position()).value("dataset_tokens", int64_t(0));
+  d.data = open_token_dataset(o);
+  d.start_ = d.data->position();
+  const int64_t dataset_tokens = nlohmann::json::parse(d.start_).value("dataset_tokens", int64_t(0));
   const int64_t samples = (dataset_tokens - 1) / S;  // sample p: tokens [p S, p S + S + 1)
   if (samples <= 0)
     throw_error("--data=", FLAGS_data, " holds ", dataset_tokens, " tokens: not one sequence of --seq=", S, " + 1");
-  const int64_t n_seq = FLAGS_max_tokens > 0 ? std::min(samples, (FLAGS_max_tokens + S - 1) / S) : samples;
-  LOG(INFO) << "evaluating " << lm.source << " on " << n_seq << " sequences of " << S << " tokens of " << data->describe();
+  d.S = S;
+  d.B = FLAGS_batch;
+  const int64_t limit = FLAGS_max_tokens > 0 ? (FLAGS_max_tokens + S - 1) / S : default_sequences;
+  d.n_seq = limit > 0 ? std::min(samples, limit) : samples;
+  LOG(INFO) << "evaluating on " << d.n_seq << " sequences of " << S << " tokens of " << d.data->describe();
+  return d;
+}
 
-  std::vector<int32_t> tokens(B * S), targets(B * S);
-  double nats = 0;
-  int64_t n_tokens = 0, n_bytes = 0;
-  for (int64_t done = 0; done < n_seq;) {
-    const int64_t nb = std::min(B, n_seq - done);
-    data->next_batch(nb, S, tokens.data(), targets.data());
-    int64_t valid = 0;
-    std::vector<int32_t> text_ids;
-    for (int64_t i = 0; i < nb * S; ++i)
-      if (targets[i] >= 0) {
-        ++valid;
-        text_ids.push_back(targets[i]);
-      }
-    nats += lm.model->forward_loss(tokens.data(), targets.data(), nb, S) * double(valid);
-    n_tokens += valid;
-    if (tok) n_bytes += int64_t(tok->decode(text_ids).size());
-    done += nb;
-  }
-  const double loss = n_tokens > 0 ? nats / double(n_tokens) : 0.0;
-  const double bits = nats / std::log(2.0);
+void print_line(const char* fmt, ...) __attribute__((format(printf, 1, 2)));
+void print_line(const char* fmt, ...) {
+  char line[1024];
+  va_list args;
+  va_start(args, fmt);
+  std::vsnprintf(line, sizeof line, fmt, args);
+  va_end(args);
+  std::cout << line << "\n";
+}
+
+int loss_task(const LoadedModel& lm, DatasetSample& d) {
+  if (!d.tok) LOG(WARNING) << FLAGS_data << " records no tokenizer: no bits per byte";
+  const DatasetSample::Loss r = d.loss(*lm.model);
+  const double loss = r.mean(), bits = r.nats / std::log(2.0);
   nlohmann::json j;
   j["source"] = lm.source;
   j["data"] = FLAGS_data;
-  j["seq"] = S;
-  j["sequences"] = n_seq;
-  j["tokens"] = n_tokens;
+  j["seq"] = d.S;
+  j["sequences"] = d.n_seq;
+  j["tokens"] = r.tokens;
   j["loss"] = loss;
   j["perplexity"] = std::exp(loss);
-  j["bits_per_token"] = n_tokens > 0 ? bits / double(n_tokens) : 0.0;
-  if (tok) {
-    j["bytes"] = n_bytes;
-    j["bits_per_byte"] = n_bytes > 0 ? bits / double(n_bytes) : 0.0;
+  j["bits_per_token"] = r.tokens > 0 ? bits / double(r.tokens) : 0.0;
+  if (d.tok) {
+    j["bytes"] = r.bytes;
+    j["bits_per_byte"] = r.bytes > 0 ? bits / double(r.bytes) : 0.0;
   } else {
     j["bytes"] = nullptr;
     j["bits_per_byte"] = nullptr;
   }
   char line[512];
   std::snprintf(line, sizeof line, "eval %s: %lld tokens (%lld x %lld), loss %.6f, perplexity %.4f, %.5f bits/token",
-                lm.source.c_str(), (long long)n_tokens, (long long)n_seq, (long long)S, loss, std::exp(loss),
-                n_tokens > 0 ? bits / double(n_tokens) : 0.0);
+                lm.source.c_str(), (long long)r.tokens, (long long)d.n_seq, (long long)d.S, loss, std::exp(loss),
+                r.tokens > 0 ? bits / double(r.tokens) : 0.0);
   std::cout << line;
-  if (tok) {
-    std::snprintf(line, sizeof line, ", %.5f bits/byte (%lld bytes)", n_bytes > 0 ? bits / double(n_bytes) : 0.0,
-                  (long long)n_bytes);
+  if (d.tok) {
+    std::snprintf(line, sizeof line, ", %.5f bits/byte (%lld bytes)", r.bytes > 0 ? bits / double(r.bytes) : 0.0,
+                  (long long)r.bytes);
     std::cout << line;
   }
   std::cout << "\n" << j.dump() << std::endl;
   return 0;
 }
 
+int activations_task(const LoadedModel& lm, DatasetSample& d) {
+  Model& model = *lm.model;
+  ActivationStatsProbe probe(model.ops(), model.config().n_layers);
+  model.set_probe(&probe);
+  const DatasetSample::Loss r = d.loss(model);
+  model.set_probe(nullptr);
+  const std::vector<LayerActivationStats> stats = probe.stats();
+  print_line("activations of %s: %lld tokens (%lld x %lld), attention %s", lm.source.c_str(), (long long)r.tokens,
+             (long long)d.n_seq, (long long)d.S, attention_kind_name(model.config().attention));
+  print_line("%5s  %16s  %12s  %15s", "layer", "max attn logit", "max |hidden|", "hidden kurtosis");
+  nlohmann::json all_layers = nlohmann::json::array();
+  for (size_t l = 0; l < stats.size(); ++l) {
+    const LayerActivationStats& s = stats[l];
+    print_line("%5zu  %16.4f  %12.4f  %15.4f", l, s.max_attn_logit, s.hidden_max, s.hidden_kurtosis);
+    nlohmann::json j;
+    j["task"] = "activations";
+    j["source"] = lm.source;
+    j["layer"] = l;
+    j["max_attn_logit"] = s.max_attn_logit;
+    j["hidden_max"] = s.hidden_max;
+    j["hidden_kurtosis"] = s.hidden_kurtosis;
+    j["tokens"] = s.tokens;
+    std::cout << j.dump() << "\n";
+    all_layers.push_back(j);
+  }
+  double top_logit = -INFINITY, top_hidden = 0, kurt = 0;
+  for (const auto& s : stats) {
+    top_logit = std::max(top_logit, s.max_attn_logit);
+    top_hidden = std::max(top_hidden, s.hidden_max);
+    kurt += s.hidden_kurtosis / double(stats.size());
+  }
+  print_line("%5s  %16.4f  %12.4f  %15.4f", "all", top_logit, top_hidden, kurt);
+  nlohmann::json j;
+  j["task"] = "activations";
+  j["source"] = lm.source;
+  j["layer"] = "all";
+  j["max_attn_logit"] = top_logit;
+  j["hidden_max"] = top_hidden;
+  j["hidden_kurtosis"] = kurt;  // mean over layers
+  j["tokens"] = r.tokens;
+  j["data"] = FLAGS_data;
+  j["seq"] = d.S;
+  j["sequences"] = d.n_seq;
+  std::cout << j.dump() << std::endl;
+  return 0;
+}
+
+int quant_task(const LoadedModel& lm, DatasetSample& d) {
+  Model& model = *lm.model;
+  const std::vector<int> bits = parse_bits(FLAGS_bits);
+  const double base = d.loss(model).mean();
+  print_line("quantised loss of %s: %lld x %lld tokens, per-token absmax fake quantisation of every linear layer's "
+             "input%s",
+             lm.source.c_str(), (long long)d.n_seq, (long long)d.S, FLAGS_quant_logits ? " and the attention logits" : "");
+  print_line("%6s  %10s  %10s", "bits", "loss", "delta");
+  print_line("%6s  %10.6f  %10.6f", "float", base, 0.0);
+  auto emit = [&](const std::string& b, double loss) {
+    nlohmann::json j;
+    j["task"] = "quant";
+    j["source"] = lm.source;
+    j["bits"] = b;
+    j["quant_logits"] = FLAGS_quant_logits;
+    j["loss"] = loss;
+    j["float_loss"] = base;
+    j["delta"] = loss - base;
+    j["seq"] = d.S;
+    j["sequences"] = d.n_seq;
+    std::cout << j.dump() << "\n";
+  };
+  emit("float", base);
+  for (int b : bits) {
+    QuantizeProbe probe(model.ops(), b, FLAGS_quant_logits ? b : 0);
+    model.set_probe(&probe);
+    const double loss = d.loss(model).mean();
+    model.set_probe(nullptr);
+    print_line("%6d  %10.6f  %10.6f", b, loss, loss - base);
+    emit(std::to_string(b), loss);
+  }
+  std::cout << std::flush;
+  return 0;
+}
+
+int needles_task(const LoadedModel& lm) {
+  if (FLAGS_needles_file.empty()) throw_error("--needles_file: give the task file of `difftron needles`");
+  if (!lm.tokenizer) throw_error(lm.source, " records no tokenizer: the needle task is text");
+  std::ifstream f(FLAGS_needles_file);
+  if (!f) throw_error("--needles_file=", FLAGS_needles_file, ": cannot open");
+  struct Query {
+    std::vector<int32_t> prompt;
+    std::string answer, group;
+  };
+  std::vector<Query> queries;
+  std::vector<std::string> group_order;
+  std::map<std::string, nlohmann::json> group_info;
+  int64_t longest = 0, answer_chars = 0, line_no = 0;
+  const ModelConfig& cfg = lm.model->config();
+  for (std::string line; std::getline(f, line);) {
+    ++line_no;
+    if (line.empty()) continue;
+    nlohmann::json j;
+    try {
+      j = nlohmann::json::parse(line);
+    } catch (const std::exception& e) {
+      throw_error("--needles_file=", FLAGS_needles_file, " line ", line_no, ": not JSON (", e.what(), ")");
+    }
+    if (!j.contains("prompts") || !j.contains("answers") || j["prompts"].size() != j["answers"].size())
+      throw_error("--needles_file=", FLAGS_needles_file, " line ", line_no, ": needs prompts and answers of equal length");
+    char key[128];
+    std::snprintf(key, sizeof key, "ctx %lld depth %.2f N %lld R %lld", (long long)j.value("context_tokens", 0),
+                  j.value("depth", 0.0), (long long)j.value("needles", 0), (long long)j.value("queries", 0));
+    if (!group_info.count(key)) {
+      group_order.push_back(key);
+      group_info[key] = {{"context_tokens", j.value("context_tokens", 0)}, {"depth", j.value("depth", 0.0)},
+                         {"needles", j.value("needles", 0)}, {"queries", j.value("queries", 0)}};
+    }
+    for (size_t i = 0; i < j["prompts"].size(); ++i) {
+      Query q{lm.tokenizer->encode(j["prompts"][i].get<std::string>()), j["answers"][i].get<std::string>(), key};
+      longest = std::max<int64_t>(longest, int64_t(q.prompt.size()));
+      answer_chars = std::max<int64_t>(answer_chars, int64_t(q.answer.size()));
+      queries.push_back(std::move(q));
+    }
+  }
+  if (queries.empty()) throw_error("--needles_file=", FLAGS_needles_file, " holds no task");
+  GenerateOptions o;
+  o.max_new_tokens = answer_chars + 2;  // a token holds at least one character
+  o.sampling.temperature = 0;           // greedy
+  o.detokenize = [&](const std::vector<int32_t>& ids) { return lm.tokenizer->decode(ids); };
+  if (longest + o.max_new_tokens > cfg.max_seq_len)
+    throw_error("--needles_file=", FLAGS_needles_file, ": a prompt has ", longest, " tokens; with ", o.max_new_tokens,
+                " to generate that passes the model's context (max_seq_len ", cfg.max_seq_len, ")");
+  const int64_t batch = std::max<int64_t>(1, FLAGS_batch);
+  Decoder decoder(*lm.model, batch, longest + o.max_new_tokens);
+  std::map<std::string, std::pair<int64_t, int64_t>> score;  // group -> (correct, total)
+  int64_t correct = 0;
+  for (size_t first = 0; first < queries.size(); first += size_t(batch)) {
+    const size_t n = std::min(queries.size() - first, size_t(batch));
+    std::vector<std::vector<int32_t>> prompts;
+    for (size_t i = 0; i < n; ++i) prompts.push_back(queries[first + i].prompt);
+    const GenerateResult r = generate(decoder, prompts, o);
+    for (size_t i = 0; i < n; ++i) {
+      const Query& q = queries[first + i];
+      const bool ok = needle_answer_correct(r.sequences[i].text, q.answer);
+      VLOG(1) << q.group << ": expected " << q.answer << ", generated '" << r.sequences[i].text << "'";
+      score[q.group].first += ok;
+      score[q.group].second += 1;
+      correct += ok;
+    }
+  }
+  print_line("needle retrieval of %s (%s): greedy answers, %zu queries", lm.source.c_str(), FLAGS_needles_file.c_str(),
+             queries.size());
+  print_line("%-40s  %8s  %8s", "group", "correct", "accuracy");
+  for (const std::string& g : group_order) {
+    const auto [c, t] = score[g];
+    print_line("%-40s  %4lld/%-3lld  %8.3f", g.c_str(), (long long)c, (long long)t, double(c) / double(t));
+    nlohmann::json j = group_info[g];
+    j["task"] = "needles";
+    j["source"] = lm.source;
+    j["correct"] = c;
+    j["total"] = t;
+    j["accuracy"] = double(c) / double(t);
+    std::cout << j.dump() << "\n";
+  }
+  print_line("%-40s  %4lld/%-3zu  %8.3f", "all", (long long)correct, queries.size(),
+             double(correct) / double(queries.size()));
+  nlohmann::json j;
+  j["task"] = "needles";
+  j["source"] = lm.source;
+  j["group"] = "all";
+  j["correct"] = correct;
+  j["total"] = queries.size();
+  j["accuracy"] = double(correct) / double(queries.size());
+  std::cout << j.dump() << std::endl;
+  return 0;
+}
+
+int eval_main(int argc, char** argv) {
+  gflags::ParseCommandLineFlags(&argc, &argv, true);
+  const std::string task = FLAGS_task;
+  if (task != "loss" && task != "activations" && task != "quant" && task != "needles")
+    throw_error("--task (", task, ") must be loss, activations, quant or needles");
+  if (FLAGS_max_tokens < 0) throw_error("--max_tokens (", FLAGS_max_tokens, ") must be >= 0 (0: the whole dataset)");
+  if (FLAGS_batch <= 0) throw_error("--batch (", FLAGS_batch, ") must be positive");
+  std::unique_ptr<Ops> ops = make_ops_for_device();
+  if (task == "needles") {  // the decoder reads the weights only
+    LoadedModel lm = load_model_for_inference(*ops, 1, 1);
+    return needles_task(lm);
+  }
+  if (!flag_given("data") || FLAGS_data.rfind("synthetic:", 0) == 0)
+    throw_error("--data: give a token dataset directory (difftron prepare); eval needs real text to count bytes");
+  if (task == "quant") parse_bits(FLAGS_bits);  // refused before the model loads
+  const int64_t want_seq = flag_given("seq") ? FLAGS_seq : 0;  // 0: the model's max_seq_len
+  if (want_seq < 0) throw_error("--seq (", want_seq, ") must be positive");
+  LoadedModel lm = load_model_for_inference(*ops, FLAGS_batch, want_seq > 0 ? want_seq : int64_t(1) << 40);
+  const ModelConfig& cfg = lm.model->config();
+  const int64_t S = want_seq > 0 ? want_seq : cfg.max_seq_len;
+  if (S > cfg.max_seq_len) throw_error("--seq (", S, ") is longer than the model's context (max_seq_len ", cfg.max_seq_len, ")");
+  DatasetSample d = open_sample(cfg, S, task == "loss" ? 0 : 8);
+  LOG(INFO) << "task " << task << " of " << lm.source;
+  if (task == "activations") return activations_task(lm, d);
+  if (task == "quant") return quant_task(lm, d);
+  return loss_task(lm, d);
+}
+
 }  // namespace
 }  // namespace difftron
 
-DIFFTRON_COMMAND("eval", "loss, perplexity and bits per byte of a checkpoint or Hugging Face folder on a dataset",
+DIFFTRON_COMMAND("eval",
+                 "loss, perplexity and bits per byte of a checkpoint or Hugging Face folder on a dataset; activation "
+                 "statistics, quantised loss, needle retrieval (--task)",
                  difftron::eval_main);
