@@ -8,7 +8,9 @@
 #pragma once
 #include <functional>
 #include <map>
+#include <sstream>
 #include <string>
+#include <vector>
 
 namespace difftron {
 
@@ -26,6 +28,17 @@ struct CommandRegistrar {
   }
 };
 
+}  // namespace difftron
+
+namespace difftron {
+// The items of a comma-separated flag value ("a,b,,c" -> a, b, c; empty items dropped).
+inline std::vector<std::string> split_flag_list(const std::string& s) {
+  std::vector<std::string> out;
+  std::stringstream ss(s);
+  for (std::string item; std::getline(ss, item, ',');)
+    if (!item.empty()) out.push_back(item);
+  return out;
+}
 }  // namespace difftron
 
 #define DIFFTRON_CONCAT_INNER(a, b) a##b

@@ -13,6 +13,9 @@
 #include <sstream>
 #include <string>
 
+#include <gtest/gtest.h>
+#include <nlohmann/json.hpp>
+
 namespace difftron::testing {
 
 struct CommandResult {
@@ -35,6 +38,15 @@ inline CommandResult run_command(const std::string& cmd) {
 // `difftron <args>` from this build
 inline CommandResult run_difftron(const std::string& args) {
   return run_command(std::string(DIFFTRON_BINARY_DIR) + "/difftron " + args);
+}
+
+// The JSON line of a command's output that starts with `{"<key>"` (a failure when none does).
+inline nlohmann::json json_line(const CommandResult& r, const std::string& key) {
+  std::stringstream ss(r.output);
+  for (std::string line; std::getline(ss, line);)
+    if (line.rfind("{\"" + key + "\"", 0) == 0) return nlohmann::json::parse(line);
+  ADD_FAILURE() << "no JSON line starting with " << key << " in:\n" << r.output;
+  return nlohmann::json::object();
 }
 
 // A file's whole content ("" if it cannot be read).

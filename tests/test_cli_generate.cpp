@@ -23,14 +23,7 @@ using Result = difftron::testing::CommandResult;
 Result run(const std::string& args) { return difftron::testing::run_difftron(args); }
 bool has(const Result& r, const std::string& s) { return r.output.find(s) != std::string::npos; }
 
-// The JSON line of the output that starts with `{"<key>"`.
-nlohmann::json json_line(const Result& r, const std::string& key) {
-  std::stringstream ss(r.output);
-  for (std::string line; std::getline(ss, line);)
-    if (line.rfind("{\"" + key + "\"", 0) == 0) return nlohmann::json::parse(line);
-  ADD_FAILURE() << "no JSON line starting with " << key << " in:\n" << r.output;
-  return nlohmann::json::object();
-}
+using difftron::testing::json_line;
 
 // A byte-level dataset of repetitive text, a tiny model trained on it (checkpoint) and its
 // Hugging Face export (f32), made once for all tests.

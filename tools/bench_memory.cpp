@@ -33,14 +33,6 @@ DEFINE_double(mem_peak_tflops, 989, "bench-memory: peak dense TFLOP/s for MFU (H
 namespace difftron {
 namespace {
 
-std::vector<std::string> split(const std::string& s) {
-  std::vector<std::string> out;
-  std::stringstream ss(s);
-  for (std::string item; std::getline(ss, item, ',');)
-    if (!item.empty()) out.push_back(item);
-  return out;
-}
-
 ModelConfig model_named(const std::string& name) {
   struct Row {
     const char* name;
@@ -139,12 +131,12 @@ int bench_memory_main(int argc, char** argv) {
   else if (FLAGS_mem_device == "cpu") ops = make_cpu_ops();
   else throw_error("--mem_device: '", FLAGS_mem_device, "' (expected cuda or cpu)");
   std::vector<Recompute> modes;
-  for (const auto& m : split(FLAGS_mem_recompute)) modes.push_back(parse_recompute(m));
+  for (const auto& m : split_flag_list(FLAGS_mem_recompute)) modes.push_back(parse_recompute(m));
   std::printf("bench-memory on %s: micro-batch %lld x seq %lld, %d timed steps; plan = `difftron plan` "
               "(weights, gradients, AdamW state, activations, attention workspace); measured = the "
               "allocator's peak over the steps (tensors + workspaces), less what the backend held before\n",
               ops->name().c_str(), (long long)FLAGS_mem_batch, (long long)FLAGS_mem_seq, FLAGS_mem_steps);
-  for (const auto& name : split(FLAGS_mem_models))
+  for (const auto& name : split_flag_list(FLAGS_mem_models))
     for (Recompute rc : modes) measure(*ops, name, rc);
   return 0;
 }

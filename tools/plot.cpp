@@ -51,14 +51,6 @@ struct Run {
   std::map<int64_t, Point> train, val, speed;  // loss, validation loss, tokens/s
 };
 
-std::vector<std::string> split_list(const std::string& s) {
-  std::vector<std::string> out;
-  std::stringstream ss(s);
-  for (std::string item; std::getline(ss, item, ',');)
-    if (!item.empty()) out.push_back(item);
-  return out;
-}
-
 Run read_run(const std::string& path) {
   Run run;
   run.file = fs::is_directory(path) ? (fs::path(path) / "metrics.jsonl").string() : path;
@@ -205,14 +197,14 @@ int run_gnuplot(const std::string& script, const std::string& log, const std::st
 int plot_main(int argc, char** argv) {
   gflags::ParseCommandLineFlags(&argc, &argv, true);
   if (argc > 1) throw_error("unexpected argument '", argv[1], "' (flags are --name=value)");
-  const std::vector<std::string> paths = split_list(FLAGS_runs);
+  const std::vector<std::string> paths = split_flag_list(FLAGS_runs);
   if (paths.empty()) throw_error("--runs is required: run directories (train --ckpt_dir), comma-separated");
   if (FLAGS_out.empty()) throw_error("--out is required: the PNG file to write");
   if (FLAGS_x != "tokens" && FLAGS_x != "step") throw_error("--x (", FLAGS_x, ") must be tokens or step");
   if (FLAGS_plot_width < 100 || FLAGS_plot_width > 10000 || FLAGS_plot_height < 100 || FLAGS_plot_height > 10000)
     throw_error("--plot_width and --plot_height (", FLAGS_plot_width, " x ", FLAGS_plot_height,
                 ") must be in [100, 10000]");
-  const std::vector<std::string> labels = split_list(FLAGS_labels);
+  const std::vector<std::string> labels = split_flag_list(FLAGS_labels);
   if (!labels.empty() && labels.size() != paths.size())
     throw_error("--labels has ", labels.size(), " labels for ", paths.size(), " runs");
   std::vector<Run> runs;

@@ -36,15 +36,6 @@ DEFINE_bool(progress, true, "prepare: progress lines on stderr");
 
 namespace {
 
-std::vector<std::string> split_list(const std::string& s) {
-  std::vector<std::string> out;
-  std::stringstream ss(s);
-  std::string item;
-  while (std::getline(ss, item, ','))
-    if (!item.empty()) out.push_back(item);
-  return out;
-}
-
 std::string unescape(const std::string& s) {
   std::string out;
   for (size_t i = 0; i < s.size(); ++i) {
@@ -81,12 +72,12 @@ int prepare_main(int argc, char** argv) {
     return 2;
   }
   difftron::PrepareOptions o;
-  o.inputs = split_list(FLAGS_input);
+  o.inputs = difftron::split_flag_list(FLAGS_input);
   o.out = FLAGS_out;
   o.tokenizer = FLAGS_tokenizer;
   o.eos_token = FLAGS_eos_token;
   o.format = FLAGS_input_format;
-  o.extensions = split_list(FLAGS_extensions);
+  o.extensions = difftron::split_flag_list(FLAGS_extensions);
   o.shard_tokens = FLAGS_shard_tokens;
   o.chunk_tokens = FLAGS_chunk_tokens;
   o.val_fraction = FLAGS_val_fraction;
