@@ -3,13 +3,70 @@
 #include "core/eval_tasks.h"
 
 #include <algorithm>
+#include <atomic>
 #include <cctype>
 #include <cmath>
+#include <exception>
 #include <limits>
+#include <mutex>
+#include <thread>
 
 #include "base/rng.h"
 
 namespace difftron {
+
+// ---- host threads ----------------------------------------------------------------------
+
+namespace {
+std::atomic<int> g_host_threads{0};
+}
+
+int host_threads() {
+  const int n = g_host_threads.load();
+  if (n > 0) return n;
+  const unsigned hw = std::thread::hardware_concurrency();
+  return int(std::min(32u, std::max(1u, hw)));
+}
+
+void set_host_threads(int n) {
+  if (n < 0) throw_error("host threads (", n, ") must be >= 0 (0: the machine's cores, at most 32)");
+  g_host_threads = n;
+}
+
+void parallel_for(int64_t n, const std::function<void(int64_t)>& fn) {
+  if (n <= 0) return;
+  const int64_t threads = std::min<int64_t>(host_threads(), n);
+  if (threads <= 1) {
+    for (int64_t i = 0; i < n; ++i) fn(i);
+    return;
+  }
+  std::atomic<int64_t> next{0};
+  std::exception_ptr error;
+  std::mutex error_mutex;
+  auto worker = [&] {
+    for (int64_t i; (i = next.fetch_add(1)) < n;) {
+      try {
+        fn(i);
+      } catch (...) {
+        std::lock_guard<std::mutex> lock(error_mutex);
+        if (!error) error = std::current_exception();
+        next = n;  // stop handing out work
+      }
+    }
+  };
+  std::vector<std::thread> pool;
+  for (int64_t i = 1; i < threads; ++i) pool.emplace_back(worker);
+  worker();
+  for (auto& t : pool) t.join();
+  if (error) std::rethrow_exception(error);
+}
+
+namespace {
+// Rows of a head's causal attention per parallel piece: enough pieces for the threads, few
+// enough that each amortises its scheduling.
+constexpr int64_t kRowsPerPiece = 32;
+int64_t row_pieces(int64_t S) { return (S + kRowsPerPiece - 1) / kRowsPerPiece; }
+}  // namespace
 
 void fake_quantize_rows(float* x, int64_t rows, int64_t cols, int bits) {
   if (bits < 2 || bits > 16) throw_error("quantisation bits (", bits, ") must be in [2, 16]");
@@ -75,6 +132,15 @@ void HostAttention::scores(int64_t b, int64_t a, int64_t t, float* out) const {
   }
 }
 
+void HostAttention::probabilities(int64_t b, int64_t a, int64_t t, double* p) const {
+  std::vector<float> s(t + 1);
+  scores(b, a, t, s.data());
+  double mx = -INFINITY, sum = 0;
+  for (int64_t j = 0; j <= t; ++j) mx = std::max(mx, double(s[j]));
+  for (int64_t j = 0; j <= t; ++j) sum += p[j] = std::exp(double(s[j]) - mx);
+  for (int64_t j = 0; j <= t; ++j) p[j] /= sum;
+}
+
 // ---- activation statistics -------------------------------------------------------------------
 
 ActivationStatsProbe::ActivationStatsProbe(Ops& ops, int64_t n_layers) : ops_(ops), stats_(n_layers) {
@@ -84,14 +150,21 @@ ActivationStatsProbe::ActivationStatsProbe(Ops& ops, int64_t n_layers) : ops_(op
 bool ActivationStatsProbe::attention(int64_t layer, const Tensor& q, const Tensor& k, const Tensor& v,
                                      const Tensor& lambda, Tensor& out) {
   const HostAttention att(ops_, q, k);
-  std::vector<float> row(att.S);
+  // pieces: (sequence, head, block of query rows), each its own maximum; the maximum of those
+  const int64_t pieces = row_pieces(att.S), n = att.B * att.H * pieces;
+  std::vector<double> tops(n, -std::numeric_limits<double>::infinity());
+  parallel_for(n, [&](int64_t i) {
+    const int64_t b = i / (att.H * pieces), a = (i / pieces) % att.H, t0 = (i % pieces) * kRowsPerPiece;
+    std::vector<float> row(att.S);
+    double top = tops[i];
+    for (int64_t t = t0; t < std::min(att.S, t0 + kRowsPerPiece); ++t) {
+      att.scores(b, a, t, row.data());
+      for (int64_t j = 0; j <= t; ++j) top = std::max(top, double(row[j]));
+    }
+    tops[i] = top;
+  });
   double top = stats_.at(layer).max_attn_logit;
-  for (int64_t b = 0; b < att.B; ++b)
-    for (int64_t a = 0; a < att.H; ++a)
-      for (int64_t t = 0; t < att.S; ++t) {
-        att.scores(b, a, t, row.data());
-        for (int64_t j = 0; j <= t; ++j) top = std::max(top, double(row[j]));
-      }
+  for (double x : tops) top = std::max(top, x);
   stats_[layer].max_attn_logit = top;
   return false;  // the model computes the attention itself
 }
@@ -101,10 +174,19 @@ void ActivationStatsProbe::layer_output(int64_t layer, const Tensor& x) {
   std::vector<float> host(x.numel());
   ops_.download(x, host.data());
   LayerActivationStats& s = stats_.at(layer);
+  // each row's maximum and kurtosis apart, then summed in row order (as one thread would)
+  std::vector<double> kurt(n), top(n, 0.0);
+  const int64_t rows_per_piece = 256, pieces = (n + rows_per_piece - 1) / rows_per_piece;
+  parallel_for(pieces, [&](int64_t p) {
+    for (int64_t r = p * rows_per_piece; r < std::min(n, (p + 1) * rows_per_piece); ++r) {
+      const float* row = &host[r * d];
+      for (int64_t c = 0; c < d; ++c) top[r] = std::max(top[r], std::fabs(double(row[c])));
+      kurt[r] = kurtosis(row, d);
+    }
+  });
   for (int64_t r = 0; r < n; ++r) {
-    const float* row = &host[r * d];
-    for (int64_t c = 0; c < d; ++c) s.hidden_max = std::max(s.hidden_max, std::fabs(double(row[c])));
-    s.hidden_kurtosis += kurtosis(row, d);
+    s.hidden_max = std::max(s.hidden_max, top[r]);
+    s.hidden_kurtosis += kurt[r];
   }
   s.tokens += n;
 }
@@ -129,7 +211,11 @@ void QuantizeProbe::linear_input(int64_t layer, LinearInput site, Tensor& x) {
   if (act_bits_ == 0) return;
   std::vector<float> host(x.numel());
   ops_.download(x, host.data());
-  fake_quantize_rows(host.data(), x.rows(), x.cols(), act_bits_);
+  const int64_t rows = x.rows(), cols = x.cols(), rows_per_piece = 256;
+  parallel_for((rows + rows_per_piece - 1) / rows_per_piece, [&](int64_t p) {  // rows are independent
+    const int64_t r0 = p * rows_per_piece;
+    fake_quantize_rows(host.data() + r0 * cols, std::min(rows_per_piece, rows - r0), cols, act_bits_);
+  });
   ops_.upload(x, host.data());
 }
 
@@ -144,14 +230,19 @@ bool QuantizeProbe::attention(int64_t layer, const Tensor& q, const Tensor& k, c
   ops_.download(v_t, v.data());
   double lambda = 0;
   if (att.differential) ops_.download(lambda_t, &lambda);
-  const int64_t out_heads = att.differential ? H / 2 : H;
-  std::vector<float> p(S);
-  std::vector<double> o(vw);
-  for (int64_t b = 0; b < B; ++b)
-    for (int64_t a = 0; a < H; ++a) {
-      const int64_t vh = att.differential ? att.kv_head(a) / 2 : att.kv_head(a);
-      const double sign = att.differential && a % 2 == 1 ? -lambda : 1.0;
-      for (int64_t t = 0; t < S; ++t) {
+  const int64_t out_heads = att.differential ? H / 2 : H, maps = att.differential ? 2 : 1;
+  // pieces: (sequence, output head, block of query rows); each output row is written by one
+  // piece only, V1's two maps in order (map 1's term, then map 2's), as one thread would
+  const int64_t pieces = row_pieces(S);
+  parallel_for(B * out_heads * pieces, [&](int64_t i) {
+    const int64_t b = i / (out_heads * pieces), oh = (i / pieces) % out_heads, t0 = (i % pieces) * kRowsPerPiece;
+    std::vector<float> p(S);
+    std::vector<double> o(vw);
+    for (int64_t t = t0; t < std::min(S, t0 + kRowsPerPiece); ++t)
+      for (int64_t m = 0; m < maps; ++m) {
+        const int64_t a = oh * maps + m;
+        const int64_t vh = att.differential ? att.kv_head(a) / 2 : att.kv_head(a);
+        const double sign = m == 1 ? -lambda : 1.0;
         att.scores(b, a, t, p.data());
         fake_quantize_rows(p.data(), 1, t + 1, logit_bits_);
         double mx = -INFINITY, sum = 0;
@@ -163,12 +254,149 @@ bool QuantizeProbe::attention(int64_t layer, const Tensor& q, const Tensor& k, c
           const float* vr = &v[((b * S + j) * v_heads + vh) * vw];
           for (int64_t c = 0; c < vw; ++c) o[c] += e * vr[c];
         }
-        float* orow = &out[((b * S + t) * out_heads + (att.differential ? a / 2 : a)) * vw];
+        float* orow = &out[((b * S + t) * out_heads + oh) * vw];
         for (int64_t c = 0; c < vw; ++c) orow[c] += float(sign * o[c] / sum);
       }
-    }
+  });
   ops_.upload(out_t, out.data());
   return true;
+}
+
+// ---- attention noise ---------------------------------------------------------------------
+
+AttentionNoiseProbe::AttentionNoiseProbe(Model& model)
+    : model_(model), kind_(model.config().attention), sums_(model.config().n_layers),
+      last_rows_(model.config().n_layers) {
+  if (model.tp_size() != 1) throw_error("the attention noise probe needs the whole model (TP 1), not TP ", model.tp_size());
+  if (kind_ == AttentionKind::DifferentialV2) {
+    w_lambda_.resize(model.config().n_layers);
+    for (int64_t l = 0; l < model.config().n_layers; ++l) {
+      const Tensor& w = model.param("model.layers." + std::to_string(l) + ".self_attn.lambda_proj.weight").value;
+      w_lambda_[l].resize(w.numel());
+      model.ops().download(w, w_lambda_[l].data());
+    }
+  }
+}
+
+void AttentionNoiseProbe::set_query(int64_t t, int64_t span_begin, int64_t span_end) {
+  if (t < 0 || span_begin < 0 || span_begin >= span_end || span_end > t + 1)
+    throw_error("attention noise: the answer span [", span_begin, ", ", span_end, ") must be a non-empty range within the "
+                "query position's keys 0..", t);
+  t_ = t;
+  span_begin_ = span_begin;
+  span_end_ = span_end;
+}
+
+void AttentionNoiseProbe::linear_input(int64_t layer, LinearInput site, Tensor& x) {
+  if (kind_ != AttentionKind::DifferentialV2 || site != LinearInput::AttnNorm) return;
+  if (t_ < 0 || t_ >= x.rows()) throw_error("attention noise: query position ", t_, " is not a token of this pass (",
+                                            x.rows(), " tokens; call set_query first)");
+  std::vector<float> row(x.cols());
+  model_.ops().download(x.slice_rows(t_, t_ + 1), row.data());
+  ln1_row_.assign(row.begin(), row.end());
+}
+
+bool AttentionNoiseProbe::attention(int64_t layer, const Tensor& q, const Tensor& k, const Tensor& v,
+                                    const Tensor& lambda_t, Tensor& out) {
+  const HostAttention att(model_.ops(), q, k);
+  if (att.B != 1) throw_error("attention noise: one sequence per forward pass, not ", att.B);
+  if (t_ < 0 || t_ >= att.S) throw_error("attention noise: query position ", t_, " is not a token of this pass (",
+                                         att.S, " tokens; call set_query first)");
+  const int64_t t = t_, maps = kind_ == AttentionKind::Standard ? 1 : 2, out_heads = att.H / maps;
+  double lambda = 0;
+  if (kind_ == AttentionKind::Differential) model_.ops().download(lambda_t, &lambda);
+  std::vector<double> weight(out_heads, lambda);  // what the second map is multiplied by
+  if (kind_ == AttentionKind::DifferentialV2) {
+    const int64_t d = int64_t(ln1_row_.size());
+    const std::vector<float>& w = w_lambda_.at(layer);
+    if (int64_t(w.size()) != out_heads * d) throw_error("attention noise: lambda_proj of layer ", layer, " has ", w.size(),
+                                                        " values, not ", out_heads, " x ", d);
+    for (int64_t i = 0; i < out_heads; ++i) {
+      double z = 0;
+      for (int64_t c = 0; c < d; ++c) z += ln1_row_[c] * double(w[i * d + c]);
+      weight[i] = 1.0 / (1.0 + std::exp(-z));
+    }
+  }
+  std::vector<std::vector<double>>& rows = last_rows_.at(layer);
+  rows.assign(out_heads, std::vector<double>(t + 1, 0.0));
+  parallel_for(out_heads, [&](int64_t i) {
+    std::vector<double> p(t + 1);
+    for (int64_t m = 0; m < maps; ++m) {
+      att.probabilities(0, i * maps + m, t, p.data());
+      const double f = m == 0 ? 1.0 : -weight[i];
+      for (int64_t j = 0; j <= t; ++j) rows[i][j] += f * p[j];
+    }
+  });
+  LayerNoiseStats& s = sums_.at(layer);
+  for (int64_t i = 0; i < out_heads; ++i) {
+    double answer = 0, noise = 0, noise_abs = 0;
+    for (int64_t j = 0; j <= t; ++j) {
+      const double e = rows[i][j];
+      if (j >= span_begin_ && j < span_end_) {
+        answer += e;
+      } else {
+        noise += e;
+        noise_abs += std::fabs(e);
+      }
+    }
+    s.answer += answer;
+    s.noise += noise;
+    s.noise_abs += noise_abs;
+    s.row_sum += answer + noise;
+    s.rows += 1;
+  }
+  return false;  // the model computes the attention itself
+}
+
+std::vector<LayerNoiseStats> AttentionNoiseProbe::stats() const {
+  std::vector<LayerNoiseStats> out = sums_;
+  for (auto& s : out)
+    if (s.rows > 0) {
+      const double n = double(s.rows);
+      s.answer /= n;
+      s.noise /= n;
+      s.noise_abs /= n;
+      s.row_sum /= n;
+    }
+  return out;
+}
+
+std::vector<int64_t> token_byte_offsets(const Tokenizer& tok, const std::vector<int32_t>& ids, const std::string& text) {
+  std::vector<int64_t> offsets(ids.size() + 1, 0);
+  std::string joined;
+  for (size_t i = 0; i < ids.size(); ++i) {
+    joined += tok.decode({ids[i]});
+    offsets[i + 1] = int64_t(joined.size());
+  }
+  if (joined != text)
+    throw_error("the tokens do not decode, one by one, to the text they were encoded from (", joined.size(), " bytes from ",
+                text.size(), "): the answer span cannot be located in tokens");
+  return offsets;
+}
+
+std::pair<int64_t, int64_t> tokens_covering(const std::vector<int64_t>& offsets, int64_t begin, int64_t end) {
+  if (offsets.size() < 2 || begin < 0 || begin >= end || end > offsets.back())
+    throw_error("byte range [", begin, ", ", end, ") is not a non-empty range of the ",
+                offsets.empty() ? 0 : offsets.back(), " bytes");
+  // token i holds bytes [offsets[i], offsets[i + 1]); tokens of no bytes overlap nothing
+  const int64_t n = int64_t(offsets.size()) - 1;
+  int64_t first = 0;
+  while (first < n && offsets[first + 1] <= begin) ++first;
+  int64_t last = first;
+  while (last < n && offsets[last] < end) ++last;
+  return {first, last};
+}
+
+std::string needle_span_text(const std::string& city, const std::string& number) {
+  return "The magic number of " + city + " is " + number + ".";
+}
+
+std::pair<int64_t, int64_t> find_needle_span(const std::string& prompt, const std::string& city, const std::string& number) {
+  const std::string text = needle_span_text(city, number);
+  const size_t at = prompt.find(text);
+  if (at == std::string::npos) throw_error("the needle '", text, "' is not in the prompt");
+  if (prompt.find(text, at + 1) != std::string::npos) throw_error("the needle '", text, "' is in the prompt more than once");
+  return {int64_t(at), int64_t(at + text.size())};
 }
 
 // ---- multi-needle retrieval ---------------------------------------------------------------
@@ -286,6 +514,8 @@ NeedleSample make_needle_sample(const NeedleOptions& o, const std::function<int6
       s.prompts.push_back(s.context + needle_question(n.city));
       s.answers.push_back(n.number);
       s.queried_cities.push_back(n.city);
+      for (const Needle& m : s.needles)
+        if (m.city == n.city) s.spans.push_back({m.offset, m.offset + int64_t(needle_span_text(m.city, m.number).size())});
     }
   return s;
 }

@@ -3,16 +3,32 @@
 // low-bit quantisation of activations, and the multi-needle retrieval task (sequence
 // generator and answer scoring). The first two observe a Model's forward pass through a
 // ForwardProbe (core/model.h); they download the tensors they read to the host, so they work on
-// every backend and are meant for a sample of a few sequences.
+// every backend and are meant for a sample of a few sequences. The attention-noise probe
+// measures, on the needle task, how much of the query position's (effective) attention row goes
+// to the answer's sentence and how much to the rest of the prompt.
 #pragma once
 #include <cstdint>
 #include <functional>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "core/model.h"
+#include "io/tokenizer.h"
 
 namespace difftron {
+
+// ---- host threads --------------------------------------------------------------------------
+
+// The threads the probes' host work runs on: set_host_threads(n), n >= 1; 0 (the default):
+// std::thread::hardware_concurrency() capped at 32. Results do not depend on it: the work is cut
+// into independent pieces, each computed in the single-threaded order, and reduced in a fixed
+// order.
+int host_threads();
+void set_host_threads(int n);
+// Calls fn(i) once for every i in [0, n), on up to host_threads() threads (dynamically
+// scheduled); fn must write only what piece i owns. The first exception is rethrown here.
+void parallel_for(int64_t n, const std::function<void(int64_t)>& fn);
 
 // ---- numerics ----------------------------------------------------------------------------
 
@@ -38,6 +54,8 @@ struct HostAttention {
   int64_t kv_head(int64_t a) const;
   // scores [t + 1] of query position t of sequence b, head a, against keys 0..t
   void scores(int64_t b, int64_t a, int64_t t, float* out) const;
+  // softmax of those scores, in f64 (p [t + 1])
+  void probabilities(int64_t b, int64_t a, int64_t t, double* p) const;
 };
 
 // ---- activation statistics ---------------------------------------------------------------
@@ -83,6 +101,61 @@ class QuantizeProbe : public ForwardProbe {
   int act_bits_, logit_bits_;
 };
 
+// ---- attention noise on the needle task ----------------------------------------------------
+
+// Per layer: what the effective attention rows of the query position give to the answer span
+// and to the rest of the context, as means over (sequence, output head). Effective row of an
+// output head: baseline, its softmax row; V1, A1 - lambda A2 of a differential head (before the
+// sub-layer norm); V2, A[2i] - sigmoid(z_i) A[2i+1] with z_i of the query token.
+struct LayerNoiseStats {
+  double answer = 0;     // sum of the row over the answer span (signed)
+  double noise = 0;      // sum over every other position 0..t (signed)
+  double noise_abs = 0;  // sum of |row| over those positions
+  double row_sum = 0;    // answer + noise: 1 (baseline), 1 - lambda (V1), 1 - sigmoid(z) (V2)
+  int64_t rows = 0;      // (sequence, output head) rows averaged
+  // mean answer / mean noise_abs (0 when there is no noise)
+  double ratio() const { return noise_abs > 0 ? answer / noise_abs : 0.0; }
+};
+
+// Accumulates LayerNoiseStats over forward passes of one sequence (B = 1) each, while set as the
+// model's probe: before each pass set_query names the query position and the answer's tokens.
+// The maps are computed on the host in f64 from q and k as the model holds them (and V1's lambda
+// as the model passes it; V2's z = ln1 W_lambda^T of the query token, in f64 from ln1 and the
+// lambda_proj weights); the model's own attention runs unchanged.
+class AttentionNoiseProbe : public ForwardProbe {
+ public:
+  explicit AttentionNoiseProbe(Model& model);
+  // The next pass: query position t, answer span tokens [span_begin, span_end) (within 0..t).
+  void set_query(int64_t t, int64_t span_begin, int64_t span_end);
+  void linear_input(int64_t layer, LinearInput site, Tensor& x) override;
+  bool attention(int64_t layer, const Tensor& q, const Tensor& k, const Tensor& v, const Tensor& lambda,
+                 Tensor& out) override;
+  // Per layer, means over the rows seen.
+  std::vector<LayerNoiseStats> stats() const;
+  // The effective rows [t + 1] of each output head of the last pass's layer `layer`.
+  const std::vector<std::vector<double>>& last_rows(int64_t layer) const { return last_rows_.at(layer); }
+
+ private:
+  Model& model_;
+  AttentionKind kind_;
+  int64_t t_ = -1, span_begin_ = 0, span_end_ = 0;
+  std::vector<LayerNoiseStats> sums_;
+  std::vector<std::vector<float>> w_lambda_;  // V2: [2h, d] per layer
+  std::vector<double> ln1_row_;               // V2: ln1 of the query token, this layer
+  std::vector<std::vector<std::vector<double>>> last_rows_;
+};
+
+// Byte offsets of tokens: offsets[i] is the length of the text before token i (ids.size() + 1
+// values), from each token's own decoding; throws when the pieces do not make up `text`.
+std::vector<int64_t> token_byte_offsets(const Tokenizer& tok, const std::vector<int32_t>& ids, const std::string& text);
+// The tokens [first, last) whose bytes overlap the byte range [begin, end) (begin < end).
+std::pair<int64_t, int64_t> tokens_covering(const std::vector<int64_t>& offsets, int64_t begin, int64_t end);
+// The needle sentence as the answer span counts it: "The magic number of CITY is NUMBER."
+// (Needle::sentence without its trailing space).
+std::string needle_span_text(const std::string& city, const std::string& number);
+// Its byte range [begin, end) in a prompt; throws unless it occurs exactly once.
+std::pair<int64_t, int64_t> find_needle_span(const std::string& prompt, const std::string& city, const std::string& number);
+
 // ---- multi-needle retrieval ----------------------------------------------------------------
 
 struct NeedleOptions {
@@ -108,6 +181,9 @@ struct NeedleSample {
   std::vector<std::string> prompts;         // one per queried needle: context + question
   std::vector<std::string> answers;         // the numbers, in prompts' order
   std::vector<std::string> queried_cities;  // in prompts' order
+  // in prompts' order: the byte range [begin, end) of the queried needle's needle_span_text in
+  // the context (and so in its prompt)
+  std::vector<std::pair<int64_t, int64_t>> spans;
   NeedleOptions options;
 };
 

@@ -2,7 +2,10 @@
 // fake quantisation and kurtosis against hand values; the activation statistics against the
 // tensors the forward pass shows a recording probe (recomputed here by plain loops); the host
 // attention (used when logits are quantised) against the model's own; quantised losses ordered
-// by bits; the needle generator's sequences and the answer scorer; a CLI smoke run.
+// by bits; the needle generator's sequences and the answer scorer; the attention-noise probe
+// against maps computed here from the recorded q, k (and lambda, z), themselves checked against
+// the model's attention output; the answer span's tokens; threaded host work against one thread,
+// bit for bit; a CLI smoke run.
 #include <unistd.h>
 
 #include <algorithm>
@@ -11,6 +14,7 @@
 #include <fstream>
 #include <sstream>
 #include <string>
+#include <tuple>
 #include <vector>
 
 #include <gtest/gtest.h>
@@ -19,6 +23,7 @@
 #include "base/rng.h"
 #include "core/eval_tasks.h"
 #include "core/model.h"
+#include "io/tokenizer.h"
 #include "tests/run_command.h"
 
 namespace difftron {
@@ -215,6 +220,247 @@ TEST_P(EvalTasksKinds, QuantisedLossesAreOrderedByBits) {
   EXPECT_EQ(model.forward_loss(toks.data(), tg.data(), 2, 12), base);  // nothing left behind
 }
 
+// Everything the noise test needs of a forward pass, per layer: q, k, v, lambda (V1), ln1 and the
+// input of o_proj.
+struct NoiseRecorder : ForwardProbe {
+  Ops& ops;
+  explicit NoiseRecorder(Ops& o) : ops(o) {}
+  std::vector<std::vector<float>> q, k, v, ln1, att_out;
+  std::vector<double> lambda;
+  void linear_input(int64_t, LinearInput site, Tensor& x) override {
+    if (site == LinearInput::AttnNorm) ln1.push_back(RecordingProbe::host(ops, x));
+    if (site == LinearInput::AttnOutput) att_out.push_back(RecordingProbe::host(ops, x));
+  }
+  bool attention(int64_t, const Tensor& qt, const Tensor& kt, const Tensor& vt, const Tensor& lt, Tensor&) override {
+    q.push_back(RecordingProbe::host(ops, qt));
+    k.push_back(RecordingProbe::host(ops, kt));
+    v.push_back(RecordingProbe::host(ops, vt));
+    double lam = 0;
+    if (lt.defined()) ops.download(lt, &lam);
+    lambda.push_back(lam);
+    return false;
+  }
+};
+
+// The noise probe's per-layer means equal those of effective rows computed here with plain loops
+// (softmax in f64 of q.k/sqrt(dh); V1: A1 - lambda A2 with the model's lambda_value; V2:
+// A[2i] - sigmoid(z) A[2i+1] with z = ln1 W_lambda^T). Those rows are first checked against the
+// model: row x V is the model's attention output at the query position (V1: after its sub-layer
+// norm, as the model feeds o_proj), so the expected numbers are the model's maps.
+TEST_P(EvalTasksKinds, AttentionNoiseEqualsMapsComputedFromTheModel) {
+  auto ops = make_cpu_ops();
+  const ModelConfig cfg = tiny_config(GetParam());
+  const AttentionKind kind = cfg.attention;
+  Model model(cfg, *ops, ModelPrecision::uniform(DType::F32), 1, 16);
+  model.init_weights(11);
+  const int64_t dh = cfg.head_dim, L = cfg.n_layers;
+  // two prompts: (length, answer span)
+  const std::vector<std::tuple<int64_t, int64_t, int64_t>> prompts = {{12, 3, 6}, {9, 0, 2}};
+  std::vector<double> answer(L, 0), noise(L, 0), noise_abs(L, 0), row_sum(L, 0);
+  std::vector<int64_t> rows(L, 0);
+  AttentionNoiseProbe probe(model);
+  for (size_t pi = 0; pi < prompts.size(); ++pi) {
+    const auto [S, b0, b1] = prompts[pi];
+    const int64_t t = S - 1;
+    const std::vector<int32_t> toks = some_tokens(S, cfg.vocab_size, 30 + pi);
+    NoiseRecorder rec(*ops);
+    model.set_probe(&rec);
+    const std::vector<float> plain = model.last_logits(toks.data(), S);
+    probe.set_query(t, b0, b1);
+    model.set_probe(&probe);
+    EXPECT_EQ(model.last_logits(toks.data(), S), plain);  // observing changes nothing
+    model.set_probe(nullptr);
+    for (int64_t l = 0; l < L; ++l) {
+      SCOPED_TRACE("prompt " + std::to_string(pi) + " layer " + std::to_string(l));
+      // query heads of dh, K/V heads; which K/V head each query head reads; maps per output head
+      const int64_t QH = int64_t(rec.q[l].size()) / (S * dh), KH = int64_t(rec.k[l].size()) / (S * dh);
+      const int64_t maps = kind == AttentionKind::Standard ? 1 : 2, OH = QH / maps;
+      auto kv_of = [&](int64_t a) {  // V1: map j of diff head i reads map j of its group
+        return kind == AttentionKind::Differential ? 2 * ((a / 2) / ((QH / 2) / (KH / 2))) + a % 2 : a / (QH / KH);
+      };
+      auto softmax_row = [&](int64_t a) {
+        std::vector<double> p(t + 1);
+        double mx = -INFINITY, sum = 0;
+        for (int64_t j = 0; j <= t; ++j) {
+          double dot = 0;
+          for (int64_t c = 0; c < dh; ++c) dot += double(rec.q[l][(t * QH + a) * dh + c]) * double(rec.k[l][(j * KH + kv_of(a)) * dh + c]);
+          p[j] = dot / std::sqrt(double(dh));
+          mx = std::max(mx, p[j]);
+        }
+        for (auto& x : p) sum += x = std::exp(x - mx);
+        for (auto& x : p) x /= sum;
+        return p;
+      };
+      std::vector<double> second(OH, 0.0);  // what map 2 is multiplied by
+      if (kind == AttentionKind::Differential) {
+        std::fill(second.begin(), second.end(), model.lambda_value(l));
+        EXPECT_NEAR(rec.lambda[l], second[0], 1e-6);
+      }
+      if (kind == AttentionKind::DifferentialV2) {
+        const Tensor& w = model.param("model.layers." + std::to_string(l) + ".self_attn.lambda_proj.weight").value;
+        const std::vector<float> wh = RecordingProbe::host(*ops, w);
+        const int64_t d = cfg.d_model;
+        ASSERT_EQ(int64_t(wh.size()), OH * d);
+        for (int64_t i = 0; i < OH; ++i) {
+          double z = 0;
+          for (int64_t c = 0; c < d; ++c) z += double(rec.ln1[l][t * d + c]) * double(wh[i * d + c]);
+          second[i] = 1 / (1 + std::exp(-z));
+        }
+      }
+      for (int64_t i = 0; i < OH; ++i) {
+        std::vector<double> e = softmax_row(i * maps);
+        if (maps == 2) {
+          const std::vector<double> p2 = softmax_row(i * maps + 1);
+          for (int64_t j = 0; j <= t; ++j) e[j] -= second[i] * p2[j];
+        }
+        // the probe's own row of this head
+        const std::vector<double>& got = probe.last_rows(l).at(i);
+        ASSERT_EQ(int64_t(got.size()), t + 1);
+        for (int64_t j = 0; j <= t; ++j) EXPECT_NEAR(got[j], e[j], 1e-6) << "head " << i << " key " << j;
+        // anchor: e x V is what the model's attention produced at the query position
+        const int64_t vw = kind == AttentionKind::Differential ? 2 * dh : dh;
+        const int64_t VH = int64_t(rec.v[l].size()) / (S * vw);
+        const int64_t vh = kind == AttentionKind::Differential ? kv_of(2 * i) / 2 : kv_of(i * maps);
+        std::vector<double> o(vw, 0.0);
+        for (int64_t j = 0; j <= t; ++j)
+          for (int64_t c = 0; c < vw; ++c) o[c] += e[j] * rec.v[l][(j * VH + vh) * vw + c];
+        if (kind == AttentionKind::Differential) {  // sub-layer norm: o / rms(o) * w_sub (1) * (1 - lambda_init)
+          double ms = 0;
+          for (double x : o) ms += x * x / double(vw);
+          for (double& x : o) x *= (1 - ModelConfig::lambda_init(l)) / std::sqrt(ms + cfg.norm_eps);
+        }
+        const int64_t width = int64_t(rec.att_out[l].size()) / S;
+        ASSERT_EQ(width, OH * vw);
+        for (int64_t c = 0; c < vw; ++c)
+          EXPECT_NEAR(rec.att_out[l][t * width + i * vw + c], o[c], 2e-5 + 1e-4 * std::fabs(o[c])) << "head " << i;
+        double a = 0, n = 0, na = 0;
+        for (int64_t j = 0; j <= t; ++j) {
+          if (j >= b0 && j < b1) {
+            a += e[j];
+          } else {
+            n += e[j];
+            na += std::fabs(e[j]);
+          }
+        }
+        const double want_sum = kind == AttentionKind::Standard ? 1.0 : 1.0 - second[i];
+        EXPECT_NEAR(a + n, want_sum, 1e-9);
+        answer[l] += a;
+        noise[l] += n;
+        noise_abs[l] += na;
+        row_sum[l] += a + n;
+        rows[l] += 1;
+      }
+    }
+  }
+  const std::vector<LayerNoiseStats> got = probe.stats();
+  ASSERT_EQ(int64_t(got.size()), L);
+  for (int64_t l = 0; l < L; ++l) {
+    SCOPED_TRACE("layer " + std::to_string(l));
+    const double n = double(rows[l]);
+    EXPECT_EQ(got[l].rows, rows[l]);
+    EXPECT_EQ(got[l].rows, 2 * (kind == AttentionKind::Differential ? cfg.n_heads : 2 * cfg.n_heads));
+    EXPECT_NEAR(got[l].answer, answer[l] / n, 1e-6);
+    EXPECT_NEAR(got[l].noise, noise[l] / n, 1e-6);
+    EXPECT_NEAR(got[l].noise_abs, noise_abs[l] / n, 1e-6);
+    EXPECT_NEAR(got[l].row_sum, row_sum[l] / n, 1e-6);
+    EXPECT_NEAR(got[l].ratio(), answer[l] / noise_abs[l], 1e-5 * std::fabs(answer[l] / noise_abs[l]));
+    EXPECT_GE(got[l].noise_abs, std::fabs(got[l].noise));
+    if (kind == AttentionKind::Standard) {
+      EXPECT_GT(got[l].answer, 0.0);
+      EXPECT_NEAR(got[l].answer + got[l].noise, 1.0, 1e-12);
+      EXPECT_EQ(got[l].noise, got[l].noise_abs);
+    } else if (kind == AttentionKind::Differential) {
+      EXPECT_NEAR(got[l].row_sum, 1.0 - model.lambda_value(l), 1e-6);  // (this random model's lambda may be < 0)
+    } else {
+      EXPECT_LT(got[l].row_sum, 1.0);  // sigmoid(z) in (0, 1) taken off
+      EXPECT_GT(got[l].row_sum, 0.0);
+    }
+  }
+  probe.set_query(3, 0, 2);  // a query position outside the pass is refused
+  model.set_probe(&probe);
+  const std::vector<int32_t> two = some_tokens(2, cfg.vocab_size, 1);
+  EXPECT_THROW(model.last_logits(two.data(), 2), Error);
+  model.set_probe(nullptr);
+  EXPECT_THROW(probe.set_query(5, 4, 7), Error);  // the span must lie within keys 0..t
+  EXPECT_THROW(probe.set_query(5, 2, 2), Error);
+}
+
+// The probes' host work on several threads gives what one thread gives, bit for bit (sequences of
+// more than one block of query rows, two sequences, GQA).
+TEST_P(EvalTasksKinds, ThreadedHostWorkIsBitwiseTheSingleThreadedOne) {
+  auto ops = make_cpu_ops();
+  ModelConfig cfg = tiny_config(GetParam());
+  cfg.max_seq_len = 80;
+  const int64_t B = 2, S = 75;
+  Model model(cfg, *ops, ModelPrecision::uniform(DType::F32), B, S);
+  model.init_weights(13);
+  const std::vector<int32_t> toks = some_tokens(B * S, cfg.vocab_size, 3), tg = some_tokens(B * S, cfg.vocab_size, 4);
+  struct Result {
+    double quant_loss = 0, quant_act_loss = 0;
+    std::vector<float> logits;
+    std::vector<LayerActivationStats> acts;
+    std::vector<std::vector<std::vector<double>>> noise_rows;
+  };
+  auto run = [&](int threads) {
+    set_host_threads(threads);
+    EXPECT_EQ(host_threads(), threads);
+    Result r;
+    QuantizeProbe quant(*ops, 0, 6);
+    model.set_probe(&quant);
+    r.quant_loss = model.forward_loss(toks.data(), tg.data(), B, S);
+    r.logits = model.last_logits(toks.data(), S);
+    QuantizeProbe quant_act(*ops, 5, 0);
+    model.set_probe(&quant_act);
+    r.quant_act_loss = model.forward_loss(toks.data(), tg.data(), B, S);
+    ActivationStatsProbe acts(*ops, cfg.n_layers);
+    model.set_probe(&acts);
+    model.forward_loss(toks.data(), tg.data(), B, S);
+    r.acts = acts.stats();
+    AttentionNoiseProbe noise(model);
+    noise.set_query(S - 1, 10, 20);
+    model.set_probe(&noise);
+    model.last_logits(toks.data(), S);
+    for (int64_t l = 0; l < cfg.n_layers; ++l) r.noise_rows.push_back(noise.last_rows(l));
+    model.set_probe(nullptr);
+    return r;
+  };
+  const Result one = run(1), many = run(5);
+  set_host_threads(0);
+  EXPECT_GE(host_threads(), 1);
+  EXPECT_EQ(one.quant_loss, many.quant_loss);
+  EXPECT_EQ(one.quant_act_loss, many.quant_act_loss);
+  EXPECT_EQ(one.logits, many.logits);
+  ASSERT_EQ(one.acts.size(), many.acts.size());
+  for (size_t l = 0; l < one.acts.size(); ++l) {
+    EXPECT_EQ(one.acts[l].max_attn_logit, many.acts[l].max_attn_logit);
+    EXPECT_EQ(one.acts[l].hidden_max, many.acts[l].hidden_max);
+    EXPECT_EQ(one.acts[l].hidden_kurtosis, many.acts[l].hidden_kurtosis);
+  }
+  EXPECT_EQ(one.noise_rows, many.noise_rows);
+  // and the host attention is still the model's (16-bit logits: nearly no rounding)
+  QuantizeProbe q16(*ops, 0, 16);
+  set_host_threads(3);
+  model.set_probe(&q16);
+  const double host = model.forward_loss(toks.data(), tg.data(), B, S);
+  model.set_probe(nullptr);
+  set_host_threads(0);
+  const double base = model.forward_loss(toks.data(), tg.data(), B, S);
+  EXPECT_NEAR(host, base, 1e-4 * base);
+  EXPECT_THROW(set_host_threads(-1), Error);
+}
+
+TEST(HostThreads, ParallelForRunsEachPieceOnceAndRethrows) {
+  set_host_threads(4);
+  std::vector<int> hits(1000, 0);
+  parallel_for(1000, [&](int64_t i) { hits[i] += 1; });
+  EXPECT_EQ(std::count(hits.begin(), hits.end(), 1), 1000);
+  EXPECT_THROW(parallel_for(100, [](int64_t i) {
+                 if (i == 37) throw_error("piece ", i);
+               }),
+               Error);
+  set_host_threads(0);
+}
+
 INSTANTIATE_TEST_SUITE_P(Kinds, EvalTasksKinds,
                          ::testing::Values(AttentionKind::Differential, AttentionKind::Standard,
                                            AttentionKind::DifferentialV2),
@@ -271,6 +517,62 @@ TEST(Needles, SequencesHoldExactlyTheNeedlesAtTheirDepths) {
   NeedleOptions bad;
   bad.queries = 7;
   EXPECT_THROW(make_needle_sample(bad, bytes), Error);
+}
+
+// The answer span: the needle's sentence in the prompt, mapped to the tokens that hold its bytes.
+TEST(Needles, AnswerSpanMapsToTheSentencesTokens) {
+  // hand offsets: tokens of 3, 2, 4, 1 bytes
+  const std::vector<int64_t> off = {0, 3, 5, 9, 10};
+  EXPECT_EQ(tokens_covering(off, 4, 9), std::make_pair(int64_t(1), int64_t(3)));
+  EXPECT_EQ(tokens_covering(off, 5, 6), std::make_pair(int64_t(2), int64_t(3)));
+  EXPECT_EQ(tokens_covering(off, 3, 5), std::make_pair(int64_t(1), int64_t(2)));
+  EXPECT_EQ(tokens_covering(off, 0, 10), std::make_pair(int64_t(0), int64_t(4)));
+  EXPECT_EQ(tokens_covering(off, 2, 4), std::make_pair(int64_t(0), int64_t(2)));
+  EXPECT_THROW(tokens_covering(off, 4, 4), Error);
+  EXPECT_THROW(tokens_covering(off, 8, 11), Error);
+
+  const std::unique_ptr<Tokenizer> bytes = load_tokenizer("bytes");
+  const std::unique_ptr<Tokenizer> bpe = load_tokenizer(std::string(DIFFTRON_SOURCE_DIR) + "/tests/data/bpe/gpt2_tokenizer.json");
+  for (const Tokenizer* tok : {bytes.get(), bpe.get()}) {
+    NeedleOptions o;
+    o.context_tokens = 400;
+    o.depth = 0.5;
+    o.needles = 4;
+    o.queries = 2;
+    o.seed = 5;
+    const NeedleSample s = make_needle_sample(o, [&](const std::string& x) { return int64_t(tok->encode(x).size()); });
+    ASSERT_EQ(s.spans.size(), s.prompts.size());
+    for (size_t q = 0; q < s.prompts.size(); ++q) {
+      const std::string& p = s.prompts[q];
+      const std::string sentence = "The magic number of " + s.queried_cities[q] + " is " + s.answers[q] + ".";
+      const auto [b0, b1] = s.spans[q];
+      EXPECT_EQ(p.substr(size_t(b0), size_t(b1 - b0)), sentence);
+      EXPECT_EQ(find_needle_span(p, s.queried_cities[q], s.answers[q]), s.spans[q]);
+      const std::vector<int32_t> ids = tok->encode(p);
+      const std::vector<int64_t> offsets = token_byte_offsets(*tok, ids, p);
+      ASSERT_EQ(offsets.size(), ids.size() + 1);
+      const auto [t0, t1] = tokens_covering(offsets, b0, b1);
+      if (tok == bytes.get()) {  // one token per byte
+        EXPECT_EQ(t0, b0);
+        EXPECT_EQ(t1, b1);
+      } else {
+        EXPECT_LT(t1 - t0, b1 - b0);  // merges happen
+      }
+      // the tokens hold the sentence, and their first and last hold some of it
+      const std::string covered = tok->decode(std::vector<int32_t>(ids.begin() + t0, ids.begin() + t1));
+      EXPECT_NE(covered.find(sentence), std::string::npos) << covered;
+      EXPECT_LE(offsets[t0], b0);
+      EXPECT_GT(offsets[t0 + 1], b0);
+      EXPECT_LT(offsets[t1 - 1], b1);
+      EXPECT_GE(offsets[t1], b1);
+      EXPECT_LT(t1, int64_t(ids.size()));  // the question follows: the query position is not in the span
+    }
+    EXPECT_THROW(token_byte_offsets(*tok, tok->encode("abc"), "abd"), Error);
+  }
+  EXPECT_THROW(find_needle_span("no needle here", "Oslo", "12"), Error);
+  const std::string twice = "The magic number of Oslo is 12. The magic number of Oslo is 12.";
+  EXPECT_THROW(find_needle_span(twice, "Oslo", "12"), Error);
+  EXPECT_EQ(find_needle_span("x The magic number of Oslo is 12. y", "Oslo", "12"), std::make_pair(int64_t(2), int64_t(33)));
 }
 
 TEST(Needles, ScorerCountsCorrectAnswers) {
@@ -342,6 +644,12 @@ TEST(EvalTasksCli, NeedlesActivationsQuant) {
   for (std::string line; std::getline(f, line); ++samples) {
     const auto j = nlohmann::json::parse(line);
     EXPECT_EQ(j["prompts"].size(), 2u);
+    ASSERT_EQ(j["spans"].size(), 2u);
+    for (size_t q = 0; q < 2; ++q) {  // the byte span of the queried needle's sentence
+      const int64_t b0 = j["spans"][q][0], b1 = j["spans"][q][1];
+      EXPECT_EQ(j["prompts"][q].get<std::string>().substr(size_t(b0), size_t(b1 - b0)),
+                "The magic number of " + j["cities"][q].get<std::string>() + " is " + j["answers"][q].get<std::string>() + ".");
+    }
     EXPECT_LE(j["prompt_tokens"].get<int64_t>(), j["context_tokens"].get<int64_t>());
   }
   EXPECT_EQ(samples, 8);
@@ -353,6 +661,63 @@ TEST(EvalTasksCli, NeedlesActivationsQuant) {
   EXPECT_EQ(needles[0]["context_tokens"], 200);
   EXPECT_EQ(needles[4]["total"], 16);
   EXPECT_GE(needles[4]["accuracy"].get<double>(), 0.0);
+
+  // attention noise on the same file: two layers and "all"; the rows of the differential maps
+  // sum to 1 - lambda; --max_tokens keeps whole prompts in file order
+  const std::string noise_cmd = "eval --device=cpu --checkpoint=" + d + "/ck --task=noise --needles_file=";
+  r = run_difftron(noise_cmd + d + "/n.jsonl");
+  ASSERT_EQ(r.status, 0) << r.output;
+  auto noise = lines(r.output, "noise");
+  ASSERT_EQ(noise.size(), 3u) << r.output;
+  EXPECT_EQ(noise[2]["layer"], "all");
+  EXPECT_EQ(noise[2]["prompts"], 16);
+  for (const auto& j : noise) {
+    EXPECT_NEAR(j["answer"].get<double>() + j["noise"].get<double>(), j["row_sum"].get<double>(), 1e-9) << j.dump();
+    EXPECT_GT(j["answer"].get<double>(), 0.0);
+    EXPECT_GE(j["noise_abs"].get<double>(), std::fabs(j["noise"].get<double>()));
+    EXPECT_NEAR(j["ratio"].get<double>(), j["answer"].get<double>() / j["noise_abs"].get<double>(), 1e-9);
+  }
+  EXPECT_LT(noise[0]["row_sum"].get<double>(), 1.0);  // the checkpoint is differential (V1)
+  EXPECT_NE(r.output.find("answer/|noise|"), std::string::npos) << r.output;
+  r = run_difftron(noise_cmd + d + "/n.jsonl --max_tokens=450");
+  ASSERT_EQ(r.status, 0) << r.output;
+  {
+    const auto limited = lines(r.output, "noise").at(2);  // prompts of 120 to 200 tokens
+    EXPECT_LE(limited["tokens"].get<int64_t>(), 450);
+    EXPECT_GT(limited["tokens"].get<int64_t>(), 450 - 200);
+    EXPECT_GE(limited["prompts"].get<int64_t>(), 2);
+    EXPECT_LE(limited["prompts"].get<int64_t>(), 3);
+  }
+  // a file of an older `difftron needles` (no spans) gives the same numbers; one with neither
+  // spans nor cities, or a span that is not the needle, is refused naming the file
+  {
+    std::ifstream in(d + "/n.jsonl");
+    std::ofstream old_file(d + "/old.jsonl"), bare(d + "/bare.jsonl"), wrong(d + "/wrong.jsonl");
+    for (std::string line; std::getline(in, line);) {
+      auto j = nlohmann::json::parse(line);
+      j.erase("spans");
+      old_file << j.dump() << "\n";
+      j.erase("cities");
+      bare << j.dump() << "\n";
+      j = nlohmann::json::parse(line);
+      j["spans"][0][0] = j["spans"][0][0].get<int64_t>() + 1;
+      wrong << j.dump() << "\n";
+    }
+  }
+  r = run_difftron(noise_cmd + d + "/old.jsonl");
+  ASSERT_EQ(r.status, 0) << r.output;
+  auto old_noise = lines(r.output, "noise");
+  ASSERT_EQ(old_noise.size(), 3u) << r.output;
+  EXPECT_EQ(old_noise[2]["answer"], noise[2]["answer"]);
+  EXPECT_EQ(old_noise[2]["noise_abs"], noise[2]["noise_abs"]);
+  r = run_difftron(noise_cmd + d + "/bare.jsonl");
+  EXPECT_EQ(r.status, 1);
+  EXPECT_NE(r.output.find(d + "/bare.jsonl line 1"), std::string::npos) << r.output;
+  EXPECT_NE(r.output.find("write it again"), std::string::npos) << r.output;
+  r = run_difftron(noise_cmd + d + "/wrong.jsonl");
+  EXPECT_EQ(r.status, 1);
+  EXPECT_NE(r.output.find(d + "/wrong.jsonl line 1"), std::string::npos) << r.output;
+  EXPECT_NE(r.output.find("is not the needle"), std::string::npos) << r.output;
   fs::remove_all(dir);
 }
 

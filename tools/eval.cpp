@@ -9,7 +9,10 @@
 //     of --bits (and with --quant_logits the attention logits too), next to the float loss.
 //   --task=needles: multi-needle retrieval accuracy on a task file of `difftron needles`, by
 //     greedy generation of each queried number.
+//   --task=noise: on the same task file, per layer, the attention the prompt's last token gives
+//     to the queried needle's sentence (the answer span) and to the rest of the prompt (noise).
 // Prints a table and one JSON line per result on stdout.
+#include <chrono>
 #include <cmath>
 #include <cstdarg>
 #include <cstdio>
@@ -30,13 +33,14 @@
 #include "launch/command.h"
 #include "tools/inference.h"
 
-DEFINE_string(task, "loss", "eval: loss | activations | quant | needles (docs/EVAL.md)");
+DEFINE_string(task, "loss", "eval: loss | activations | quant | needles | noise (docs/EVAL.md)");
 DEFINE_int64(max_tokens, 0,
              "eval: evaluate at most about this many tokens, whole sequences (0: the whole dataset for --task=loss, "
-             "8 sequences for activations and quant)");
+             "8 sequences for activations and quant); --task=noise: the needle prompts, in file order, up to this "
+             "many tokens (at least one prompt; 0: all)");
 DEFINE_string(bits, "8,6,4", "eval --task=quant: the activation bit widths to simulate, comma-separated");
 DEFINE_bool(quant_logits, false, "eval --task=quant: also fake-quantise the attention logits (each query row) to the same bits");
-DEFINE_string(needles_file, "", "eval --task=needles: the task file written by `difftron needles`");
+DEFINE_string(needles_file, "", "eval --task=needles|noise: the task file written by `difftron needles`");
 DECLARE_string(data);   // launch/train.cpp
 DECLARE_int64(seq);     // launch/train.cpp
 DECLARE_int64(batch);   // launch/train.cpp
@@ -48,6 +52,26 @@ bool flag_given(const char* name) {
   gflags::CommandLineFlagInfo info;
   return gflags::GetCommandLineFlagInfo(name, &info) && !info.is_default;
 }
+
+// Logs how far a long task has come, with an estimate of the time left, at most every 10 s.
+class Progress {
+ public:
+  Progress(std::string what, int64_t total) : what_(std::move(what)), total_(total) {}
+  void done(int64_t n) {
+    const auto now = Clock::now();
+    if (n >= total_ || now - last_ < std::chrono::seconds(10)) return;
+    last_ = now;
+    const double spent = std::chrono::duration<double>(now - start_).count();
+    LOG(INFO) << what_ << ": " << n << "/" << total_ << " after " << int64_t(spent) << " s, about "
+              << int64_t(spent / double(n) * double(total_ - n)) << " s left";
+  }
+
+ private:
+  using Clock = std::chrono::steady_clock;
+  std::string what_;
+  int64_t total_;
+  Clock::time_point start_ = Clock::now(), last_ = Clock::now();
+};
 
 std::vector<int> parse_bits(const std::string& list) {
   std::vector<int> bits;
@@ -85,7 +109,8 @@ struct DatasetSample {
     std::vector<int32_t> tokens(B * S), targets(B * S);
     Loss out;
     data->restore_position(start_);
-    for (int64_t done = 0; done < n_seq;) {
+    Progress progress("sequences", n_seq);
+    for (int64_t done = 0; done < n_seq; progress.done(done)) {
       const int64_t nb = std::min(B, n_seq - done);
       data->next_batch(nb, S, tokens.data(), targets.data());
       int64_t valid = 0;
@@ -258,20 +283,25 @@ int quant_task(const LoadedModel& lm, DatasetSample& d) {
   return 0;
 }
 
-int needles_task(const LoadedModel& lm) {
-  if (FLAGS_needles_file.empty()) throw_error("--needles_file: give the task file of `difftron needles`");
-  if (!lm.tokenizer) throw_error(lm.source, " records no tokenizer: the needle task is text");
-  std::ifstream f(FLAGS_needles_file);
-  if (!f) throw_error("--needles_file=", FLAGS_needles_file, ": cannot open");
-  struct Query {
-    std::vector<int32_t> prompt;
-    std::string answer, group;
-  };
-  std::vector<Query> queries;
+// The queries of a `difftron needles` task file, in file order.
+struct NeedleQuery {
+  std::string prompt, answer, city, group;
+  int64_t line = 0;
+  bool has_span = false;  // files written before the spans were added have none
+  std::pair<int64_t, int64_t> span;
+};
+struct NeedleFile {
+  std::vector<NeedleQuery> queries;
   std::vector<std::string> group_order;
   std::map<std::string, nlohmann::json> group_info;
-  int64_t longest = 0, answer_chars = 0, line_no = 0;
-  const ModelConfig& cfg = lm.model->config();
+};
+
+NeedleFile read_needles_file() {
+  if (FLAGS_needles_file.empty()) throw_error("--needles_file: give the task file of `difftron needles`");
+  std::ifstream f(FLAGS_needles_file);
+  if (!f) throw_error("--needles_file=", FLAGS_needles_file, ": cannot open");
+  NeedleFile nf;
+  int64_t line_no = 0;
   for (std::string line; std::getline(f, line);) {
     ++line_no;
     if (line.empty()) continue;
@@ -283,22 +313,57 @@ int needles_task(const LoadedModel& lm) {
     }
     if (!j.contains("prompts") || !j.contains("answers") || j["prompts"].size() != j["answers"].size())
       throw_error("--needles_file=", FLAGS_needles_file, " line ", line_no, ": needs prompts and answers of equal length");
+    const size_t n = j["prompts"].size();
+    const bool has_cities = j.contains("cities") && j["cities"].size() == n;
+    const bool has_spans = j.contains("spans") && j["spans"].size() == n;
     char key[128];
     std::snprintf(key, sizeof key, "ctx %lld depth %.2f N %lld R %lld", (long long)j.value("context_tokens", 0),
                   j.value("depth", 0.0), (long long)j.value("needles", 0), (long long)j.value("queries", 0));
-    if (!group_info.count(key)) {
-      group_order.push_back(key);
-      group_info[key] = {{"context_tokens", j.value("context_tokens", 0)}, {"depth", j.value("depth", 0.0)},
-                         {"needles", j.value("needles", 0)}, {"queries", j.value("queries", 0)}};
+    if (!nf.group_info.count(key)) {
+      nf.group_order.push_back(key);
+      nf.group_info[key] = {{"context_tokens", j.value("context_tokens", 0)}, {"depth", j.value("depth", 0.0)},
+                            {"needles", j.value("needles", 0)}, {"queries", j.value("queries", 0)}};
     }
-    for (size_t i = 0; i < j["prompts"].size(); ++i) {
-      Query q{lm.tokenizer->encode(j["prompts"][i].get<std::string>()), j["answers"][i].get<std::string>(), key};
-      longest = std::max<int64_t>(longest, int64_t(q.prompt.size()));
-      answer_chars = std::max<int64_t>(answer_chars, int64_t(q.answer.size()));
-      queries.push_back(std::move(q));
+    try {
+      for (size_t i = 0; i < n; ++i) {
+        NeedleQuery q;
+        q.prompt = j["prompts"][i].get<std::string>();
+        q.answer = j["answers"][i].get<std::string>();
+        q.city = has_cities ? j["cities"][i].get<std::string>() : "";
+        q.group = key;
+        q.line = line_no;
+        if (has_spans) {
+          q.has_span = true;
+          q.span = {j["spans"][i].at(0).get<int64_t>(), j["spans"][i].at(1).get<int64_t>()};
+        }
+        nf.queries.push_back(std::move(q));
+      }
+    } catch (const nlohmann::json::exception& e) {
+      throw_error("--needles_file=", FLAGS_needles_file, " line ", line_no, ": ", e.what());
     }
   }
-  if (queries.empty()) throw_error("--needles_file=", FLAGS_needles_file, " holds no task");
+  if (nf.queries.empty()) throw_error("--needles_file=", FLAGS_needles_file, " holds no task");
+  return nf;
+}
+
+int needles_task(const LoadedModel& lm) {
+  if (!lm.tokenizer) throw_error(lm.source, " records no tokenizer: the needle task is text");
+  const NeedleFile nf = read_needles_file();
+  struct Query {
+    std::vector<int32_t> prompt;
+    std::string answer, group;
+  };
+  std::vector<Query> queries;
+  const std::vector<std::string>& group_order = nf.group_order;
+  std::map<std::string, nlohmann::json> group_info = nf.group_info;
+  int64_t longest = 0, answer_chars = 0;
+  const ModelConfig& cfg = lm.model->config();
+  for (const NeedleQuery& nq : nf.queries) {
+    Query q{lm.tokenizer->encode(nq.prompt), nq.answer, nq.group};
+    longest = std::max<int64_t>(longest, int64_t(q.prompt.size()));
+    answer_chars = std::max<int64_t>(answer_chars, int64_t(q.answer.size()));
+    queries.push_back(std::move(q));
+  }
   GenerateOptions o;
   o.max_new_tokens = answer_chars + 2;  // a token holds at least one character
   o.sampling.temperature = 0;           // greedy
@@ -351,17 +416,127 @@ int needles_task(const LoadedModel& lm) {
   return 0;
 }
 
+// The answer span of a needle query in tokens: the file's byte span (checked against the
+// needle's text) or, in files written before spans were recorded, the sentence found in the
+// prompt by its city and number.
+std::pair<int64_t, int64_t> needle_span_tokens(const Tokenizer& tok, const NeedleQuery& q, const std::vector<int32_t>& ids) {
+  const std::string where = "--needles_file=" + FLAGS_needles_file + " line " + std::to_string(q.line);
+  std::pair<int64_t, int64_t> bytes;
+  try {
+    if (q.has_span) {
+      bytes = q.span;
+      const std::string want = needle_span_text(q.city, q.answer);
+      if (q.city.empty() || bytes.first < 0 || bytes.second > int64_t(q.prompt.size()) ||
+          q.prompt.compare(size_t(bytes.first), size_t(bytes.second - bytes.first), want) != 0 ||
+          bytes.second - bytes.first != int64_t(want.size()))
+        throw_error("the span [", bytes.first, ", ", bytes.second, ") is not the needle '", want, "' in its prompt");
+    } else {
+      if (q.city.empty())
+        throw_error("no spans and no cities: a file of an older `difftron needles`; write it again with this one");
+      bytes = find_needle_span(q.prompt, q.city, q.answer);
+    }
+    return tokens_covering(token_byte_offsets(tok, ids, q.prompt), bytes.first, bytes.second);
+  } catch (const Error& e) {
+    throw_error(where, ": ", e.what());
+  }
+  return {};
+}
+
+int noise_task(const LoadedModel& lm) {
+  if (!lm.tokenizer) throw_error(lm.source, " records no tokenizer: the needle task is text");
+  const NeedleFile nf = read_needles_file();
+  Model& model = *lm.model;
+  const ModelConfig& cfg = model.config();
+  struct Query {
+    std::vector<int32_t> ids;
+    std::pair<int64_t, int64_t> span;
+  };
+  std::vector<Query> queries;
+  int64_t tokens = 0;
+  for (const NeedleQuery& nq : nf.queries) {
+    Query q;
+    q.ids = lm.tokenizer->encode(nq.prompt);
+    if (FLAGS_max_tokens > 0 && !queries.empty() && tokens + int64_t(q.ids.size()) > FLAGS_max_tokens) break;
+    if (int64_t(q.ids.size()) > model.max_seq())
+      throw_error("--needles_file=", FLAGS_needles_file, " line ", nq.line, ": a prompt of ", q.ids.size(),
+                  " tokens is longer than the model's context (max_seq_len ", cfg.max_seq_len, ")");
+    q.span = needle_span_tokens(*lm.tokenizer, nq, q.ids);
+    tokens += int64_t(q.ids.size());
+    queries.push_back(std::move(q));
+  }
+  LOG(INFO) << "attention noise: " << queries.size() << " of " << nf.queries.size() << " prompts, " << tokens
+            << " tokens, one forward pass each";
+  AttentionNoiseProbe probe(model);
+  model.set_probe(&probe);
+  Progress progress("prompts", int64_t(queries.size()));
+  for (size_t i = 0; i < queries.size(); ++i) {
+    const Query& q = queries[i];
+    const int64_t S = int64_t(q.ids.size());
+    probe.set_query(S - 1, q.span.first, q.span.second);
+    model.last_logits(q.ids.data(), S);
+    progress.done(int64_t(i) + 1);
+  }
+  model.set_probe(nullptr);
+  const std::vector<LayerNoiseStats> stats = probe.stats();
+  const int64_t heads = stats.empty() || queries.empty() ? 0 : stats[0].rows / int64_t(queries.size());
+  print_line("attention noise of %s (%s): %zu prompts (%lld tokens), attention %s, %lld output heads; the prompt's last "
+             "token's effective attention row: answer = the queried needle's sentence, noise = the rest of the prompt",
+             lm.source.c_str(), FLAGS_needles_file.c_str(), queries.size(), (long long)tokens,
+             attention_kind_name(cfg.attention), (long long)heads);
+  print_line("%5s  %10s  %10s  %10s  %10s  %14s", "layer", "answer", "noise", "|noise|", "row sum", "answer/|noise|");
+  auto emit = [&](const nlohmann::json& layer, const LayerNoiseStats& s) {
+    nlohmann::json j;
+    j["task"] = "noise";
+    j["source"] = lm.source;
+    j["attention"] = attention_kind_name(cfg.attention);
+    j["layer"] = layer;
+    j["answer"] = s.answer;
+    j["noise"] = s.noise;
+    j["noise_abs"] = s.noise_abs;
+    j["row_sum"] = s.row_sum;
+    j["ratio"] = s.ratio();
+    j["prompts"] = queries.size();
+    j["heads"] = heads;
+    if (!layer.is_number()) {
+      j["needles_file"] = FLAGS_needles_file;
+      j["tokens"] = tokens;
+    }
+    std::cout << j.dump() << "\n";
+  };
+  LayerNoiseStats all;
+  for (size_t l = 0; l < stats.size(); ++l) {
+    const LayerNoiseStats& s = stats[l];
+    print_line("%5zu  %10.6f  %10.6f  %10.6f  %10.6f  %14.4f", l, s.answer, s.noise, s.noise_abs, s.row_sum, s.ratio());
+    emit(l, s);
+    const double n = double(stats.size());
+    all.answer += s.answer / n;
+    all.noise += s.noise / n;
+    all.noise_abs += s.noise_abs / n;
+    all.row_sum += s.row_sum / n;
+    all.rows += s.rows;
+  }
+  print_line("%5s  %10.6f  %10.6f  %10.6f  %10.6f  %14.4f", "all", all.answer, all.noise, all.noise_abs, all.row_sum,
+             all.ratio());
+  emit("all", all);
+  std::cout << std::flush;
+  return 0;
+}
+
 int eval_main(int argc, char** argv) {
   gflags::ParseCommandLineFlags(&argc, &argv, true);
   const std::string task = FLAGS_task;
-  if (task != "loss" && task != "activations" && task != "quant" && task != "needles")
-    throw_error("--task (", task, ") must be loss, activations, quant or needles");
+  if (task != "loss" && task != "activations" && task != "quant" && task != "needles" && task != "noise")
+    throw_error("--task (", task, ") must be loss, activations, quant, needles or noise");
   if (FLAGS_max_tokens < 0) throw_error("--max_tokens (", FLAGS_max_tokens, ") must be >= 0 (0: the whole dataset)");
   if (FLAGS_batch <= 0) throw_error("--batch (", FLAGS_batch, ") must be positive");
   std::unique_ptr<Ops> ops = make_ops_for_device();
   if (task == "needles") {  // the decoder reads the weights only
     LoadedModel lm = load_model_for_inference(*ops, 1, 1);
     return needles_task(lm);
+  }
+  if (task == "noise") {  // one prompt per forward pass, up to the model's context
+    LoadedModel lm = load_model_for_inference(*ops, 1, int64_t(1) << 40);
+    return noise_task(lm);
   }
   if (!flag_given("data") || FLAGS_data.rfind("synthetic:", 0) == 0)
     throw_error("--data: give a token dataset directory (difftron prepare); eval needs real text to count bytes");

@@ -1,7 +1,8 @@
 // `difftron needles`: writes multi-needle retrieval tasks in the paper's format ("The magic
 // number of CITY is NUMBER." in filler text; docs/EVAL.md): for every context length and depth,
 // --needle_samples samples of N needles of which R are asked for. --needle_format=prompts writes
-// one JSON line per sample (prompts and answers: `difftron eval --task=needles`); text writes
+// one JSON line per sample (prompts, answers, cities, and spans: the byte range of each queried
+// needle's sentence in its prompt; `difftron eval --task=needles|noise`); text writes
 // each queried sequence with its answer, one per paragraph, for a training mixture.
 #include <fstream>
 #include <functional>
@@ -87,6 +88,7 @@ int needles_main(int argc, char** argv) {
           j["prompts"] = s.prompts;
           j["answers"] = s.answers;
           j["cities"] = s.queried_cities;
+          j["spans"] = s.spans;  // byte range of each queried needle's sentence in its prompt
           j["prompt_tokens"] = count(s.prompts.front());
           out << j.dump() << "\n";
         }
