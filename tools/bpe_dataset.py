@@ -9,6 +9,7 @@ tokenizer (the shards also store it).
 
     python3 tools/bpe_dataset.py --out=data/debian-bpe32k [--corpus=DIR ...] [--vocab=32000]
         [--max_mb=45] [--val_fraction=0.015] [--difftron=build/difftron] [--force]
+        [--tokenizer=FILE]   (reuse a tokenizer.json instead of training one)
 
 Documents are the corpus files in sorted path order: *.txt, *.rst, *.md (each also .gz) and
 README*, NEWS*, HISTORY*, changelog* (also .gz) and copyright files; files that are not UTF-8
@@ -139,6 +140,8 @@ def main():
     ap.add_argument("--val_fraction", type=float, default=0.015, help="fraction of documents for OUT/val")
     ap.add_argument("--difftron", default="", help="the difftron binary (default: build*/difftron, then PATH)")
     ap.add_argument("--force", action="store_true", help="replace OUT if it is a dataset this script wrote")
+    ap.add_argument("--tokenizer", default="", help="use this tokenizer.json (e.g. another dataset's) instead of "
+                    "training one on the corpus")
     a = ap.parse_args()
 
     out = os.path.abspath(a.out)
@@ -158,9 +161,15 @@ def main():
         if n == 0:
             sys.exit(f"bpe_dataset: no text documents found under {', '.join(roots)}")
         tok_path = os.path.join(work, "tokenizer.json")
-        vocab = train_tokenizer(stage, a.vocab, tok_path)
-        t1 = time.time()
-        print(f"bpe_dataset: trained a {vocab}-token byte-level BPE in {t1 - t0:.0f} s", file=sys.stderr)
+        if a.tokenizer:
+            if not os.path.isfile(a.tokenizer):
+                sys.exit(f"bpe_dataset: --tokenizer={a.tokenizer} is not a file")
+            shutil.copyfile(a.tokenizer, tok_path)
+            print(f"bpe_dataset: using the tokenizer {a.tokenizer}", file=sys.stderr)
+        else:
+            vocab = train_tokenizer(stage, a.vocab, tok_path)
+            t1 = time.time()
+            print(f"bpe_dataset: trained a {vocab}-token byte-level BPE in {t1 - t0:.0f} s", file=sys.stderr)
         old_tok = os.path.join(out, "tokenizer.json")
         if a.force and os.path.exists(old_tok):  # prepare replaces only a folder holding its own files
             os.remove(old_tok)
