@@ -464,7 +464,8 @@ class CudaOps final : public Ops {
     check_standard_attention(q, k, v, op);
     check_attention_outputs(q, out, lse, q.dim(0) * q.dim(2) * q.dim(1), op);
     ctx_.activate();
-    // Hopper: the fused flash kernels (heads in pairs, diff_flash.h); else cuBLAS GEMMs
+    // Hopper: the fused flash kernels (heads in pairs, GQA groups 1 or even, diff_flash.h); else
+    // cuBLAS GEMMs
     const cuda::DiffFlashDims sd{q.dim(0), q.dim(1), q.dim(2), k.dim(2), q.dim(3)};
     if (q.dtype() == DType::BF16 && cuda::std_flash_supported(sd, false, flash_)) {
       cuda::std_flash_forward(sd, q.data<__nv_bfloat16>(), k.data<__nv_bfloat16>(),
@@ -485,7 +486,7 @@ class CudaOps final : public Ops {
     ctx_.activate();
     const cuda::DiffFlashDims sd{q.dim(0), q.dim(1), q.dim(2), k.dim(2), q.dim(3)};
     if (q.dtype() == DType::BF16 && cuda::std_flash_supported(sd, true, flash_)) {
-      const size_t ws = cuda::std_flash_backward_workspace_bytes(sd);
+      const size_t ws = cuda::std_flash_backward_workspace_bytes(sd, flash_);
       cuda::std_flash_backward(sd, q.data<__nv_bfloat16>(), k.data<__nv_bfloat16>(),
                                v.data<__nv_bfloat16>(), out.data<__nv_bfloat16>(), lse.data<float>(),
                                dout.data<__nv_bfloat16>(), dq.data<__nv_bfloat16>(),

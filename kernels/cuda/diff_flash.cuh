@@ -234,18 +234,22 @@ struct Tile {
 };
 
 // Rows [row0, row0 + R) of a [*, COLS]-wide slice of a global matrix (row stride in
-// elements) into a swizzled tile; rows >= n_rows are zero-filled.
-template <int R, int COLS, int THREADS>
+// elements) into a swizzled tile; rows >= n_rows are zero-filled. SRC_COLS < COLS: the slice
+// is SRC_COLS wide and repeated across the tile's row (standard attention with both heads of
+// a pair on one K/V head: the two "maps" of the tile hold the same K or V).
+template <int R, int COLS, int THREADS, int SRC_COLS = COLS>
 __device__ __forceinline__ void load_tile(uint32_t dst, const bf16* src, int64_t row_stride,
                                           int row0, int n_rows, int tid) {
   constexpr int CH = COLS / 8, TOTAL = R * CH;
   static_assert(TOTAL % THREADS == 0, "tile chunks must divide evenly among threads");
+  static_assert(COLS % SRC_COLS == 0 && SRC_COLS % 8 == 0, "source columns must tile the row");
 #pragma unroll
   for (int x = 0; x < TOTAL / THREADS; ++x) {
     const int idx = x * THREADS + tid, r = idx / CH, c = idx % CH;
     const int row = row0 + r;
     const bool ok = row < n_rows;
-    const bf16* p = src + static_cast<int64_t>(ok ? row : 0) * row_stride + c * 8;
+    const bf16* p =
+        src + static_cast<int64_t>(ok ? row : 0) * row_stride + (c % (SRC_COLS / 8)) * 8;
     cp_async_16(dst + Tile<COLS>::off(r, c), p, ok ? 16 : 0);
   }
 }

@@ -57,18 +57,22 @@ void diff_flash_backward(const DiffFlashDims& d, const __nv_bfloat16* q, const _
                          const __nv_bfloat16* o2 = nullptr, const FlashOptions& opts = {});
 
 // ---- standard causal attention on the same Hopper kernels -----------------------------------
-// The baseline Transformer's attention: q, k, v, out [B, S, H, dh] (no GQA: H_kv == H), lse
-// [B, H, S] f32, bf16. Heads 2i and 2i + 1 run as the two maps of one differential head, each
-// with its own V columns and output; no lambda. d = {B, S, H, H_kv, dh}. Supported when
-// diff_flash_wgmma_enabled(), H even, H_kv == H and dh 64 or 128 (the backward: dh 64, and not
-// when opts.deterministic: its dQ is summed with f32 atomics); otherwise callers take another
-// path (false, with the reason in *why).
+// The baseline Transformer's and Diff V2's attention: q, out [B, S, H, dh], k, v [B, S, H_kv,
+// dh] (query head i reads K/V head i / (H / H_kv)), lse [B, H, S] f32, bf16. Heads 2i and
+// 2i + 1 run as the two maps of one differential head, each with its own V columns and output;
+// no lambda. Without GQA the K/V heads pair up the same way; with GQA (an even group H / H_kv,
+// as Diff V2's) both heads of a pair read the same K/V head, and its dK, dV are the sums over
+// its heads in a fixed order. d = {B, S, H, H_kv, dh}. Supported when diff_flash_wgmma_enabled(),
+// H even, H / H_kv 1 or even and dh 64 or 128, forward and backward; otherwise callers take
+// another path (false, with the reason in *why). The backward sums dQ with f32 atomics (dq may
+// differ in the last bits between runs; dk, dv do not) unless opts.deterministic, which runs the
+// mma.sync dQ kernel instead (fixed order, bitwise repeatable, slower).
 bool std_flash_supported(const DiffFlashDims& d, bool backward, const FlashOptions& opts = {},
                          std::string* why = nullptr);
 void std_flash_forward(const DiffFlashDims& d, const __nv_bfloat16* q, const __nv_bfloat16* k,
                        const __nv_bfloat16* v, __nv_bfloat16* out, float* lse, cudaStream_t stream,
                        const FlashOptions& opts = {});
-size_t std_flash_backward_workspace_bytes(const DiffFlashDims& d);
+size_t std_flash_backward_workspace_bytes(const DiffFlashDims& d, const FlashOptions& opts = {});
 void std_flash_backward(const DiffFlashDims& d, const __nv_bfloat16* q, const __nv_bfloat16* k,
                         const __nv_bfloat16* v, const __nv_bfloat16* out, const float* lse,
                         const __nv_bfloat16* dout, __nv_bfloat16* dq, __nv_bfloat16* dk,

@@ -40,10 +40,16 @@ __device__ __forceinline__ void store_dlambda_partial(float v, int w0, float* re
 // owns the pair's 16 query rows and keys [half * BN/2, (half + 1) * BN/2) of every key tile,
 // for both maps, so no per-tile exchange is needed: only D2' (after pass A) and the dQ
 // partials (at the end) meet, each once, in fixed order.
-template <int DH>
+// STD: standard attention (std_flash_backward, deterministic): the maps are heads 2i, 2i + 1
+// with their own V columns and dO halves: dP_j = dO_j V_j^T, D_j = dO_j . O_j (written to p.D
+// as D1, D2'), dS_j = P_j o (dP_j - D_j), no lambda, no pass A. KV1 (with STD): both heads
+// read one dh-wide K/V head, loaded into both halves of the 2dh-wide K/V tiles.
+template <int DH, bool STD = false, bool KV1 = false>
 __global__ void __launch_bounds__(DqCfg<DH>::THREADS, DqCfg<DH>::MIN_BLOCKS)
     diff_flash_dq_kernel(const BwdParams p) {
   using C = DqCfg<DH>;
+  static_assert(STD || !KV1, "one K/V head per pair is standard attention only");
+  constexpr int KVROW = KV1 ? DH : C::ROW;  // bf16 per global K/V row
   constexpr int NH = C::BN / 16;  // key n-tiles of half a tile
   constexpr int QT = DH / 8;      // dQ_j n-tiles
   extern __shared__ __align__(128) uint8_t smem[];
@@ -56,10 +62,10 @@ __global__ void __launch_bounds__(DqCfg<DH>::THREADS, DqCfg<DH>::MIN_BLOCKS)
   const int b = grid_head() / p.h, hd = grid_head() % p.h, kvg = hd / p.group;
   const int q0 = (grid_tiles() - 1 - grid_tile()) * C::BM;
   const int S = p.S;
-  const int64_t q_rs = int64_t(p.h) * 2 * DH, kv_rs = int64_t(p.h_kv) * 2 * DH;
+  const int64_t q_rs = int64_t(p.h) * 2 * DH, kv_rs = int64_t(p.h_kv) * KVROW;
   const int64_t qoff = (int64_t(b) * S * p.h + hd) * 2 * DH;
-  const bf16* kg = p.k + (int64_t(b) * S * p.h_kv + kvg) * 2 * DH;
-  const bf16* vg = p.v + (int64_t(b) * S * p.h_kv + kvg) * 2 * DH;
+  const bf16* kg = p.k + (int64_t(b) * S * p.h_kv + kvg) * KVROW;
+  const bf16* vg = p.v + (int64_t(b) * S * p.h_kv + kvg) * KVROW;
   const int64_t bh = int64_t(b) * p.h + hd;
   const int kv_end = min(q0 + C::BM, S);
   const int n_kt = (kv_end + C::BN - 1) / C::BN;
@@ -67,15 +73,15 @@ __global__ void __launch_bounds__(DqCfg<DH>::THREADS, DqCfg<DH>::MIN_BLOCKS)
 
   load_tile<C::BM, C::ROW, C::THREADS>(sb + C::OFF_Q, p.q + qoff, q_rs, q0, S, tid);
   load_tile<C::BM, C::ROW, C::THREADS>(sb + C::OFF_DO, p.dout + qoff, q_rs, q0, S, tid);
-  load_tile<C::BN, C::ROW, C::THREADS>(sb + C::OFF_K, kg, kv_rs, (n_kt - 1) * C::BN, S, tid);
-  load_tile<C::BN, C::ROW, C::THREADS>(sb + C::OFF_V, vg, kv_rs, (n_kt - 1) * C::BN, S, tid);
+  load_tile<C::BN, C::ROW, C::THREADS, KVROW>(sb + C::OFF_K, kg, kv_rs, (n_kt - 1) * C::BN, S, tid);
+  load_tile<C::BN, C::ROW, C::THREADS, KVROW>(sb + C::OFF_V, vg, kv_rs, (n_kt - 1) * C::BN, S, tid);
   cp_async_commit();
 
   const int row0 = q0 + pair * 16;
-  const float lam = *p.lambda;
+  const float lam = STD ? 0.f : *p.lambda;
   // delta = dO . O (and D2' = dO . O2n when the forward saved O2n) for rows g and g + 8 of
   // this warp: lane -> (row lane/2, column half lane&1)
-  float delta[2], d2s[2];
+  float delta[2], d2s[2], dstd[2][2];  // dstd (STD): D_j = dO_j . O_j of rows g, g + 8
   {
     const int r = row0 + (lane >> 1);
     float acc = 0.f, acc2 = 0.f;
@@ -104,6 +110,12 @@ __global__ void __launch_bounds__(DqCfg<DH>::THREADS, DqCfg<DH>::MIN_BLOCKS)
         }
       }
     }
+    // STD: this lane's column half is head (lane & 1)'s dh
+    if (STD)
+#pragma unroll
+      for (int hh = 0; hh < 2; ++hh)
+#pragma unroll
+        for (int j = 0; j < 2; ++j) dstd[hh][j] = __shfl_sync(0xffffffffu, acc, 2 * g + 16 * hh + j);
     acc += __shfl_xor_sync(0xffffffffu, acc, 1);
     acc2 += __shfl_xor_sync(0xffffffffu, acc2, 1);
     delta[0] = __shfl_sync(0xffffffffu, acc, 2 * g);
@@ -130,30 +142,36 @@ __global__ void __launch_bounds__(DqCfg<DH>::THREADS, DqCfg<DH>::MIN_BLOCKS)
   auto finish_d = [&]() {
 #pragma unroll
     for (int hh = 0; hh < 2; ++hh) {
-      D1[hh] = fmaf(lam, D2[hh], delta[hh]);
+      if (!STD) D1[hh] = fmaf(lam, D2[hh], delta[hh]);
       const int row = row0 + g + 8 * hh;
       if (row < S && t4 == 0) p.D[(bh * 2 + half) * S + row] = half ? D2[hh] : D1[hh];
     }
   };
   // one step of the K/V pipeline: waits for iteration it's tile, prefetches it + 1's; returns
   // the stage. Iterations 0..n_kt-1 are pass A, n_kt..2 n_kt-1 pass B, both last tile first.
-  const int it0 = p.o2 ? n_kt : 0;
+  const int it0 = STD || p.o2 ? n_kt : 0;
   auto pipeline_step = [&](int it) {
     const int st = (it - it0) & 1;
     cp_async_wait<0>();
     __syncthreads();
     if (it + 1 < n_it) {
       const int nkt = n_kt - 1 - (it + 1 >= n_kt ? it + 1 - n_kt : it + 1);
-      load_tile<C::BN, C::ROW, C::THREADS>(sb + C::OFF_K + (st ^ 1) * C::TILE_KV, kg, kv_rs,
-                                           nkt * C::BN, S, tid);
-      load_tile<C::BN, C::ROW, C::THREADS>(sb + C::OFF_V + (st ^ 1) * C::TILE_KV, vg, kv_rs,
-                                           nkt * C::BN, S, tid);
+      load_tile<C::BN, C::ROW, C::THREADS, KVROW>(sb + C::OFF_K + (st ^ 1) * C::TILE_KV, kg,
+                                                  kv_rs, nkt * C::BN, S, tid);
+      load_tile<C::BN, C::ROW, C::THREADS, KVROW>(sb + C::OFF_V + (st ^ 1) * C::TILE_KV, vg,
+                                                  kv_rs, nkt * C::BN, S, tid);
     }
     cp_async_commit();
     return st;
   };
 
-  if (p.o2) {  // D2' known: no pass A
+  if (STD) {  // D_j of each head, no pass A
+    D1[0] = dstd[0][0];
+    D1[1] = dstd[1][0];
+    D2[0] = dstd[0][1];
+    D2[1] = dstd[1][1];
+    finish_d();
+  } else if (p.o2) {  // D2' known: no pass A
     D2[0] = d2s[0];
     D2[1] = d2s[1];
     finish_d();
@@ -231,11 +249,11 @@ __global__ void __launch_bounds__(DqCfg<DH>::THREADS, DqCfg<DH>::MIN_BLOCKS)
     const uint32_t sV = sb + C::OFF_V + st * C::TILE_KV + kb * C::ROW * 2;
     const int c0 = kt * C::BN + kb;  // first key of this warp
     const bool masked = c0 + C::BN / 2 - 1 > row0;
-    float s1[NH][4], s2[NH][4], dp[NH][4];
+    float s1[NH][4], s2[NH][4], dp[NH][4], dpb[NH][4];  // dpb (STD only): dP_2
 #pragma unroll
     for (int n = 0; n < NH; ++n)
 #pragma unroll
-      for (int e = 0; e < 4; ++e) s1[n][e] = s2[n][e] = dp[n][e] = 0.f;
+      for (int e = 0; e < 4; ++e) s1[n][e] = s2[n][e] = dp[n][e] = dpb[n][e] = 0.f;
 #pragma unroll
     for (int kk = 0; kk < DH / 16; ++kk) {
       uint32_t a1[4], a2[4];
@@ -260,8 +278,13 @@ __global__ void __launch_bounds__(DqCfg<DH>::THREADS, DqCfg<DH>::MIN_BLOCKS)
       for (int nn = 0; nn < NH / 2; ++nn) {
         uint32_t bf[4];
         ldsm_x4(bf, ln.at(sV, nn * 16, 2 * kk));
-        mma16816(dp[2 * nn], af, bf[0], bf[1]);
-        mma16816(dp[2 * nn + 1], af, bf[2], bf[3]);
+        if (STD && kk >= DH / 16) {  // STD: the second dh of the contraction is dP_2 = dO_2 V_2^T
+          mma16816(dpb[2 * nn], af, bf[0], bf[1]);
+          mma16816(dpb[2 * nn + 1], af, bf[2], bf[3]);
+        } else {
+          mma16816(dp[2 * nn], af, bf[0], bf[1]);
+          mma16816(dp[2 * nn + 1], af, bf[2], bf[3]);
+        }
       }
     }
     uint32_t f1[NH][2], f2[NH][2];
@@ -274,7 +297,7 @@ __global__ void __launch_bounds__(DqCfg<DH>::THREADS, DqCfg<DH>::MIN_BLOCKS)
         float pr2 = fast_exp2(fmaf(s2[n][e], p.scale_log2, -lse2[e >> 1]));
         if (masked && c0 + n * 8 + 2 * t4 + (e & 1) > row0 + g + 8 * (e >> 1)) pr1 = pr2 = 0.f;
         d1[e] = pr1 * (dp[n][e] - D1[e >> 1]);
-        d2[e] = -lam * pr2 * (dp[n][e] - D2[e >> 1]);
+        d2[e] = STD ? pr2 * (dpb[n][e] - D2[e >> 1]) : -lam * pr2 * (dp[n][e] - D2[e >> 1]);
       }
       f1[n][0] = pack_bf16(d1[0], d1[1]);
       f1[n][1] = pack_bf16(d1[2], d1[3]);
@@ -838,6 +861,23 @@ size_t dq_acc_bytes(const DiffFlashDims& d, const FlashOptions& opts) {
   return fused_dq(opts) ? round_up(size_t(d.B * d.S * d.h * 2 * d.dh) * 4) : 0;
 }
 }  // namespace
+
+void std_flash_dq_mma(const DiffFlashDims& d2, const flash::BwdParams& p, bool kv1,
+                      cudaStream_t stream) {
+  auto launch = [&](auto kernel, auto cfg) {
+    using Q = decltype(cfg);
+    set_smem(kernel, Q::SMEM, "standard dQ");
+    const dim3 gq = flash::tile_grid(int((d2.S + Q::BM - 1) / Q::BM), int(d2.B * d2.h));
+    kernel<<<gq, Q::THREADS, Q::SMEM, stream>>>(p);
+    flash::check_launch("standard backward dQ");
+  };
+  if (d2.dh == 64)
+    kv1 ? launch(flash::diff_flash_dq_kernel<64, true, true>, flash::DqCfg<64>{})
+        : launch(flash::diff_flash_dq_kernel<64, true, false>, flash::DqCfg<64>{});
+  else
+    kv1 ? launch(flash::diff_flash_dq_kernel<128, true, true>, flash::DqCfg<128>{})
+        : launch(flash::diff_flash_dq_kernel<128, true, false>, flash::DqCfg<128>{});
+}
 
 size_t diff_flash_backward_workspace_bytes(const DiffFlashDims& d, const FlashOptions& opts) {
   return d_bytes(d) + round_up(size_t(dkv_ctas(d)) * 4) + dq_acc_bytes(d, opts);

@@ -35,22 +35,23 @@ namespace flash {
 
 // ---- shared by the dh 64 and dh 128 kernels -------------------------------------------------
 // Which keys a dK/dV CTA owns and which query tiles it walks (every head of its K/V group,
-// from the first tile that reaches its keys), and the loads of both.
-template <typename C>
+// from the first tile that reaches its keys), and the loads of both. KVROW: bf16 per global K/V
+// row (2dh; dh for standard attention with both heads of a pair on one K/V head).
+template <typename C, int KVROW = C::ROW>
 struct DkvWalk {
   int b, kvg, k0, S, qt_first, nq, n_it;
   int64_t q_rs, kv_rs, kvoff;
   __device__ explicit DkvWalk(const BwdParams& p)
       : b(grid_head() / p.h_kv), kvg(grid_head() % p.h_kv), k0(grid_tile() * C::BN), S(p.S),
         qt_first(k0 / C::BM), nq((p.S + C::BM - 1) / C::BM - qt_first), n_it(p.group * nq),
-        q_rs(int64_t(p.h) * C::ROW), kv_rs(int64_t(p.h_kv) * C::ROW),
-        kvoff((int64_t(b) * p.S * p.h_kv + kvg) * C::ROW) {}
+        q_rs(int64_t(p.h) * C::ROW), kv_rs(int64_t(p.h_kv) * KVROW),
+        kvoff((int64_t(b) * p.S * p.h_kv + kvg) * KVROW) {}
   __device__ int head(const BwdParams& p, int it) const { return kvg * p.group + it / nq; }
   __device__ int q0(int it) const { return (qt_first + it % nq) * C::BM; }
   // K and V of the CTA's keys (column groups BN * 128 bytes apart)
   __device__ void load_kv(uint32_t sb, const BwdParams& p, int tid) const {
-    load_groups<C::BN, C::ROW, C::THREADS>(sb + C::OFF_K, p.k + kvoff, kv_rs, k0, S, tid);
-    load_groups<C::BN, C::ROW, C::THREADS>(sb + C::OFF_V, p.v + kvoff, kv_rs, k0, S, tid);
+    load_groups<C::BN, KVROW, C::THREADS>(sb + C::OFF_K, p.k + kvoff, kv_rs, k0, S, tid);
+    load_groups<C::BN, KVROW, C::THREADS>(sb + C::OFF_V, p.v + kvoff, kv_rs, k0, S, tid);
   }
   // Q, dO and the statistics (lse_1, lse_2, D1, D2') of query tile `it` into stage st
   __device__ void load_q(uint32_t sb, const BwdParams& p, int it, int st, int tid) const {
@@ -164,7 +165,9 @@ struct WgDkvCfg {
 // STD: standard attention (std_flash_backward): the maps are two ordinary heads 2i, 2i+1 with
 // their own V and dO halves: dP_j^T = V_j dO_j^T per head, dV[:, half j] += P_j^T dO_j, no
 // lambda and no dlambda.
-template <bool FUSE_DQ, bool STD = false>
+// KV1 (with STD): both heads of every pair read the same dh-wide K/V head (GQA, even group);
+// dK = dK_1 + dK_2 and dV = dV_1 + dV_2 of all its pairs, added in registers in a fixed order.
+template <bool FUSE_DQ, bool STD = false, bool KV1 = false>
 __global__ void __launch_bounds__(WgDkvCfg::THREADS, 1)
     diff_flash_dkdv_wgmma_kernel(const BwdParams p) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
@@ -174,6 +177,7 @@ __global__ void __launch_bounds__(WgDkvCfg::THREADS, 1)
   constexpr int NQ = C::BM / 8;   // score n-tiles (queries)
   constexpr int KT = DH / 8;      // dK_j n-tiles
   constexpr int VT = C::ROW / 8;  // dV n-tiles
+  static_assert(STD || !KV1, "one K/V head per pair is standard attention only");
   extern __shared__ __align__(128) uint8_t smem_raw[];
   uint8_t* smem = smem_raw + ((1024 - (smem_addr(smem_raw) & 1023)) & 1023);
   const uint32_t sb = smem_addr(smem);
@@ -181,7 +185,7 @@ __global__ void __launch_bounds__(WgDkvCfg::THREADS, 1)
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
   const int wg = warp >> 2, wl = warp & 3;
   const int g = lane >> 2, t4 = lane & 3;
-  const DkvWalk<C> wk(p);
+  const DkvWalk<C, KV1 ? DH : C::ROW> wk(p);
   const int S = p.S, n_it = wk.n_it;
   wk.load_kv(sb, p, tid);
   wk.load_q(sb, p, 0, 0, tid);
@@ -190,8 +194,9 @@ __global__ void __launch_bounds__(WgDkvCfg::THREADS, 1)
   const float lam = STD ? 0.f : *p.lambda;
   const int kw0 = wk.k0 + wg * 64;    // this warpgroup's first key
   const int krow0 = kw0 + wl * 16;    // this warp's first key
-  // this warpgroup's 64 rows of K_1 (group 0), K_2 (group 1) and V (groups 0, 1)
-  const uint32_t sK1 = sb + C::OFF_K + wg * 64 * 128, sK2 = sK1 + C::BN * 128;
+  // this warpgroup's 64 rows of K_1 (group 0), K_2 (group 1) and V (groups 0, 1); KV1: one
+  // K group and one V group, read by both maps
+  const uint32_t sK1 = sb + C::OFF_K + wg * 64 * 128, sK2 = sK1 + (KV1 ? 0 : C::BN * 128);
   const uint32_t sV = sb + C::OFF_V + wg * 64 * 128;
   float dk1[KT][4], dk2[KT][4], dv[VT][4];
 #pragma unroll
@@ -271,7 +276,7 @@ __global__ void __launch_bounds__(WgDkvCfg::THREADS, 1)
     if constexpr (STD) {
 #pragma unroll
       for (int kk = 0; kk < DH / 16; ++kk)
-        w::wgmma_ss<0, 0>(dp, w::kmajor_desc(sV + C::BN * 128, kk),
+        w::wgmma_ss<0, 0>(dp, w::kmajor_desc(sV + (KV1 ? 0 : C::BN * 128), kk),
                           w::kmajor_desc(sDO + C::BM * 128, kk), kk > 0);
     }
 #pragma unroll
@@ -306,7 +311,7 @@ __global__ void __launch_bounds__(WgDkvCfg::THREADS, 1)
       const int hd = wk.head(p, it);
       float dq[KT][4];
       const uint32_t sDS = sb + C::OFF_DS + wg * C::TILE_DS;
-      const uint32_t sKj = sb + C::OFF_K + wg * C::BN * 128;
+      const uint32_t sKj = sb + C::OFF_K + (KV1 ? 0 : wg * C::BN * 128);
       w::fence();
 #pragma unroll
       for (int kk = 0; kk < C::BN / 16; ++kk)
@@ -323,23 +328,42 @@ __global__ void __launch_bounds__(WgDkvCfg::THREADS, 1)
   if (!STD)
     store_dlambda_partial<C::THREADS>(dlam, reinterpret_cast<float*>(smem + C::OFF_RED), p.dlam_part);
 
-  // dK_j = scale dS_j^T Q_j, dV: straight from the accumulators
+  if constexpr (KV1) {  // dK = scale (dS_1^T Q_1 + dS_2^T Q_2), dV = dV_1 + dV_2: one K/V head
 #pragma unroll
-  for (int hh = 0; hh < 2; ++hh) {
-    const int row = krow0 + g + 8 * hh;
-    if (row >= S) continue;
-    bf16* krow = p.dk + wk.kvoff + int64_t(row) * wk.kv_rs + 2 * t4;
-    bf16* vrow = p.dv + wk.kvoff + int64_t(row) * wk.kv_rs + 2 * t4;
+    for (int hh = 0; hh < 2; ++hh) {
+      const int row = krow0 + g + 8 * hh;
+      if (row >= S) continue;
+      bf16* krow = p.dk + wk.kvoff + int64_t(row) * wk.kv_rs + 2 * t4;
+      bf16* vrow = p.dv + wk.kvoff + int64_t(row) * wk.kv_rs + 2 * t4;
 #pragma unroll
-    for (int n = 0; n < KT; ++n) {
-      *reinterpret_cast<uint32_t*>(krow + n * 8) =
-          pack_bf16(dk1[n][2 * hh] * p.scale, dk1[n][2 * hh + 1] * p.scale);
-      *reinterpret_cast<uint32_t*>(krow + DH + n * 8) =
-          pack_bf16(dk2[n][2 * hh] * p.scale, dk2[n][2 * hh + 1] * p.scale);
+      for (int n = 0; n < KT; ++n) {
+        *reinterpret_cast<uint32_t*>(krow + n * 8) =
+            pack_bf16((dk1[n][2 * hh] + dk2[n][2 * hh]) * p.scale,
+                      (dk1[n][2 * hh + 1] + dk2[n][2 * hh + 1]) * p.scale);
+        *reinterpret_cast<uint32_t*>(vrow + n * 8) =
+            pack_bf16(dv[n][2 * hh] + dv[VT / 2 + n][2 * hh],
+                      dv[n][2 * hh + 1] + dv[VT / 2 + n][2 * hh + 1]);
+      }
     }
+  } else {
+    // dK_j = scale dS_j^T Q_j, dV: straight from the accumulators
 #pragma unroll
-    for (int n = 0; n < VT; ++n)
-      *reinterpret_cast<uint32_t*>(vrow + n * 8) = pack_bf16(dv[n][2 * hh], dv[n][2 * hh + 1]);
+    for (int hh = 0; hh < 2; ++hh) {
+      const int row = krow0 + g + 8 * hh;
+      if (row >= S) continue;
+      bf16* krow = p.dk + wk.kvoff + int64_t(row) * wk.kv_rs + 2 * t4;
+      bf16* vrow = p.dv + wk.kvoff + int64_t(row) * wk.kv_rs + 2 * t4;
+#pragma unroll
+      for (int n = 0; n < KT; ++n) {
+        *reinterpret_cast<uint32_t*>(krow + n * 8) =
+            pack_bf16(dk1[n][2 * hh] * p.scale, dk1[n][2 * hh + 1] * p.scale);
+        *reinterpret_cast<uint32_t*>(krow + DH + n * 8) =
+            pack_bf16(dk2[n][2 * hh] * p.scale, dk2[n][2 * hh + 1] * p.scale);
+      }
+#pragma unroll
+      for (int n = 0; n < VT; ++n)
+        *reinterpret_cast<uint32_t*>(vrow + n * 8) = pack_bf16(dv[n][2 * hh], dv[n][2 * hh + 1]);
+    }
   }
 #endif
 }
@@ -354,6 +378,10 @@ __global__ void __launch_bounds__(WgDkvCfg::THREADS, 1)
 //   dV[:, half j] += P_j^T dO[:, half j] (A from registers) + P_other^T dO[:, half j] (A from
 //   shared memory).
 // 24 dh FLOP per (query, key) pair (28 with the fused dQ_j = dS_j K_j).
+// STD (standard attention, heads 2i, 2i + 1 as the maps): warpgroup j computes its head's own
+// dP_j^T = V_j dO_j^T (dh contraction), dV[:, half j] += P_j^T dO_j only: no P exchange, 16 dh
+// FLOP per pair (20 fused). KV1 (with STD): both heads read one dh-wide K/V head; the two
+// warpgroups' dK and dV meet once at the end through shared memory (fixed order: 1 + 2).
 struct WgDkv128Cfg {
   static constexpr int DH = 128, ROW = 2 * DH;  // bf16 per row: 4 Tile<64> column groups
   static constexpr int THREADS = 256;           // warpgroup j: map j
@@ -369,7 +397,7 @@ struct WgDkv128Cfg {
   static constexpr int SMEM = OFF_RED + 8 * 4;  // no alignment slack: the base must be 1024-aligned
 };
 
-template <bool FUSE_DQ>
+template <bool FUSE_DQ, bool STD = false, bool KV1 = false>
 __global__ void __launch_bounds__(WgDkv128Cfg::THREADS, 1)
     diff_flash_dkdv128_wgmma_kernel(const BwdParams p) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
@@ -378,6 +406,7 @@ __global__ void __launch_bounds__(WgDkv128Cfg::THREADS, 1)
   constexpr int DH = C::DH;
   constexpr int NQ = C::BM / 8;  // score n-tiles (queries)
   constexpr int HT = DH / 8;     // n-tiles of dK_j, of dV's half, of dQ_j
+  static_assert(STD || !KV1, "one K/V head per pair is standard attention only");
   extern __shared__ __align__(1024) uint8_t smem[];
   const uint32_t sb = smem_addr(smem);
   if ((sb & 1023) != 0) __trap();  // wgmma's 128-byte swizzle is anchored to 1024 bytes
@@ -385,17 +414,19 @@ __global__ void __launch_bounds__(WgDkv128Cfg::THREADS, 1)
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
   const int map = warp >> 2, wl = warp & 3;
   const int g = lane >> 2, t4 = lane & 3;
-  const DkvWalk<C> wk(p);
+  const DkvWalk<C, KV1 ? DH : C::ROW> wk(p);
   const int S = p.S, n_it = wk.n_it;
   wk.load_kv(sb, p, tid);
   wk.load_q(sb, p, 0, 0, tid);
   cp_async_commit();
 
-  const float lam = *p.lambda;
-  const float pscale = map ? -lam : 1.f;
+  const float lam = STD ? 0.f : *p.lambda;
+  const float pscale = STD || !map ? 1.f : -lam;
   const int krow0 = wk.k0 + wl * 16;
-  const uint32_t sKj = sb + C::OFF_K + 2 * map * C::BN * 128;  // K_j: groups 2j, 2j + 1
+  // K_j: groups 2j, 2j + 1 (KV1: groups 0, 1 for both maps); STD: V_j likewise
+  const uint32_t sKj = sb + C::OFF_K + (KV1 ? 0 : 2 * map * C::BN * 128);
   const uint32_t sV = sb + C::OFF_V;
+  const uint32_t sVj = sV + (STD && !KV1 ? 2 * map * C::BN * 128 : 0);
   float dk[HT][4], dv[HT][4];  // dK_j; dV[:, map half]
 #pragma unroll
   for (int n = 0; n < HT; ++n)
@@ -414,13 +445,22 @@ __global__ void __launch_bounds__(WgDkv128Cfg::THREADS, 1)
     const uint32_t sQ = sb + C::OFF_Q + st * C::TILE_Q, sDO = sb + C::OFF_DO + st * C::TILE_Q;
     const float* stat = reinterpret_cast<const float*>(smem + C::OFF_ST + st * C::STAT);
 
-    // dP^T = V dO^T (contraction 2dh = 4 groups), S_j^T = K_j Q_j^T (2 groups)
+    // dP^T = V dO^T (contraction 2dh = 4 groups; STD: V_j dO_j^T, 2 groups), S_j^T = K_j Q_j^T
+    // (2 groups)
     float dp[NQ][4], sc[NQ][4];
     w::fence();
+    if constexpr (STD) {
 #pragma unroll
-    for (int kk = 0; kk < C::ROW / 16; ++kk)
-      w::wgmma_ss<0, 0>(dp, w::kmajor_desc(sV + (kk >> 2) * C::BN * 128, kk & 3),
-                        w::kmajor_desc(sDO + (kk >> 2) * C::BM * 128, kk & 3), kk > 0);
+      for (int kk = 0; kk < DH / 16; ++kk)
+        w::wgmma_ss<0, 0>(dp, w::kmajor_desc(sVj + (kk >> 2) * C::BN * 128, kk & 3),
+                          w::kmajor_desc(sDO + (2 * map + (kk >> 2)) * C::BM * 128, kk & 3),
+                          kk > 0);
+    } else {
+#pragma unroll
+      for (int kk = 0; kk < C::ROW / 16; ++kk)
+        w::wgmma_ss<0, 0>(dp, w::kmajor_desc(sV + (kk >> 2) * C::BN * 128, kk & 3),
+                          w::kmajor_desc(sDO + (kk >> 2) * C::BM * 128, kk & 3), kk > 0);
+    }
 #pragma unroll
     for (int kk = 0; kk < DH / 16; ++kk)
       w::wgmma_ss<0, 0>(sc, w::kmajor_desc(sKj + (kk >> 2) * C::BN * 128, kk & 3),
@@ -436,11 +476,13 @@ __global__ void __launch_bounds__(WgDkv128Cfg::THREADS, 1)
     const bool masked = q0 < krow0 + 15 || q0 + C::BM > S;
     uint32_t fp[NQ][2], fd[NQ][2];
     probs_ds<NQ, C::BM>(sc, dp, stat, map, pscale, p.scale_log2, masked, q0, krow0, S, lane,
-                        map ? &dlam : nullptr, fp, fd);
-    store_rows(smem + C::OFF_PX + map * C::TILE_P, wl * 16 + g, fp, lane);
+                        !STD && map ? &dlam : nullptr, fp, fd);
+    if (!STD) store_rows(smem + C::OFF_PX + map * C::TILE_P, wl * 16 + g, fp, lane);
     if (FUSE_DQ) store_rows(smem + C::OFF_DS + map * C::TILE_P, wl * 16 + g, fd, lane);
-    w::fence_proxy_async();
-    __syncthreads();  // both maps' P^T are in shared memory
+    if (!STD || FUSE_DQ) {
+      w::fence_proxy_async();
+      __syncthreads();  // both maps' P^T (and dS^T) are in shared memory
+    }
 
     // dV[:, half j] += P_j^T dO_j + P_other^T dO_j; dK_j += dS_j^T Q_j
     const uint32_t sDOj = sDO + 2 * map * C::BM * 128, sQj = sQ + 2 * map * C::BM * 128;
@@ -453,9 +495,11 @@ __global__ void __launch_bounds__(WgDkv128Cfg::THREADS, 1)
       const uint32_t a[4] = {fp[2 * kk][0], fp[2 * kk][1], fp[2 * kk + 1][0], fp[2 * kk + 1][1]};
       w::wgmma_rs<1>(dv, a, w::mnmajor_desc(sDOj, C::BM * 128, kk), 1);
     }
+    if constexpr (!STD) {
 #pragma unroll
-    for (int kk = 0; kk < C::BM / 16; ++kk)
-      w::wgmma_ss<0, 1>(dv, w::kmajor_desc(sPo, kk), w::mnmajor_desc(sDOj, C::BM * 128, kk), 1);
+      for (int kk = 0; kk < C::BM / 16; ++kk)
+        w::wgmma_ss<0, 1>(dv, w::kmajor_desc(sPo, kk), w::mnmajor_desc(sDOj, C::BM * 128, kk), 1);
+    }
 #pragma unroll
     for (int kk = 0; kk < C::BM / 16; ++kk) {
       const uint32_t a[4] = {fd[2 * kk][0], fd[2 * kk][1], fd[2 * kk + 1][0], fd[2 * kk + 1][1]};
@@ -482,19 +526,54 @@ __global__ void __launch_bounds__(WgDkv128Cfg::THREADS, 1)
     }
   }
 
-  store_dlambda_partial<C::THREADS>(dlam, reinterpret_cast<float*>(smem + C::OFF_RED), p.dlam_part);
+  if (!STD)
+    store_dlambda_partial<C::THREADS>(dlam, reinterpret_cast<float*>(smem + C::OFF_RED), p.dlam_part);
 
+  if constexpr (KV1) {
+    // one K/V head: warpgroup 2 hands its dK, dV (f32, accumulator layout: the same (row,
+    // column) in the same lane) to warpgroup 1 through the idle Q/dO buffers; dK = dK_1 + dK_2
+    static_assert(4 * 2 * HT * 32 * 16 <= 4 * C::TILE_Q, "the hand-over must fit the Q/dO buffers");
+    float4* x = reinterpret_cast<float4*>(smem + C::OFF_Q) + wl * 2 * HT * 32 + lane;
+    __syncthreads();  // every warpgroup is done with Q and dO
+    if (map == 1) {
 #pragma unroll
-  for (int hh = 0; hh < 2; ++hh) {
-    const int row = krow0 + g + 8 * hh;
-    if (row >= S) continue;
-    bf16* krow = p.dk + wk.kvoff + int64_t(row) * wk.kv_rs + map * DH + 2 * t4;
-    bf16* vrow = p.dv + wk.kvoff + int64_t(row) * wk.kv_rs + map * DH + 2 * t4;
+      for (int n = 0; n < HT; ++n) {
+        x[n * 32] = make_float4(dk[n][0], dk[n][1], dk[n][2], dk[n][3]);
+        x[(HT + n) * 32] = make_float4(dv[n][0], dv[n][1], dv[n][2], dv[n][3]);
+      }
+    }
+    __syncthreads();
+    if (map == 0) {
 #pragma unroll
-    for (int n = 0; n < HT; ++n) {
-      *reinterpret_cast<uint32_t*>(krow + n * 8) =
-          pack_bf16(dk[n][2 * hh] * p.scale, dk[n][2 * hh + 1] * p.scale);
-      *reinterpret_cast<uint32_t*>(vrow + n * 8) = pack_bf16(dv[n][2 * hh], dv[n][2 * hh + 1]);
+      for (int hh = 0; hh < 2; ++hh) {
+        const int row = krow0 + g + 8 * hh;
+        if (row >= S) continue;
+        bf16* krow = p.dk + wk.kvoff + int64_t(row) * wk.kv_rs + 2 * t4;
+        bf16* vrow = p.dv + wk.kvoff + int64_t(row) * wk.kv_rs + 2 * t4;
+#pragma unroll
+        for (int n = 0; n < HT; ++n) {
+          const float4 ok = x[n * 32], ov = x[(HT + n) * 32];
+          *reinterpret_cast<uint32_t*>(krow + n * 8) =
+              pack_bf16((dk[n][2 * hh] + (hh ? ok.z : ok.x)) * p.scale,
+                        (dk[n][2 * hh + 1] + (hh ? ok.w : ok.y)) * p.scale);
+          *reinterpret_cast<uint32_t*>(vrow + n * 8) =
+              pack_bf16(dv[n][2 * hh] + (hh ? ov.z : ov.x), dv[n][2 * hh + 1] + (hh ? ov.w : ov.y));
+        }
+      }
+    }
+  } else {  // dK_j, dV[:, half j] of this warpgroup's head
+#pragma unroll
+    for (int hh = 0; hh < 2; ++hh) {
+      const int row = krow0 + g + 8 * hh;
+      if (row >= S) continue;
+      bf16* krow = p.dk + wk.kvoff + int64_t(row) * wk.kv_rs + map * DH + 2 * t4;
+      bf16* vrow = p.dv + wk.kvoff + int64_t(row) * wk.kv_rs + map * DH + 2 * t4;
+#pragma unroll
+      for (int n = 0; n < HT; ++n) {
+        *reinterpret_cast<uint32_t*>(krow + n * 8) =
+            pack_bf16(dk[n][2 * hh] * p.scale, dk[n][2 * hh + 1] * p.scale);
+        *reinterpret_cast<uint32_t*>(vrow + n * 8) = pack_bf16(dv[n][2 * hh], dv[n][2 * hh + 1]);
+      }
     }
   }
 #endif
@@ -597,9 +676,10 @@ void diff_flash_bwd_fused_dq(const DiffFlashDims& d, const flash::BwdParams& p,
   flash::check_launch("backward dQ convert");
 }
 
-size_t std_flash_backward_workspace_bytes(const DiffFlashDims& d) {
+size_t std_flash_backward_workspace_bytes(const DiffFlashDims& d, const FlashOptions& opts) {
   auto up = [](size_t x) { return (x + 255) / 256 * 256; };
-  return up(size_t(d.B * d.h * d.S) * 4) + up(size_t(d.B * d.S * d.h * d.dh) * 4);  // D, dq_acc
+  const size_t acc = opts.deterministic ? 0 : up(size_t(d.B * d.S * d.h * d.dh) * 4);  // dq_acc
+  return up(size_t(d.B * d.h * d.S) * 4) + acc;  // D
 }
 
 void std_flash_backward(const DiffFlashDims& d, const __nv_bfloat16* q, const __nv_bfloat16* k,
@@ -609,7 +689,7 @@ void std_flash_backward(const DiffFlashDims& d, const __nv_bfloat16* q, const __
                         cudaStream_t stream, const FlashOptions& opts) {
   std::string why;
   if (!std_flash_supported(d, true, opts, &why)) throw_error("std_flash_backward: unsupported: ", why);
-  const size_t need = std_flash_backward_workspace_bytes(d);
+  const size_t need = std_flash_backward_workspace_bytes(d, opts);
   if (workspace == nullptr || workspace_bytes < need)
     throw_error("std_flash_backward: workspace of ", workspace_bytes, " bytes, need ", need);
   for (const void* ptr : {static_cast<const void*>(q), static_cast<const void*>(k),
@@ -619,10 +699,8 @@ void std_flash_backward(const DiffFlashDims& d, const __nv_bfloat16* q, const __
                           static_cast<const void*>(workspace)})
     if (reinterpret_cast<uintptr_t>(ptr) % 16 != 0)
       throw_error("std_flash_backward: a tensor is not 16-byte aligned");
-  const DiffFlashDims d2{d.B, d.S, d.h / 2, d.h / 2, d.dh};
+  const DiffFlashDims d2 = std_flash_pair_dims(d);
   float* D = static_cast<float*>(workspace);
-  float* acc = reinterpret_cast<float*>(static_cast<char*>(workspace) +
-                                        (size_t(d.B * d.h * d.S) * 4 + 255) / 256 * 256);
   flash::BwdParams p{};  // no lambda, o2, dlambda: standard attention
   p.q = q;
   p.k = k;
@@ -636,22 +714,50 @@ void std_flash_backward(const DiffFlashDims& d, const __nv_bfloat16* q, const __
   p.D = D;
   p.S = int(d.S);
   p.h = int(d2.h);
-  p.h_kv = int(d2.h);
-  p.group = 1;
+  p.h_kv = int(d2.h_kv);
+  p.group = int(d2.h / d2.h_kv);
   p.scale = float(1.0 / std::sqrt(double(d.dh)));
   p.scale_log2 = float(flash::kLog2e / std::sqrt(double(d.dh)));
-  p.dq_acc = acc;
-  std_flash_backward_wgmma(d2, p, stream);
+  // deterministic: no dQ accumulator (the mma.sync dQ kernel sums in a fixed order)
+  if (!opts.deterministic)
+    p.dq_acc = reinterpret_cast<float*>(static_cast<char*>(workspace) +
+                                        (size_t(d.B * d.h * d.S) * 4 + 255) / 256 * 256);
+  std_flash_backward_wgmma(d2, p, /*kv1=*/d.h_kv != d.h, stream);
 }
 
-void std_flash_backward_wgmma(const DiffFlashDims& d2, const flash::BwdParams& p,
+void std_flash_backward_wgmma(const DiffFlashDims& d2, const flash::BwdParams& p, bool kv1,
                               cudaStream_t stream) {
+  using flash::diff_flash_dkdv128_wgmma_kernel;
+  using flash::diff_flash_dkdv_wgmma_kernel;
+  if (!p.dq_acc) {  // deterministic: dQ and D (mma.sync, fixed order), then dK/dV without dQ
+    std_flash_dq_mma(d2, p, kv1, stream);
+    if (d2.dh == 64)
+      launch_dkdv<flash::WgDkvCfg>(d2, kv1 ? diff_flash_dkdv_wgmma_kernel<false, true, true>
+                                            : diff_flash_dkdv_wgmma_kernel<false, true, false>,
+                                   p, stream);
+    else
+      launch_dkdv<flash::WgDkv128Cfg>(d2, kv1 ? diff_flash_dkdv128_wgmma_kernel<false, true, true>
+                                               : diff_flash_dkdv128_wgmma_kernel<false, true, false>,
+                                      p, stream);
+    return;
+  }
   const int64_t rows = d2.B * d2.S * d2.h, n = rows * 2 * d2.dh;
-  flash::diff_flash_bwd_prep_kernel<64, true><<<unsigned((rows + 7) / 8), 256, 0, stream>>>(p, rows);
+  const unsigned blocks = unsigned((rows + 7) / 8);
+  if (d2.dh == 64)
+    flash::diff_flash_bwd_prep_kernel<64, true><<<blocks, 256, 0, stream>>>(p, rows);
+  else
+    flash::diff_flash_bwd_prep_kernel<128, true><<<blocks, 256, 0, stream>>>(p, rows);
   flash::check_launch("standard backward D");
   cudaError_t e = cudaMemsetAsync(p.dq_acc, 0, size_t(n) * 4, stream);
   if (e != cudaSuccess) throw_error("std_flash: clearing the dQ accumulator: ", cudaGetErrorString(e));
-  launch_dkdv<flash::WgDkvCfg>(d2, flash::diff_flash_dkdv_wgmma_kernel<true, true>, p, stream);
+  if (d2.dh == 64)
+    launch_dkdv<flash::WgDkvCfg>(d2, kv1 ? diff_flash_dkdv_wgmma_kernel<true, true, true>
+                                          : diff_flash_dkdv_wgmma_kernel<true, true, false>,
+                                 p, stream);
+  else
+    launch_dkdv<flash::WgDkv128Cfg>(d2, kv1 ? diff_flash_dkdv128_wgmma_kernel<true, true, true>
+                                             : diff_flash_dkdv128_wgmma_kernel<true, true, false>,
+                                    p, stream);
   flash::diff_flash_dq_convert_kernel<<<1024, 256, 0, stream>>>(
       reinterpret_cast<const float4*>(p.dq_acc), p.scale,
       reinterpret_cast<__nv_bfloat162*>(p.dq), n / 4);

@@ -47,7 +47,9 @@ struct WgFwdCfg {
 
 // STD: standard attention (std_flash_forward): the two "maps" are two ordinary heads 2i, 2i+1
 // with their own V (columns [j dh, (j + 1) dh) of the 2dh-wide row) and outputs; no lambda.
-template <int DH, bool STD>
+// KV1 (with STD, GQA with an even group): both heads read the same K/V head, whose rows are dh
+// wide (p.h_kv K/V heads, p.group head pairs per K/V head); K and V are loaded once, dh wide.
+template <int DH, bool STD, bool KV1 = false>
 __global__ void __launch_bounds__(WgFwdCfg<DH>::THREADS, WgFwdCfg<DH>::MIN_BLOCKS)
     diff_flash_fwd_wgmma_kernel(const FwdParams p) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
@@ -55,6 +57,8 @@ __global__ void __launch_bounds__(WgFwdCfg<DH>::THREADS, WgFwdCfg<DH>::MIN_BLOCK
   using C = WgFwdCfg<DH>;
   constexpr int NT = C::BN / 8;   // score n-tiles
   constexpr int OT = (STD ? DH : C::ROW) / 8;  // output n-tiles (2dh columns; STD: dh)
+  static_assert(STD || !KV1, "one K/V head per pair is standard attention only");
+  constexpr int KVROW = KV1 ? DH : C::ROW;     // bf16 per global K/V row
   extern __shared__ __align__(128) uint8_t smem_raw[];
   // wgmma's 128-byte swizzle is anchored to 1024-byte boundaries
   uint8_t* smem = smem_raw + ((1024 - (smem_addr(smem_raw) & 1023)) & 1023);
@@ -65,16 +69,16 @@ __global__ void __launch_bounds__(WgFwdCfg<DH>::THREADS, WgFwdCfg<DH>::MIN_BLOCK
   const int b = grid_head() / p.h, hd = grid_head() % p.h, kvg = hd / p.group;
   const int q0 = (grid_tiles() - 1 - grid_tile()) * C::BM;
   const int S = p.S;
-  const int64_t q_rs = int64_t(p.h) * C::ROW, kv_rs = int64_t(p.h_kv) * C::ROW;
+  const int64_t q_rs = int64_t(p.h) * C::ROW, kv_rs = int64_t(p.h_kv) * KVROW;
   const bf16* qg = p.q + (int64_t(b) * S * p.h + hd) * C::ROW;
-  const bf16* kg = p.k + (int64_t(b) * S * p.h_kv + kvg) * C::ROW;
-  const bf16* vg = p.v + (int64_t(b) * S * p.h_kv + kvg) * C::ROW;
+  const bf16* kg = p.k + (int64_t(b) * S * p.h_kv + kvg) * KVROW;
+  const bf16* vg = p.v + (int64_t(b) * S * p.h_kv + kvg) * KVROW;
   const int kv_end = min(q0 + C::BM, S);
   const int n_kt = (kv_end + C::BN - 1) / C::BN;
 
   load_groups<C::BM, C::ROW, C::THREADS>(sb + C::OFF_Q, qg, q_rs, q0, S, tid);
-  load_groups<C::BN, C::ROW, C::THREADS>(sb + C::OFF_K, kg, kv_rs, (n_kt - 1) * C::BN, S, tid);
-  load_groups<C::BN, C::ROW, C::THREADS>(sb + C::OFF_V, vg, kv_rs, (n_kt - 1) * C::BN, S, tid);
+  load_groups<C::BN, KVROW, C::THREADS>(sb + C::OFF_K, kg, kv_rs, (n_kt - 1) * C::BN, S, tid);
+  load_groups<C::BN, KVROW, C::THREADS>(sb + C::OFF_V, vg, kv_rs, (n_kt - 1) * C::BN, S, tid);
   cp_async_commit();
 
   float o[OT][4];
@@ -92,15 +96,17 @@ __global__ void __launch_bounds__(WgFwdCfg<DH>::THREADS, WgFwdCfg<DH>::MIN_BLOCK
     w::fence_proxy_async();
     __syncthreads();  // tile kt landed; every warpgroup is done with the other buffer
     if (it + 1 < n_kt) {
-      load_groups<C::BN, C::ROW, C::THREADS>(sb + C::OFF_K + (st ^ 1) * C::TILE_K, kg, kv_rs,
-                                             (kt - 1) * C::BN, S, tid);
-      load_groups<C::BN, C::ROW, C::THREADS>(sb + C::OFF_V + (st ^ 1) * C::TILE_V, vg, kv_rs,
-                                             (kt - 1) * C::BN, S, tid);
+      load_groups<C::BN, KVROW, C::THREADS>(sb + C::OFF_K + (st ^ 1) * C::TILE_K, kg, kv_rs,
+                                            (kt - 1) * C::BN, S, tid);
+      load_groups<C::BN, KVROW, C::THREADS>(sb + C::OFF_V + (st ^ 1) * C::TILE_V, vg, kv_rs,
+                                            (kt - 1) * C::BN, S, tid);
     }
     cp_async_commit();
-    const uint32_t sK = sb + C::OFF_K + st * C::TILE_K + map * (DH / 64) * C::BN * 128;
-    // V's column groups: all 2dh columns, or (STD) this head's dh
-    const uint32_t sV = sb + C::OFF_V + st * C::TILE_V + (STD ? map * (DH / 64) * C::BN * 128 : 0);
+    // this map's K column groups (KV1: the one K head of both)
+    const uint32_t sK = sb + C::OFF_K + st * C::TILE_K + (KV1 ? 0 : map * (DH / 64) * C::BN * 128);
+    // V's column groups: all 2dh columns, or (STD) this head's dh (KV1: the shared V head)
+    const uint32_t sV = sb + C::OFF_V + st * C::TILE_V +
+                        (STD && !KV1 ? map * (DH / 64) * C::BN * 128 : 0);
 
     float s[NT][4];
     w::fence();
@@ -229,10 +235,10 @@ bool diff_flash_wgmma_enabled(const FlashOptions& opts) {
 }
 
 namespace {
-template <int DH, bool STD = false>
+template <int DH, bool STD = false, bool KV1 = false>
 void launch_fwd_wgmma(const DiffFlashDims& d, const flash::FwdParams& p, cudaStream_t stream) {
   using C = flash::WgFwdCfg<DH>;
-  auto kernel = flash::diff_flash_fwd_wgmma_kernel<DH, STD>;
+  auto kernel = flash::diff_flash_fwd_wgmma_kernel<DH, STD, KV1>;
   cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, C::SMEM);
   if (e != cudaSuccess)
     throw_error("diff_flash: cannot give the wgmma forward kernel ", C::SMEM,
@@ -251,21 +257,30 @@ void diff_flash_forward_wgmma(const DiffFlashDims& d, const flash::FwdParams& p,
     launch_fwd_wgmma<128>(d, p, stream);
 }
 
+DiffFlashDims std_flash_pair_dims(const DiffFlashDims& d) {
+  // group 1: K/V heads 2i, 2i + 1 are the pair's two maps; even group g: both heads of a pair
+  // read K/V head 2i / g, g / 2 pairs per K/V head
+  const bool kv1 = d.h_kv > 0 && d.h_kv != d.h;
+  return DiffFlashDims{d.B, d.S, d.h / 2, kv1 ? d.h_kv : d.h / 2, d.dh};
+}
+
 bool std_flash_supported(const DiffFlashDims& d, bool backward, const FlashOptions& opts, std::string* why) {
-  auto no = [&](const char* w) {
+  (void)backward;  // forward and backward take the same shapes, in either determinism mode
+  auto no = [&](const std::string& w) {
     if (why) *why = w;
     return false;
   };
   if (!diff_flash_wgmma_enabled(opts)) return no("needs the sm_90a kernels and a compute capability 9.x GPU");
-  if (d.B <= 0 || d.S <= 0 || d.h <= 0 || d.h % 2 != 0 || d.h_kv != d.h)
-    return no("needs an even number of heads and no GQA");
-  if (backward ? d.dh != 64 : d.dh != 64 && d.dh != 128) return no("head dim not supported");
-  if (backward && opts.deterministic) return no("determinism asked (its dQ uses atomics)");
+  if (d.B <= 0 || d.S <= 0 || d.h <= 0 || d.h_kv <= 0 || d.h % 2 != 0)
+    return no("needs an even number of heads");
+  if (d.h % d.h_kv != 0) return no("H_kv must divide H");
+  const int64_t g = d.h / d.h_kv;
+  if (g != 1 && g % 2 != 0)
+    return no("GQA group " + std::to_string(g) + " (heads per K/V head) must be 1 or even");
+  if (d.dh != 64 && d.dh != 128) return no("head dim " + std::to_string(d.dh) + " (64 or 128)");
+  if (d.S > 65535LL * 64) return no("S too large for the grid");
   std::string w;
-  if (!diff_flash_supported(DiffFlashDims{d.B, d.S, d.h / 2, d.h / 2, d.dh}, &w)) {
-    if (why) *why = w;
-    return false;
-  }
+  if (!diff_flash_supported(std_flash_pair_dims(d), &w)) return no(w);
   return true;
 }
 
@@ -278,7 +293,8 @@ void std_flash_forward(const DiffFlashDims& d, const __nv_bfloat16* q, const __n
                           static_cast<const void*>(v), static_cast<const void*>(out)})
     if (reinterpret_cast<uintptr_t>(ptr) % 16 != 0)
       throw_error("std_flash_forward: a tensor is not 16-byte aligned");
-  const DiffFlashDims d2{d.B, d.S, d.h / 2, d.h / 2, d.dh};
+  const DiffFlashDims d2 = std_flash_pair_dims(d);
+  const bool kv1 = d.h_kv != d.h;
   flash::FwdParams p{};  // no lambda, no o2: standard attention
   p.q = q;
   p.k = k;
@@ -287,13 +303,13 @@ void std_flash_forward(const DiffFlashDims& d, const __nv_bfloat16* q, const __n
   p.lse = lse;
   p.S = int(d.S);
   p.h = int(d2.h);
-  p.h_kv = int(d2.h);
-  p.group = 1;
+  p.h_kv = int(d2.h_kv);
+  p.group = int(d2.h / d2.h_kv);
   p.scale_log2 = float(flash::kLog2e / std::sqrt(double(d.dh)));
   if (d.dh == 64)
-    launch_fwd_wgmma<64, true>(d2, p, stream);
+    kv1 ? launch_fwd_wgmma<64, true, true>(d2, p, stream) : launch_fwd_wgmma<64, true>(d2, p, stream);
   else
-    launch_fwd_wgmma<128, true>(d2, p, stream);
+    kv1 ? launch_fwd_wgmma<128, true, true>(d2, p, stream) : launch_fwd_wgmma<128, true>(d2, p, stream);
 }
 
 }  // namespace difftron::cuda

@@ -31,9 +31,23 @@ void diff_flash_dkdv_wgmma(const DiffFlashDims& d, const flash::BwdParams& p,
 void diff_flash_bwd_fused_dq(const DiffFlashDims& d, const flash::BwdParams& p,
                              cudaStream_t stream);
 
-// The standard-attention backward on the dh 64 kernel (std_flash_backward); d2: the pair view
-// {B, S, H / 2, H / 2, dh}, p with dq_acc, no lambda and no dlambda.
-void std_flash_backward_wgmma(const DiffFlashDims& d2, const flash::BwdParams& p,
+// Standard attention as pairs of heads (std_flash_*): the pair view of d = {B, S, H, H_kv, dh}
+// is {B, S, H / 2, H_kv == H ? H / 2 : H_kv, dh}: without GQA the K/V heads pair up like the
+// query heads (2dh-wide K/V rows); with an even GQA group both heads of a pair read one K/V head
+// (dh-wide rows, "KV1"), H / (2 H_kv) pairs per K/V head.
+DiffFlashDims std_flash_pair_dims(const DiffFlashDims& d);
+
+// The standard-attention backward (std_flash_backward); d2: the pair view, p with no lambda and
+// no dlambda; kv1: both heads of a pair on one dh-wide K/V head (H_kv != H: the pair view alone
+// cannot tell, e.g. H_kv = H / 2 looks like H / 2 pairs over H / 2 pairs). p.dq_acc set: the fused-dQ path (D per head, dK/dV kernel with f32 dQ atomics,
+// conversion); null: deterministic (the mma.sync dQ kernel, which also writes D, then the dK/dV
+// kernel without dQ).
+void std_flash_backward_wgmma(const DiffFlashDims& d2, const flash::BwdParams& p, bool kv1,
                               cudaStream_t stream);
+
+// The deterministic standard dQ (mma.sync dQ kernel, diff_flash_bwd.cu): dq and D (D_j = dO_j .
+// O_j per head) for the pair view d2; kv1: both heads of a pair on one dh-wide K/V head.
+void std_flash_dq_mma(const DiffFlashDims& d2, const flash::BwdParams& p, bool kv1,
+                      cudaStream_t stream);
 
 }  // namespace difftron::cuda
