@@ -1,6 +1,8 @@
 // The fused differential flash-attention kernels (kernels/cuda/diff_flash.h) against the CPU
 // reference (kernels/cpu/diff_attention.cpp, in double on the same bf16-rounded inputs), on
 // fresh random inputs: ragged S, GQA and not, dh 64 and 128; outputs poisoned before each run.
+// Also standard attention on the same kernels (std_flash_*, vs kernels/cpu/attention.cpp):
+// GQA groups 1, 2, 4, 6, dh 64 and 128, both Hopper backward modes.
 // Exits 77 (ctest SKIP) when no GPU is present.
 #include <cmath>
 #include <cstdint>
@@ -263,6 +265,139 @@ TEST(DiffFlashApi, RejectsUnsupportedShapes) {
   EXPECT_FALSE(cuda::diff_flash_supported({0, 16, 2, 2, 64}, &why));
   EXPECT_THROW(cuda::diff_flash_forward({1, 16, 2, 2, 96}, nullptr, nullptr, nullptr, nullptr,
                                         nullptr, nullptr, nullptr),
+               Error);
+}
+
+// ---- standard attention on the flash kernels (std_flash_*, the baseline's and Diff V2's) -------
+// Against cpu::attention_* in double on the same bf16-rounded inputs. Tolerances as above: the
+// outputs are rounded to bf16 (relative L2 ~1e-3 from that alone) and the kernels round P and
+// dS to bf16 for the MMAs (a few 1e-3 more), so 1e-2 relative L2 for out, dq, dk, dv; lse is
+// f32 throughout (1e-4).
+struct StdCase {
+  int64_t B, S, H, H_kv, dh;
+  double q_sigma;
+};
+std::string std_case_name(const ::testing::TestParamInfo<StdCase>& info) {
+  const StdCase& c = info.param;
+  return "B" + std::to_string(c.B) + "_S" + std::to_string(c.S) + "_H" + std::to_string(c.H) +
+         "_Hkv" + std::to_string(c.H_kv) + "_dh" + std::to_string(c.dh) + "_" +
+         std::to_string(info.index);
+}
+
+class StdFlash : public ::testing::TestWithParam<StdCase> {};
+
+void check_std_case(const StdCase& c, const cuda::FlashOptions& opts) {
+  const DiffFlashDims d{c.B, c.S, c.H, c.H_kv, c.dh};
+  std::string why;
+  ASSERT_TRUE(cuda::std_flash_supported(d, false, opts, &why)) << why;
+  ASSERT_TRUE(cuda::std_flash_supported(d, true, opts, &why)) << why;
+  const size_t nq = c.B * c.S * c.H * c.dh, nk = c.B * c.S * c.H_kv * c.dh;
+  const size_t nl = c.B * c.H * c.S;
+  const uint64_t seed = 5000 + uint64_t(c.S) * 11 + uint64_t(c.dh) + uint64_t(c.H_kv) * 17;
+  Bf16Data q = random_bf16(nq, seed, c.q_sigma), k = random_bf16(nk, seed + 1, 1.0);
+  Bf16Data v = random_bf16(nk, seed + 2, 1.0), dout = random_bf16(nq, seed + 3, 1.0);
+
+  DevBuf<__nv_bfloat16> dq_(q.bf), dk_(k.bf), dv_(v.bf), ddo(dout.bf);
+  DevBuf<__nv_bfloat16> dout_o(nq), dgq(nq), dgk(nk), dgv(nk);
+  DevBuf<float> dlse(nl);
+  const size_t ws = cuda::std_flash_backward_workspace_bytes(d, opts);
+  DevBuf<uint8_t> dws(ws);
+
+  cuda::std_flash_forward(d, dq_.p, dk_.p, dv_.p, dout_o.p, dlse.p, nullptr, opts);
+  cuda::std_flash_backward(d, dq_.p, dk_.p, dv_.p, dout_o.p, dlse.p, ddo.p, dgq.p, dgk.p, dgv.p,
+                           dws.p, ws, nullptr, opts);
+  CUDA_OK(cudaDeviceSynchronize());
+
+  std::vector<double> ro(nq), rl(nl), rdq(nq), rdk(nk), rdv(nk);
+  cpu::attention_forward(q.d.data(), k.d.data(), v.d.data(), ro.data(), rl.data(), c.B, c.S, c.H,
+                         c.H_kv, c.dh);
+  cpu::attention_backward(q.d.data(), k.d.data(), v.d.data(), ro.data(), rl.data(), dout.d.data(),
+                          rdq.data(), rdk.data(), rdv.data(), c.B, c.S, c.H, c.H_kv, c.dh);
+
+  const std::vector<double> go = to_double(dout_o.get()), gl = to_double(dlse.get());
+  const std::vector<double> gq = to_double(dgq.get()), gk = to_double(dgk.get());
+  const std::vector<double> gv = to_double(dgv.get());
+  for (auto* t : {&go, &gl, &gq, &gk, &gv}) ASSERT_TRUE(all_finite(*t)) << "unwritten or NaN output";
+  const double e_out = rel_l2(go, ro), e_lse = rel_l2(gl, rl), e_dv = rel_l2(gv, rdv);
+  const double e_dq = rel_l2(gq, rdq, l2(rdv)), e_dk = rel_l2(gk, rdk, l2(rdv));
+  std::printf("  out %.2e  lse %.2e  dq %.2e  dk %.2e  dv %.2e\n", e_out, e_lse, e_dq, e_dk, e_dv);
+  EXPECT_LT(e_out, 1e-2);
+  EXPECT_LT(e_lse, 1e-4);
+  EXPECT_LT(e_dq, 1e-2);
+  EXPECT_LT(e_dk, 1e-2);
+  EXPECT_LT(e_dv, 1e-2);
+
+  // a second forward and backward on the same inputs (outputs poisoned in between): dK, dV (fixed
+  // order in every mode: a K/V head's sums over its heads run in registers) and the forward
+  // repeat to the bit; dQ too when deterministic (else it is summed with f32 atomics)
+  for (auto* b : {&dout_o, &dgq, &dgk, &dgv})
+    CUDA_OK(cudaMemset(b->p, 0xFF, b->n * sizeof(__nv_bfloat16)));
+  CUDA_OK(cudaMemset(dlse.p, 0xFF, nl * sizeof(float)));
+  cuda::std_flash_forward(d, dq_.p, dk_.p, dv_.p, dout_o.p, dlse.p, nullptr, opts);
+  cuda::std_flash_backward(d, dq_.p, dk_.p, dv_.p, dout_o.p, dlse.p, ddo.p, dgq.p, dgk.p, dgv.p,
+                           dws.p, ws, nullptr, opts);
+  CUDA_OK(cudaDeviceSynchronize());
+  EXPECT_EQ(to_double(dout_o.get()), go);
+  EXPECT_EQ(to_double(dlse.get()), gl);
+  EXPECT_EQ(to_double(dgk.get()), gk);
+  EXPECT_EQ(to_double(dgv.get()), gv);
+  const std::vector<double> gq2 = to_double(dgq.get());
+  if (opts.deterministic) {
+    EXPECT_EQ(gq2, gq);
+  } else {
+    ASSERT_TRUE(all_finite(gq2));
+    EXPECT_LT(rel_l2(gq2, gq, 1.0), 1e-2);
+  }
+}
+
+// Both Hopper paths: the default (fused dQ with f32 atomics) and deterministic (the mma.sync dQ
+// kernel, fixed order). Needs the sm_90a kernels and a compute capability 9.x GPU (else skipped:
+// the CUDA backend takes cuBLAS there).
+TEST_P(StdFlash, ForwardAndBackwardMatchCpuReference) {
+  require_gpu();
+  if (!cuda::std_flash_supported({1, 64, 2, 2, 64}, true)) GTEST_SKIP() << "no Hopper flash kernels";
+  struct Mode {
+    const char* name;
+    cuda::FlashOptions opts;
+  };
+  for (const Mode& m : {Mode{"default", {false, true}}, Mode{"deterministic", {true, true}}}) {
+    std::printf(" %s kernels\n", m.name);
+    SCOPED_TRACE(std::string("kernels: ") + m.name);
+    check_std_case(GetParam(), m.opts);
+  }
+}
+
+INSTANTIATE_TEST_SUITE_P(
+    Shapes, StdFlash,
+    ::testing::Values(StdCase{2, 200, 8, 4, 64, 1.0},    // GQA 2 (Diff V2's layout), ragged
+                      StdCase{2, 200, 8, 2, 64, 1.5},    // GQA 4
+                      StdCase{2, 200, 8, 4, 128, 1.0},   // dh 128, GQA 2
+                      StdCase{2, 200, 8, 2, 128, 2.0},   // dh 128, GQA 4, peaky
+                      StdCase{2, 1000, 4, 2, 64, 1.0},   // long, GQA 2
+                      StdCase{2, 1000, 8, 2, 64, 1.0},   // long, GQA 4
+                      StdCase{2, 1000, 4, 2, 128, 1.5},  // long, dh 128, GQA 2
+                      StdCase{2, 1000, 8, 2, 128, 1.0},  // long, dh 128, GQA 4
+                      StdCase{1, 300, 12, 2, 128, 1.0},  // GQA 6: 3 head pairs per K/V head
+                      StdCase{2, 200, 4, 4, 64, 1.0},    // no GQA (the baseline's layout)
+                      StdCase{2, 1000, 4, 4, 128, 1.0},  // no GQA, dh 128 (backward new)
+                      StdCase{1, 1, 4, 2, 64, 1.0}),     // a single position
+    std_case_name);
+
+TEST(StdFlashApi, SupportedShapes) {
+  require_gpu();
+  if (!cuda::std_flash_supported({1, 64, 2, 2, 64}, true)) GTEST_SKIP() << "no Hopper flash kernels";
+  const cuda::FlashOptions det{true, true};
+  std::string why;
+  EXPECT_TRUE(cuda::std_flash_supported({2, 1000, 8, 4, 128}, true, det, &why)) << why;
+  EXPECT_TRUE(cuda::std_flash_supported({2, 1000, 8, 2, 64}, true, {}, &why)) << why;
+  EXPECT_TRUE(cuda::std_flash_supported({2, 1000, 16, 16, 128}, true, det, &why)) << why;
+  EXPECT_FALSE(cuda::std_flash_supported({1, 16, 6, 2, 64}, true, {}, &why));  // group 3
+  EXPECT_NE(why.find("group"), std::string::npos) << why;
+  EXPECT_FALSE(cuda::std_flash_supported({1, 16, 3, 3, 64}, false, {}, &why));  // odd H
+  EXPECT_FALSE(cuda::std_flash_supported({1, 16, 4, 4, 96}, false, {}, &why));
+  EXPECT_FALSE(cuda::std_flash_supported({1, 16, 4, 4, 64}, false, {false, false}, &why));
+  EXPECT_THROW(cuda::std_flash_forward({1, 16, 6, 2, 64}, nullptr, nullptr, nullptr, nullptr,
+                                       nullptr, nullptr),
                Error);
 }
 

@@ -5,6 +5,10 @@
 // default); one more column the memory-saving path without O2n.
 // FLOPs (causal, halved): fwd = 6 B h S^2 dh (two QK^T maps of dh + two PV over 2dh = 12 dh per
 // query-key pair, S^2/2 pairs); bwd counted as 2.5 x fwd (the FlashAttention convention).
+// --attn_std: standard causal attention instead (std_flash_*: the baseline's and Diff V2's, on
+// the same Hopper kernels; shapes B,S,H,H_kv,dh with H query heads over H_kv K/V heads), with
+// fwd = 2 B H S^2 dh (QK^T and PV of dh each = 4 dh per query-key pair, S^2/2 pairs), bwd
+// 2.5 x fwd, next to the deterministic backward and the cuBLAS path (attention_gemm.cu).
 #include <algorithm>
 #include <cstdio>
 #include <sstream>
@@ -32,6 +36,12 @@ DEFINE_string(attn_kernels, "default",
               "bench-attention: default (Hopper kernels, fused dQ with f32 atomics), deterministic "
               "(fixed-order dQ), or mma_sync (the kernels every other GPU runs)");
 DEFINE_int32(attn_reps, 20, "bench-attention: timed repetitions per kernel (median reported)");
+DEFINE_bool(attn_std, false,
+            "bench-attention: time standard attention (std_flash_*, shapes B,S,H,H_kv,dh; default: "
+            "dh 64 and 128, no GQA and GQA 2 and 4) instead of the differential kernels");
+DEFINE_int32(attn_gemm_max_s, 4096,
+             "bench-attention --attn_std: also time the cuBLAS path (attention_gemm.cu) for shapes "
+             "with S up to this (0: never)");
 DEFINE_int32(attn_simple_max_s, 4096,
              "bench-attention: also time the simple SIMT path (diff_attention_simple.cu) for "
              "shapes with S up to this (0: never)");
@@ -103,6 +113,88 @@ double median_ms(F&& f, int reps, cudaStream_t stream = nullptr) {
   return t[t.size() / 2];
 }
 
+// Tensor views of device buffers (no ownership) for the Tensor-level launchers.
+Tensor view(void* p, Shape sh, DType t) {
+  return Tensor(std::move(sh), t, Device::CUDA, p, [](void*) {});
+}
+
+// --attn_std: standard attention on the flash kernels, default and deterministic backward, and
+// the cuBLAS path it replaces.
+int run_std(std::vector<Shape5> shapes) {
+  if (shapes.empty())
+    shapes = {{8, 2048, 16, 16, 128}, {4, 4096, 16, 16, 128}, {8, 2048, 16, 8, 128},
+              {8, 2048, 16, 4, 128},  {8, 2048, 32, 32, 64},  {8, 2048, 32, 16, 64},
+              {8, 2048, 32, 8, 64},   {4, 4096, 32, 16, 64}};
+  cudaDeviceProp prop{};
+  ck(cudaGetDeviceProperties(&prop, 0), "properties");
+  std::printf("bench-attention --attn_std (standard causal attention, std_flash_*) on %s;\n"
+              "FLOPs: fwd = 2 B H S^2 dh (causal), bwd = 2.5 x fwd; median of %d; det bwd: "
+              "--deterministic's backward;\ncuBLAS: attention_gemm.cu fwd+bwd ms (the path taken "
+              "where the flash kernels do not apply)\n",
+              prop.name, FLAGS_attn_reps);
+  std::printf("%-26s %9s %9s %9s %8s %8s %8s %9s %8s %10s\n", "shape B,S,H,H_kv,dh", "fwd ms",
+              "bwd ms", "total ms", "fwd TF/s", "bwd TF/s", "all TF/s", "det bwd", "det TF/s",
+              "cuBLAS ms");
+  const cuda::FlashOptions fast{false, true}, det{true, true};
+  cuda::CudaContext ctx(0);
+  for (const Shape5& s : shapes) {
+    const cuda::DiffFlashDims d{s.B, s.S, s.h, s.h_kv, s.dh};
+    std::string why;
+    if (!cuda::std_flash_supported(d, true, fast, &why)) throw_error("bench-attention --attn_std: shape: ", why);
+    const size_t nq = s.B * s.S * s.h * s.dh, nk = s.B * s.S * s.h_kv * s.dh, nl = s.B * s.h * s.S;
+    const size_t ws = std::max(cuda::std_flash_backward_workspace_bytes(d, fast),
+                               cuda::std_flash_backward_workspace_bytes(d, det));
+    __nv_bfloat16 *q, *k, *v, *o, *dout, *dq, *dk, *dv;
+    float* lse;
+    void* w;
+    for (auto* p : {&q, &o, &dout, &dq}) ck(cudaMalloc(p, nq * 2), "cudaMalloc");
+    for (auto* p : {&k, &v, &dk, &dv}) ck(cudaMalloc(p, nk * 2), "cudaMalloc");
+    ck(cudaMalloc(&lse, nl * 4), "cudaMalloc");
+    ck(cudaMalloc(&w, ws), "cudaMalloc");
+    fill_random(q, nq, 1, 1.0f);
+    fill_random(k, nk, 2, 1.0f);
+    fill_random(v, nk, 3, 1.0f);
+    fill_random(dout, nq, 4, 1.0f);
+    const int reps = FLAGS_attn_reps;
+    const double fwd = median_ms([&] { cuda::std_flash_forward(d, q, k, v, o, lse, nullptr, fast); }, reps);
+    const double bwd = median_ms(
+        [&] { cuda::std_flash_backward(d, q, k, v, o, lse, dout, dq, dk, dv, w, ws, nullptr, fast); },
+        reps);
+    const double dbwd = median_ms(
+        [&] { cuda::std_flash_backward(d, q, k, v, o, lse, dout, dq, dk, dv, w, ws, nullptr, det); },
+        reps);
+    ck(cudaDeviceSynchronize(), "sync");
+    char gemm[32] = "-";
+    if (s.S <= FLAGS_attn_gemm_max_s) {
+      const DType BF = DType::BF16, F = DType::F32;
+      Tensor tq = view(q, {s.B, s.S, s.h, s.dh}, BF), tk = view(k, {s.B, s.S, s.h_kv, s.dh}, BF);
+      Tensor tv = view(v, tk.shape(), BF), to = view(o, tq.shape(), BF);
+      Tensor tl = view(lse, {s.B, s.h, s.S}, F), tdo = view(dout, tq.shape(), BF);
+      Tensor tdq = view(dq, tq.shape(), BF), tdk = view(dk, tk.shape(), BF), tdv = view(dv, tk.shape(), BF);
+      if (cuda::attention_gemm_supported(tq, tk)) {
+        const double gf = median_ms(
+            [&] { cuda::attention_gemm_forward(ctx, tq, tk, tv, to, tl); }, 5, ctx.stream());
+        const double gb = median_ms(
+            [&] { cuda::attention_gemm_backward(ctx, tq, tk, tv, to, tl, tdo, tdq, tdk, tdv); }, 5,
+            ctx.stream());
+        ck(cudaStreamSynchronize(ctx.stream()), "sync");
+        std::snprintf(gemm, sizeof gemm, "%.3f", gf + gb);
+      }
+    }
+    const double f = 2.0 * s.B * s.h * double(s.S) * s.S * s.dh;
+    char name[64];
+    std::snprintf(name, sizeof name, "%ld,%ld,%ld,%ld,%ld", s.B, s.S, s.h, s.h_kv, s.dh);
+    std::printf("%-26s %9.3f %9.3f %9.3f %8.1f %8.1f %8.1f %9.3f %8.1f %10s\n", name, fwd, bwd,
+                fwd + bwd, f / fwd * 1e-9, 2.5 * f / bwd * 1e-9, 3.5 * f / (fwd + bwd) * 1e-9,
+                dbwd, 2.5 * f / dbwd * 1e-9, gemm);
+    std::fflush(stdout);
+    for (void* p : {(void*)q, (void*)k, (void*)v, (void*)o, (void*)dout, (void*)dq, (void*)dk,
+                    (void*)dv, (void*)lse, w})
+      cudaFree(p);
+  }
+  return 0;
+}
+
 int run(int argc, char** argv) {
   gflags::ParseCommandLineFlags(&argc, &argv, true);
   int ndev = 0;
@@ -110,6 +202,7 @@ int run(int argc, char** argv) {
     std::fprintf(stderr, "bench-attention: no GPU visible\n");
     return 1;
   }
+  if (FLAGS_attn_std) return run_std(parse_shapes(FLAGS_attn_shapes));
   std::vector<Shape5> shapes = parse_shapes(FLAGS_attn_shapes);
   if (shapes.empty()) {
     shapes = {{4, 4096, 16, 16, 64}, {2, 8192, 16, 16, 64}, {4, 4096, 8, 8, 128}};
@@ -191,9 +284,6 @@ int run(int argc, char** argv) {
     char simple[32] = "-";
     if (s.S <= FLAGS_attn_simple_max_s) {
       // the simple path on the same buffers, through its Tensor launchers (views, no ownership)
-      auto view = [](void* p, Shape sh, DType t) {
-        return Tensor(std::move(sh), t, Device::CUDA, p, [](void*) {});
-      };
       const DType BF = DType::BF16, F = DType::F32;
       Tensor tq = view(q, {s.B, s.S, s.h, 2, s.dh}, BF), tk = view(k, {s.B, s.S, s.h_kv, 2, s.dh}, BF);
       Tensor tv = view(v, {s.B, s.S, s.h_kv, 2 * s.dh}, BF), to = view(o, {s.B, s.S, s.h, 2 * s.dh}, BF);
@@ -232,5 +322,6 @@ int run(int, char**) {
 }  // namespace difftron
 
 DIFFTRON_COMMAND("bench-attention",
-                 "time the fused differential flash-attention kernels (fwd, bwd; ms, TFLOP/s)",
+                 "time the fused differential flash-attention kernels, or with --attn_std standard "
+                 "attention on them (fwd, bwd; ms, TFLOP/s)",
                  difftron::run);
