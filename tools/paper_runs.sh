@@ -63,6 +63,8 @@ EVAL_EVERY=${EVAL_EVERY:-100}
 NEEDLE_LENGTHS=${NEEDLE_LENGTHS:-512,768,1000}  # at most SEQ - 10 (the answer is generated within the context)
 NEEDLE_SAMPLES=${NEEDLE_SAMPLES:-10}
 STAT_TOKENS=${STAT_TOKENS:-8192}
+STATS_DATA=${STATS_DATA:-$DATA/val}  # the dataset whose first sequences activations and quant read
+SEED_TASKS=${SEED_TASKS:-loss}       # eval tasks of the seed runs: loss activations quant needles noise
 LOSS_TOKENS=${LOSS_TOKENS:-0}  # validation tokens of the final loss (0: the whole split)
 
 mkdir -p "$OUTDIR"
@@ -129,31 +131,41 @@ evaluate() {
   fi
 }
 
+# eval_tasks PART VARIANT SEED TASK...: the named eval tasks on that run's checkpoint
+eval_tasks() {
+  local part=$1 variant=$2 seed=$3 task
+  shift 3
+  for task in "$@"; do
+    case "$task" in
+      loss) evaluate "$part" "$variant" "$seed" loss --data="$DATA/val" --batch=8 --max_tokens="$LOSS_TOKENS" ;;
+      activations) evaluate "$part" "$variant" "$seed" activations --data="$STATS_DATA" --batch=4 --max_tokens="$STAT_TOKENS" ;;
+      quant) evaluate "$part" "$variant" "$seed" quant --data="$STATS_DATA" --batch=4 --max_tokens="$STAT_TOKENS" --bits=8,6,4,3 --quant_logits ;;
+      needles) evaluate "$part" "$variant" "$seed" needles --needles_file="$OUTDIR/needles_eval.jsonl" --batch=8 ;;
+      noise) evaluate "$part" "$variant" "$seed" noise --needles_file="$OUTDIR/needles_eval.jsonl" --batch=8 ;;
+      *) die "unknown eval task '$task'" ;;
+    esac
+  done
+}
+
+"$BIN" needles --needle_out="$OUTDIR/needles_eval.jsonl" --needle_tokenizer="$DATA/tokenizer.json" \
+  --needle_lengths="$NEEDLE_LENGTHS" --needle_samples="$NEEDLE_SAMPLES" --needle_seed=7 > /dev/null ||
+  die "difftron needles failed"
+
 if [ "$PART" = seeds ] || [ "$PART" = all ]; then
   for v in $VARIANTS_SEEDS; do
     for s in $SEEDS; do
       # shellcheck disable=SC2086
-      train small "$v" "$s" "$SMALL_STEPS" "$SMALL_WARMUP" $SMALL_FLAGS &&
-        evaluate small "$v" "$s" loss --data="$DATA/val" --batch=8 --max_tokens="$LOSS_TOKENS"
+      train small "$v" "$s" "$SMALL_STEPS" "$SMALL_WARMUP" $SMALL_FLAGS && eval_tasks small "$v" "$s" $SEED_TASKS
       rm -rf "$OUTDIR/small-$v-s$s"/step_* # keep the records, not the weights
     done
   done
 fi
 
 if [ "$PART" = main ] || [ "$PART" = all ]; then
-  "$BIN" needles --needle_out="$OUTDIR/needles_eval.jsonl" --needle_tokenizer="$DATA/tokenizer.json" \
-    --needle_lengths="$NEEDLE_LENGTHS" --needle_samples="$NEEDLE_SAMPLES" --needle_seed=7 > /dev/null ||
-    die "difftron needles failed"
-  have_noise=0
-  "$BIN" eval --help 2>&1 | grep -q "noise" && have_noise=1
   for v in $VARIANTS_MAIN; do
     # shellcheck disable=SC2086
     train main "$v" 1 "$MAIN_STEPS" "$MAIN_WARMUP" $MAIN_FLAGS || continue
-    evaluate main "$v" 1 loss --data="$DATA/val" --batch=8 --max_tokens="$LOSS_TOKENS"
-    evaluate main "$v" 1 activations --data="$DATA/val" --batch=4 --max_tokens="$STAT_TOKENS"
-    evaluate main "$v" 1 quant --data="$DATA/val" --batch=4 --max_tokens="$STAT_TOKENS" --bits=8,6,4,3 --quant_logits
-    evaluate main "$v" 1 needles --needles_file="$OUTDIR/needles_eval.jsonl" --batch=8
-    [ "$have_noise" = 1 ] && evaluate main "$v" 1 noise --needles_file="$OUTDIR/needles_eval.jsonl" --batch=8
+    eval_tasks main "$v" 1 loss activations quant needles noise
   done
 fi
 log "done; results in $RESULTS"
