@@ -7,9 +7,8 @@
 // for f32 tensors). The causal upper triangle is computed and discarded (2x the needed GEMM
 // FLOPs). On Hopper the flash kernels take the shapes they support (std_flash_*, diff_flash.h);
 // this is the path for the rest (odd GQA groups above 1, other head dims, GPUs without sm_90a).
-// Deterministic: cuBLAS with
-// atomics disallowed, GQA sums over the heads of a group by beta = 1 accumulation in a fixed
-// order into f32 buffers. Layouts: kernels/ops.h (q [B,S,H,dh], k/v [B,S,H_kv,dh],
+// Deterministic: cuBLAS with atomics disallowed, GQA sums over the heads of a group by beta = 1
+// accumulation in a fixed order into f32 buffers. Layouts: kernels/ops.h (q [B,S,H,dh], k/v [B,S,H_kv,dh],
 // lse [B,H,S]).
 #include <algorithm>
 #include <cmath>
