@@ -62,6 +62,8 @@ EVAL_EVERY=${EVAL_EVERY:-100}
 # eval tasks on the main checkpoints
 NEEDLE_LENGTHS=${NEEDLE_LENGTHS:-512,768,1000}  # at most SEQ - 10 (the answer is generated within the context)
 NEEDLE_SAMPLES=${NEEDLE_SAMPLES:-10}
+NEEDLE_COUNT=${NEEDLE_COUNT:-6}      # N needles in each context, NEEDLE_QUERIES of them asked for
+NEEDLE_QUERIES=${NEEDLE_QUERIES:-2}
 STAT_TOKENS=${STAT_TOKENS:-8192}
 STATS_DATA=${STATS_DATA:-$DATA/val}  # the dataset whose first sequences activations and quant read
 SEED_TASKS=${SEED_TASKS:-loss}       # eval tasks of the seed runs: loss activations quant needles noise
@@ -148,7 +150,8 @@ eval_tasks() {
 }
 
 "$BIN" needles --needle_out="$OUTDIR/needles_eval.jsonl" --needle_tokenizer="$DATA/tokenizer.json" \
-  --needle_lengths="$NEEDLE_LENGTHS" --needle_samples="$NEEDLE_SAMPLES" --needle_seed=7 > /dev/null ||
+  --needle_lengths="$NEEDLE_LENGTHS" --needle_samples="$NEEDLE_SAMPLES" --needle_count="$NEEDLE_COUNT" \
+  --needle_queries="$NEEDLE_QUERIES" --needle_seed=7 > /dev/null ||
   die "difftron needles failed"
 
 if [ "$PART" = seeds ] || [ "$PART" = all ]; then
@@ -156,7 +159,7 @@ if [ "$PART" = seeds ] || [ "$PART" = all ]; then
     for s in $SEEDS; do
       # shellcheck disable=SC2086
       train small "$v" "$s" "$SMALL_STEPS" "$SMALL_WARMUP" $SMALL_FLAGS && eval_tasks small "$v" "$s" $SEED_TASKS
-      rm -rf "$OUTDIR/small-$v-s$s"/step_* # keep the records, not the weights
+      rm -rf "$OUTDIR/small-$v-s$s"/step_* "$OUTDIR/small-$v-s$s"/latest  # keep the records, not the weights
     done
   done
 fi
