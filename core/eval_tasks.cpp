@@ -361,11 +361,12 @@ std::vector<LayerNoiseStats> AttentionNoiseProbe::stats() const {
   return out;
 }
 
-std::vector<int64_t> token_byte_offsets(const Tokenizer& tok, const std::vector<int32_t>& ids, const std::string& text) {
+std::vector<int64_t> token_byte_offsets(const std::function<std::string(int32_t)>& decode_one,
+                                        const std::vector<int32_t>& ids, const std::string& text) {
   std::vector<int64_t> offsets(ids.size() + 1, 0);
   std::string joined;
   for (size_t i = 0; i < ids.size(); ++i) {
-    joined += tok.decode({ids[i]});
+    joined += decode_one(ids[i]);
     offsets[i + 1] = int64_t(joined.size());
   }
   if (joined != text)

@@ -14,7 +14,6 @@
 #include <vector>
 
 #include "core/model.h"
-#include "io/tokenizer.h"
 
 namespace difftron {
 
@@ -146,8 +145,10 @@ class AttentionNoiseProbe : public ForwardProbe {
 };
 
 // Byte offsets of tokens: offsets[i] is the length of the text before token i (ids.size() + 1
-// values), from each token's own decoding; throws when the pieces do not make up `text`.
-std::vector<int64_t> token_byte_offsets(const Tokenizer& tok, const std::vector<int32_t>& ids, const std::string& text);
+// values), from each token's own decoding (`decode_one`: a tokenizer's decode of one id; io/
+// sits above core, so the caller passes it); throws when the pieces do not make up `text`.
+std::vector<int64_t> token_byte_offsets(const std::function<std::string(int32_t)>& decode_one,
+                                        const std::vector<int32_t>& ids, const std::string& text);
 // The tokens [first, last) whose bytes overlap the byte range [begin, end) (begin < end).
 std::pair<int64_t, int64_t> tokens_covering(const std::vector<int64_t>& offsets, int64_t begin, int64_t end);
 // The needle sentence as the answer span counts it: "The magic number of CITY is NUMBER."

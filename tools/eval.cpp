@@ -435,7 +435,8 @@ std::pair<int64_t, int64_t> needle_span_tokens(const Tokenizer& tok, const Needl
         throw_error("no spans and no cities: a file of an older `difftron needles`; write it again with this one");
       bytes = find_needle_span(q.prompt, q.city, q.answer);
     }
-    return tokens_covering(token_byte_offsets(tok, ids, q.prompt), bytes.first, bytes.second);
+    const auto decode_one = [&tok](int32_t id) { return tok.decode({id}); };
+    return tokens_covering(token_byte_offsets(decode_one, ids, q.prompt), bytes.first, bytes.second);
   } catch (const Error& e) {
     throw_error(where, ": ", e.what());
   }
