@@ -1,6 +1,6 @@
 // Hugging Face conversion: see hf_diffllama.h. DiffLlama's row permutation for q/k/v: difftron
 // block 2*i + j (map j of head or group i) is HF block i + j * n, with n = h for q and n = h_kv
-// for k and v. Llama (the baseline) needs none.
+// for k and v. Llama (the baseline) and difftron_diff_v2 need none.
 #include "io/hf_diffllama.h"
 
 #include <filesystem>
@@ -69,25 +69,162 @@ std::vector<std::string> unsupported_fields(const nlohmann::json& hf) {
   return out;
 }
 
+// config.json fields of a difftron_diff_v2 folder: what hf_config_from_model writes, plus
+// metadata a loader may add. No other program writes this format, so anything else is refused.
+const std::set<std::string>& diff_v2_config_fields() {
+  static const std::set<std::string> f = {
+      "architectures", "model_type", "_comment", "difftron_attention", "vocab_size", "hidden_size",
+      "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_query_heads", "num_key_value_heads",
+      "head_dim", "max_position_embeddings", "rms_norm_eps", "rope_theta", "rope_convention", "hidden_act",
+      "attention_bias", "mlp_bias", "initializer_range", "tie_word_embeddings", "bos_token_id", "eos_token_id",
+      "pad_token_id", "use_cache", "dtype", "torch_dtype", "transformers_version", "_name_or_path"};
+  return f;
+}
+
+ModelConfig diff_v2_config_from_hf(const nlohmann::json& hf, const std::string& source) {
+  std::vector<std::string> bad;
+  nlohmann::json known = nlohmann::json::object();
+  for (auto it = hf.begin(); it != hf.end(); ++it) {
+    if (diff_v2_config_fields().count(it.key()))
+      known[it.key()] = it.value();
+    else
+      bad.push_back(it.key() + " = " + it.value().dump() + " (not a field of a " + kHfDiffV2ModelType + " config)");
+  }
+  for (auto& b : unsupported_fields(known)) bad.push_back(b);
+  auto expect_value = [&](const char* key, const nlohmann::json& want, const std::string& why) {
+    if (known.contains(key) && known.at(key) != want)
+      bad.push_back(std::string(key) + " = " + known.at(key).dump() + " (" + why + ")");
+  };
+  expect_value("architectures", nlohmann::json::array({kHfDiffV2Architecture}),
+               std::string("a ") + kHfDiffV2ModelType + " folder is a " + kHfDiffV2Architecture);
+  expect_value("difftron_attention", "diff_v2", "a " + std::string(kHfDiffV2ModelType) + " folder is diff_v2");
+  expect_value("rope_convention", "rotate_half",
+               "difftron's RoPE is rotate-half; the rows of q_proj and k_proj must be in that order (README.md)");
+  if (!bad.empty()) {
+    std::string msg;
+    for (const auto& b : bad) msg += "\n  " + b;
+    throw_error(source, ": config fields that difftron's ", kHfDiffV2ModelType, " model does not have or implement:",
+                msg);
+  }
+  auto need = [&](const char* key) -> const nlohmann::json& {
+    if (!known.contains(key) || known.at(key).is_null())
+      throw_error(source, ": ", kHfDiffV2ModelType, " config has no '", key, "'");
+    return known.at(key);
+  };
+  need("rope_convention");
+  ModelConfig c;
+  c.attention = AttentionKind::DifferentialV2;
+  c.vocab_size = need("vocab_size").get<int64_t>();
+  c.d_model = need("hidden_size").get<int64_t>();
+  c.n_layers = need("num_hidden_layers").get<int64_t>();
+  c.ffn_dim = need("intermediate_size").get<int64_t>();
+  const int64_t heads = need("num_attention_heads").get<int64_t>();
+  const int64_t queries = need("num_query_heads").get<int64_t>();
+  const int64_t kv = need("num_key_value_heads").get<int64_t>();
+  if (queries != 2 * heads)
+    throw_error(source, ": num_query_heads (", queries, ") must be twice num_attention_heads (", heads,
+                "): output head i subtracts query head 2i + 1 from query head 2i");
+  if (heads % 2 || kv % 2)
+    throw_error(source, ": num_attention_heads (", heads, ") and num_key_value_heads (", kv, ") must be even (",
+                "difftron's diff_v2 has 2 n_heads output heads over 2 n_kv_heads K/V heads)");
+  c.n_heads = heads / 2;
+  c.n_kv_heads = kv / 2;
+  c.head_dim = need("head_dim").get<int64_t>();
+  c.max_seq_len = need("max_position_embeddings").get<int64_t>();
+  c.norm_eps = need("rms_norm_eps").get<double>();
+  c.rope_theta = need("rope_theta").get<double>();
+  c.tie_embeddings = need("tie_word_embeddings").get<bool>();
+  c.init_std = known.value("initializer_range", 0.02);
+  c.resolve_and_validate();
+  return c;
+}
+
+nlohmann::json diff_v2_hf_config(const ModelConfig& c, const HfSpecialTokens& tokens, StoreDType dtype) {
+  auto id = [](int64_t v) { return v < 0 ? nlohmann::json(nullptr) : nlohmann::json(v); };
+  const char* dtype_name = dtype == StoreDType::BF16 ? "bfloat16" : "float32";
+  // nlohmann::json objects keep keys sorted; the order of the fields does not matter.
+  return {{"architectures", {kHfDiffV2Architecture}},
+          {"model_type", kHfDiffV2ModelType},
+          {"_comment", "Differential Transformer V2 written by difftron (convert --to_hf). transformers has no "
+                       "class for it: README.md in this folder gives the math, the tensors and how to load them."},
+          {"difftron_attention", "diff_v2"},
+          {"vocab_size", c.vocab_size},
+          {"hidden_size", c.d_model},
+          {"intermediate_size", c.ffn_dim},
+          {"num_hidden_layers", c.n_layers},
+          {"num_attention_heads", 2 * c.n_heads},  // output heads (the reference's num_heads)
+          {"num_query_heads", 4 * c.n_heads},      // q_proj's heads: two per output head
+          {"num_key_value_heads", 2 * c.n_kv_heads},
+          {"head_dim", c.head_dim},
+          {"max_position_embeddings", c.max_seq_len},
+          {"rms_norm_eps", c.norm_eps},
+          {"rope_theta", c.rope_theta},
+          {"rope_convention", "rotate_half"},
+          {"hidden_act", "silu"},
+          {"attention_bias", false},
+          {"mlp_bias", false},
+          {"initializer_range", c.init_std},
+          {"tie_word_embeddings", c.tie_embeddings},
+          {"bos_token_id", id(tokens.bos)},
+          {"eos_token_id", id(tokens.eos)},
+          {"pad_token_id", id(tokens.pad)},
+          {"use_cache", true},
+          {"dtype", dtype_name},
+          {"torch_dtype", dtype_name}};
+}
+
+// How config.json sets a tensor's shape, for messages ("" when the name is not one of ours).
+std::string shape_rule(const std::string& name, AttentionKind a) {
+  auto has = [&](const char* suffix) { return ends_with(name, suffix); };
+  if (has("q_proj.weight"))
+    return a == AttentionKind::DifferentialV2 ? "[num_query_heads x head_dim, hidden_size]"
+                                              : "[num_attention_heads x head_dim, hidden_size]";
+  if (has("k_proj.weight") || has("v_proj.weight")) return "[num_key_value_heads x head_dim, hidden_size]";
+  if (has("o_proj.weight")) return "[hidden_size, num_attention_heads x head_dim]";
+  if (has("lambda_proj.weight")) return "[num_attention_heads, hidden_size]";
+  if (has("gate_proj.weight") || has("up_proj.weight")) return "[intermediate_size, hidden_size]";
+  if (has("down_proj.weight")) return "[hidden_size, intermediate_size]";
+  if (name == "model.embed_tokens.weight" || name == "lm_head.weight") return "[vocab_size, hidden_size]";
+  if (has("layernorm.weight") || name == "model.norm.weight") return "[hidden_size]";
+  if (has("lambda_q1") || has("lambda_k1") || has("lambda_q2") || has("lambda_k2")) return "[head_dim]";
+  return "";
+}
+
+// The weight file of a folder that holds (or should hold) tensor `name`, for messages.
+std::string weight_file_of(const std::string& dir, const std::string& name) {
+  namespace fs = std::filesystem;
+  if (fs::exists(dir + "/model.safetensors")) return dir + "/model.safetensors";
+  const std::string index = dir + "/model.safetensors.index.json";
+  try {
+    std::ifstream f(index);
+    const auto j = nlohmann::json::parse(f);
+    if (j.at("weight_map").contains(name)) return dir + "/" + j.at("weight_map").at(name).get<std::string>();
+  } catch (const std::exception&) {
+  }
+  return index;
+}
+
 }  // namespace
 
 const char* hf_model_type(const ModelConfig& c) {
   switch (c.attention) {
     case AttentionKind::Differential: return "diffllama";
     case AttentionKind::Standard: return "llama";
-    default:
-      throw_error("attention=", attention_kind_name(c.attention),
-                  " has no Hugging Face transformers class, so it cannot be exported as a Hugging Face "
-                  "folder; its checkpoint and tensor names for the authors' reference code are described "
-                  "in docs/EXPORT.md");
+    case AttentionKind::DifferentialV2: return kHfDiffV2ModelType;
   }
+  throw_error("attention=", attention_kind_name(c.attention), " has no Hugging Face folder format");
 }
 
 ModelConfig model_config_from_hf(const nlohmann::json& hf, const std::string& source) {
-  const std::string type = hf.value("model_type", std::string("(none)"));
+  if (!hf.is_object()) throw_error(source, ": not a JSON object");
+  const std::string type = hf.contains("model_type") && hf.at("model_type").is_string()
+                               ? hf.at("model_type").get<std::string>()
+                               : std::string("(none)");
+  if (type == kHfDiffV2ModelType) return diff_v2_config_from_hf(hf, source);
   if (type != "diffllama" && type != "llama")
-    throw_error(source, ": model_type is '", type, "'; difftron reads 'diffllama' (differential attention) "
-                "and 'llama' (the standard-attention baseline)");
+    throw_error(source, ": model_type is '", type, "'; difftron reads 'diffllama' (differential attention), "
+                "'llama' (the standard-attention baseline) and '", kHfDiffV2ModelType,
+                "' (Differential Transformer V2, difftron's own format)");
   const bool diff = type == "diffllama";
   auto need = [&](const char* key) -> const nlohmann::json& {
     if (!hf.contains(key)) throw_error(source, ": ", type, " config has no '", key, "'");
@@ -128,6 +265,7 @@ ModelConfig model_config_from_hf(const nlohmann::json& hf, const std::string& so
 }
 
 nlohmann::json hf_config_from_model(const ModelConfig& c, const HfSpecialTokens& tokens, StoreDType dtype) {
+  if (c.attention == AttentionKind::DifferentialV2) return diff_v2_hf_config(c, tokens, dtype);
   const bool diff = c.attention == AttentionKind::Differential;
   auto id = [](int64_t v) { return v < 0 ? nlohmann::json(nullptr) : nlohmann::json(v); };
   const char* dtype_name = dtype == StoreDType::BF16 ? "bfloat16" : "float32";
@@ -187,10 +325,17 @@ void import_hf_model(const std::string& dir, Model& model) {
       w.assign(p.value.numel(), 1.0f);  // HF's group norm has no weight
     } else {
       auto it = tensors.find(p.name);
-      if (it == tensors.end()) throw_error(dir, ": missing tensor '", p.name, "'");
+      const std::string rule = shape_rule(p.name, c.attention);
+      const std::string by_config = dir + "/config.json gives " + shape_str(p.value.shape()) +
+                                    (rule.empty() ? std::string() : " = " + rule);
+      if (it == tensors.end()) {
+        const std::string file = weight_file_of(dir, p.name);
+        throw_error(file, ends_with(file, ".json") ? " lists no tensor '" : " has no tensor '", p.name, "' (",
+                    by_config, ")");
+      }
       if (it->second.shape != p.value.shape())
-        throw_error(dir, ": tensor '", p.name, "' has shape ", shape_str(it->second.shape),
-                    ", the model expects ", shape_str(p.value.shape()));
+        throw_error(weight_file_of(dir, p.name), ": tensor '", p.name, "' has shape ", shape_str(it->second.shape),
+                    ", but ", by_config);
       used.insert(p.name);
       w = std::move(it->second.data);
       if (diff && ends_with(p.name, "q_proj.weight")) w = permute_blocks(w, c.n_heads, c.head_dim, c.d_model, false);

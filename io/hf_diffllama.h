@@ -3,6 +3,12 @@
 // (`attention=standard`). A folder is config.json plus model.safetensors, or shards listed by
 // model.safetensors.index.json (io/safetensors.h).
 //
+// Differential Transformer V2 (`attention=diff_v2`) has no transformers class: its folder has
+// the same layout under difftron's own model_type "difftron_diff_v2" (architecture
+// "DifftronDiffV2ForCausalLM", which no transformers class claims), the tensors under their
+// checkpoint names, unpermuted, and a config.json whose fields are all difftron's (import
+// refuses any other field by name). io/hf_export.h adds a README.md; docs/EXPORT.md.
+//
 // DiffLlama's conventions differ from difftron's (docs/MODEL.md section 2): HF counts 2h
 // single-map heads and puts map 2 of every differential head in the second half of
 // q_proj/k_proj/v_proj rows; difftron interleaves the two maps per head. HF's sub-layer norm
@@ -31,18 +37,23 @@ struct HfSpecialTokens {
   int64_t pad = -1;
 };
 
-// "diffllama" for differential attention, "llama" for the baseline.
+inline constexpr const char* kHfDiffV2ModelType = "difftron_diff_v2";
+inline constexpr const char* kHfDiffV2Architecture = "DifftronDiffV2ForCausalLM";
+
+// "diffllama" for differential attention, "llama" for the baseline, "difftron_diff_v2" for V2.
 const char* hf_model_type(const ModelConfig& c);
 
-// config.json (model_type diffllama or llama) -> ModelConfig; throws difftron::Error naming
-// the field at fault, or listing every unsupported field with its value.
+// config.json (model_type diffllama, llama or difftron_diff_v2) -> ModelConfig; throws
+// difftron::Error naming the field at fault, or listing every unsupported field with its value
+// (for difftron_diff_v2 also every field its config does not have).
 ModelConfig model_config_from_hf(const nlohmann::json& hf, const std::string& source);
 nlohmann::json hf_config_from_model(const ModelConfig& c, const HfSpecialTokens& tokens = {},
                                     StoreDType dtype = StoreDType::F32);
 ModelConfig read_hf_config(const std::string& dir);
 
 // Loads the folder's weights into `model` (built from read_hf_config(dir)). Refuses tensors
-// the model has no place for (e.g. biases) rather than dropping them.
+// the model has no place for (e.g. biases) rather than dropping them, and a missing tensor or
+// one whose shape disagrees with config.json, naming the weight file and the tensor.
 void import_hf_model(const std::string& dir, Model& model);
 
 struct HfExportOptions {

@@ -119,6 +119,114 @@ nlohmann::json hf_generation_config(const HfSpecialTokens& ids) {
   return j;
 }
 
+std::string hf_diff_v2_readme(const ModelConfig& c, StoreDType dtype, bool has_tokenizer) {
+  const int64_t d = c.d_model, H = 2 * c.n_heads, Q = 4 * c.n_heads, Hkv = 2 * c.n_kv_heads, dh = c.head_dim;
+  const int64_t F = c.ffn_dim, V = c.vocab_size;
+  auto sh = [](std::initializer_list<int64_t> dims) {
+    std::string s = "[";
+    for (int64_t x : dims) s += (s.size() > 1 ? ", " : "") + std::to_string(x);
+    return s + "]";
+  };
+  std::ostringstream o;
+  o << kHfDiffV2ReadmeTitle << "\n\n"
+    << "A Differential Transformer V2 language model (Ye, Dong, Sun, Wei, 2026), trained with difftron\n"
+    << "(`--attention=diff_v2`) and written by `difftron convert --to_hf`.\n\n"
+    << "**No Hugging Face transformers class implements V2.** `AutoModelForCausalLM` cannot load this\n"
+    << "folder: its config.json names the model_type `" << kHfDiffV2ModelType << "` and the architecture\n`"
+    << kHfDiffV2Architecture << "`, which no transformers class claims. (transformers' DiffLlama is\n"
+    << "V1, another computation: do not relabel the folder as `diffllama` or `llama`.) The tokenizer is\n"
+    << "an ordinary one.\n\n"
+    << "## Loading it\n\n"
+    << "- difftron: `difftron generate --from_hf=THIS_FOLDER --prompt=...`, `difftron eval --from_hf=THIS_FOLDER ...`,\n"
+    << "  `difftron train --init_from=THIS_FOLDER ...` (fine-tuning), or `difftron convert --from_hf=THIS_FOLDER\n"
+    << "  --to_checkpoint=ROOT` back to a checkpoint.\n"
+    << "- Elsewhere: read the weights with any safetensors reader (in Python `safetensors.torch.load_file`,\n"
+    << "  each shard in turn when model.safetensors.index.json lists shards) and compute the forward pass\n"
+    << "  below, or load the attention weights into the authors' reference module (last section).\n";
+  if (has_tokenizer)
+    o << "- The tokenizer: `transformers.AutoTokenizer.from_pretrained(THIS_FOLDER)` (tokenizer.json,\n"
+      << "  tokenizer_config.json, special_tokens_map.json); EOS = pad, no BOS, as in training.\n";
+  else
+    o << "- There is no tokenizer: the model was trained on synthetic data (token ids only).\n";
+  o << "\n## config.json\n\n"
+    << "| field | value | meaning |\n|---|---|---|\n"
+    << "| hidden_size | " << d << " | d, the residual width |\n"
+    << "| num_hidden_layers | " << c.n_layers << " | L |\n"
+    << "| num_attention_heads | " << H << " | H, output heads of width head_dim (the reference's num_heads) |\n"
+    << "| num_query_heads | " << Q << " | 2H query heads of q_proj, in pairs |\n"
+    << "| num_key_value_heads | " << Hkv << " | H_kv K/V heads (GQA; both heads of a pair read the same one) |\n"
+    << "| head_dim | " << dh << " | dh |\n"
+    << "| intermediate_size | " << F << " | F, the SwiGLU width |\n"
+    << "| vocab_size | " << V << " | |\n"
+    << "| rms_norm_eps | " << nlohmann::json(c.norm_eps).dump() << " | |\n"
+    << "| rope_theta | " << nlohmann::json(c.rope_theta).dump() << " | RoPE base |\n"
+    << "| rope_convention | \"rotate_half\" | RoPE pairs feature c with c + dh/2 (NeoX / Llama style) |\n"
+    << "| max_position_embeddings | " << c.max_seq_len << " | the context the model was trained for |\n"
+    << "| tie_word_embeddings | " << (c.tie_embeddings ? "true" : "false")
+    << " | true: no lm_head.weight, the embedding is the LM head |\n"
+    << "| torch_dtype, dtype | \"" << (dtype == StoreDType::BF16 ? "bfloat16" : "float32")
+    << "\" | how the weights are stored |\n\n"
+    << "## Tensors\n\n"
+    << "Linear weights are [out, in] (y = x W^T, as torch.nn.Linear); no biases. N = 0 .. " << c.n_layers - 1
+    << ".\n\n"
+    << "| tensor | shape | from config.json | role |\n|---|---|---|---|\n"
+    << "| model.embed_tokens.weight | " << sh({V, d}) << " | [vocab_size, hidden_size] | token embedding |\n"
+    << "| model.layers.N.input_layernorm.weight | " << sh({d}) << " | [hidden_size] | RMSNorm before attention |\n"
+    << "| model.layers.N.self_attn.q_proj.weight | " << sh({Q * dh, d})
+    << " | [num_query_heads x head_dim, hidden_size] | Wq: 2H query heads, head j = rows j dh .. (j+1) dh - 1 |\n"
+    << "| model.layers.N.self_attn.k_proj.weight | " << sh({Hkv * dh, d})
+    << " | [num_key_value_heads x head_dim, hidden_size] | Wk |\n"
+    << "| model.layers.N.self_attn.v_proj.weight | " << sh({Hkv * dh, d})
+    << " | [num_key_value_heads x head_dim, hidden_size] | Wv |\n"
+    << "| model.layers.N.self_attn.lambda_proj.weight | " << sh({H, d})
+    << " | [num_attention_heads, hidden_size] | W_lambda: one lambda logit per token and output head |\n"
+    << "| model.layers.N.self_attn.o_proj.weight | " << sh({d, H * dh})
+    << " | [hidden_size, num_attention_heads x head_dim] | Wo |\n"
+    << "| model.layers.N.post_attention_layernorm.weight | " << sh({d}) << " | [hidden_size] | RMSNorm before the MLP |\n"
+    << "| model.layers.N.mlp.gate_proj.weight | " << sh({F, d}) << " | [intermediate_size, hidden_size] | W1 |\n"
+    << "| model.layers.N.mlp.up_proj.weight | " << sh({F, d}) << " | [intermediate_size, hidden_size] | W3 |\n"
+    << "| model.layers.N.mlp.down_proj.weight | " << sh({d, F}) << " | [hidden_size, intermediate_size] | W2 |\n"
+    << "| model.norm.weight | " << sh({d}) << " | [hidden_size] | final RMSNorm |\n";
+  if (!c.tie_embeddings)
+    o << "| lm_head.weight | " << sh({V, d}) << " | [vocab_size, hidden_size] | LM head |\n";
+  o << "\n## The computation\n\n"
+    << "Decoder-only, pre-norm; RMSNorm(x) w = x / sqrt(mean(x^2) + rms_norm_eps) * w.\n\n"
+    << "    x = embed_tokens[tokens]\n"
+    << "    for each layer:\n"
+    << "        h = RMSNorm(x) input_layernorm\n"
+    << "        x = x + Attn(h)\n"
+    << "        h = RMSNorm(x) post_attention_layernorm\n"
+    << "        x = x + down_proj(silu(gate_proj(h)) * up_proj(h))\n"
+    << "    logits = lm_head(RMSNorm(x) norm)          (embed_tokens when tie_word_embeddings)\n\n"
+    << "    Attn(h), per token position p:\n"
+    << "        Q = h Wq^T: 2H heads of dh;  K = h Wk^T, V = h Wv^T: H_kv heads of dh\n"
+    << "        RoPE on every head of Q and K: for c < dh/2, a = p rope_theta^(-2c/dh),\n"
+    << "            q'[c] = q[c] cos a - q[c + dh/2] sin a,  q'[c + dh/2] = q[c + dh/2] cos a + q[c] sin a\n"
+    << "        A_j = causal softmax(Q_j K_g^T / sqrt(dh)) V_g   for query head j < 2H, K/V head g = j / (2H / H_kv)\n"
+    << "        z = h W_lambda^T                           (H values per token)\n"
+    << "        O_i = A_(2i) - sigmoid(z_i) A_(2i+1)       for output head i < H\n"
+    << "        out = concat(O_0, ..., O_(H-1)) Wo^T\n\n"
+    << "**Pairing.** Query head 2i + j is map j of output head i (j = 0 is subtracted from, j = 1 is\n"
+    << "subtracted): the two heads of a pair are adjacent, as the reference's `attn[..., 0::2]` and\n"
+    << "`attn[..., 1::2]`. Both read the same K/V head (H_kv divides H). Unlike V1 (DiffLlama) there is\n"
+    << "no per-head norm, no lambda_init, and V is dh wide like the baseline's; lambda = sigmoid(z) is\n"
+    << "per token and head.\n\n"
+    << "## The authors' reference module (interleaved RoPE)\n\n"
+    << "The authors' reference attention (microsoft/unilm, Diff-Transformer/Diff-Transformer-V2,\n"
+    << "`MultiheadFlashDiffV2` with use_diff_v2=True, d_model=" << d << ", num_heads=" << H
+    << ", num_kv_heads=" << Hkv << ", head_dim=" << dh << ")\n"
+    << "has q_proj, k_proj, v_proj, lambda_proj and o_proj of the shapes above and the same pairing,\n"
+    << "but applies RoPE interleaved (GPT-J style: features 2c and 2c + 1 rotate together). Before\n"
+    << "loading q_proj and k_proj into it, permute the rows of every dh-wide head: interleaved row 2c\n"
+    << "= this folder's row c, interleaved row 2c + 1 = this folder's row c + dh/2 (c < dh/2). In\n"
+    << "PyTorch, for W = q_proj or k_proj of shape [n dh, d]:\n\n"
+    << "    W.view(-1, 2, dh // 2, d).transpose(1, 2).reshape(-1, d)\n\n"
+    << "v_proj, lambda_proj and o_proj are taken as they are; the attention scores, and so the\n"
+    << "outputs, are then the same. (difftron implements the math above; the reference module was not\n"
+    << "run on this folder by difftron.)\n";
+  return o.str();
+}
+
 std::vector<std::string> export_hf_folder(Model& model, const std::string& tokenizer_spec, const std::string& eos_token,
                                           HfExportOptions opt, const std::string& dir) {
   const ModelConfig& c = model.config();
@@ -131,6 +239,10 @@ std::vector<std::string> export_hf_folder(Model& model, const std::string& token
   std::vector<std::string> files = export_hf_model(model, dir, opt);
   write_text(dir + "/generation_config.json", hf_generation_config(opt.tokens).dump(2) + "\n");
   files.push_back("generation_config.json");
+  if (c.attention == AttentionKind::DifferentialV2) {  // no transformers class: say what the folder is
+    write_text(dir + "/README.md", hf_diff_v2_readme(c, opt.dtype, has_tok));
+    files.push_back("README.md");
+  }
   if (has_tok) {
     write_text(dir + "/tokenizer.json", tf.tokenizer_json);
     write_text(dir + "/tokenizer_config.json", tf.tokenizer_config.dump(2) + "\n");

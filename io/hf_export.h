@@ -34,10 +34,17 @@ HfTokenizerFiles hf_tokenizer_files(const std::string& spec, const std::string& 
                                     int64_t vocab_size);
 nlohmann::json hf_generation_config(const HfSpecialTokens& ids);
 
+// The README.md of a Differential Transformer V2 folder (no transformers class loads it): what
+// the variant is, config.json's fields, the tensor table with this model's shapes, the math,
+// the pairing of query heads and the RoPE permutation the authors' reference module needs.
+// It starts with kHfDiffV2ReadmeTitle (how convert recognises a README it wrote).
+inline constexpr const char* kHfDiffV2ReadmeTitle = "# Differential Transformer V2 (written by difftron)";
+std::string hf_diff_v2_readme(const ModelConfig& c, StoreDType dtype, bool has_tokenizer);
+
 // Writes the whole folder into dir (created): the model (export_hf_model) and, when
 // tokenizer_spec is not empty, the tokenizer files; generation_config.json always (without
-// token ids when there is no tokenizer). opt.tokens is set from the tokenizer. Returns the
-// names of the files written.
+// token ids when there is no tokenizer); README.md for diff_v2 (hf_diff_v2_readme). opt.tokens
+// is set from the tokenizer. Returns the names of the files written.
 std::vector<std::string> export_hf_folder(Model& model, const std::string& tokenizer_spec, const std::string& eos_token,
                                           HfExportOptions opt, const std::string& dir);
 

@@ -1,5 +1,7 @@
 // `difftron convert`: checkpoint -> Hugging Face folder (--to_hf: DiffLlama for differential
-// attention, Llama for the baseline, with the tokenizer and generation config; docs/EXPORT.md),
+// attention, Llama for the baseline, difftron's own documented "difftron_diff_v2" folder with a
+// README.md for V2, which has no transformers class; with the tokenizer and generation config;
+// docs/EXPORT.md),
 // or such a folder -> a difftron checkpoint (--from_hf), e.g. to fine-tune it. --logits_out
 // writes the logits of a prompt (from --checkpoint or --from_hf), to compare with another
 // engine's (tools/hf_check.py).
@@ -29,12 +31,14 @@ DECLARE_string(eos_token);    // tools/prepare.cpp
 DECLARE_string(prompt);       // tools/generate.cpp
 DECLARE_string(prompt_ids);   // tools/generate.cpp
 DEFINE_string(to_hf, "", "write the --checkpoint as a Hugging Face folder here (DiffLlama or, for the baseline, "
-              "Llama; with tokenizer files and generation_config.json): a new or empty folder; with --overwrite, "
-              "a folder whose model, config and tokenizer files are replaced");
+              "Llama; diff_v2, which no transformers class implements, as difftron's own 'difftron_diff_v2' folder "
+              "with a README.md; with tokenizer files and generation_config.json): a new or empty folder; with "
+              "--overwrite, a folder whose model, config and tokenizer files are replaced");
 DEFINE_string(dtype, "f32", "convert --to_hf: how the weights are stored, f32 (exact) or bf16 (half the size)");
 DEFINE_string(max_shard_size, "5GB", "convert --to_hf: weights above this size are split into shards "
               "model-0000K-of-0000N.safetensors with model.safetensors.index.json (e.g. 5GB, 500MB, 2GiB)");
-DEFINE_string(from_hf, "", "a Hugging Face DiffLlama or Llama folder to read (convert: to write it --to_checkpoint; "
+DEFINE_string(from_hf, "", "a Hugging Face DiffLlama or Llama folder, or a difftron_diff_v2 one, to read (convert: "
+              "to write it --to_checkpoint; "
               "generate, eval: the model to run, instead of --checkpoint)");
 DEFINE_string(to_checkpoint, "", "convert --from_hf: write the folder as a difftron checkpoint under this root (a new "
               "or empty directory, never a training run's --ckpt_dir)");
@@ -64,6 +68,13 @@ void check_new_checkpoint_root(const std::string& root) {
   if (ec) throw_error("--to_checkpoint=", root, ": cannot list the directory: ", ec.message());
 }
 
+std::string read_first_line(const fs::path& path) {
+  std::ifstream f(path);
+  std::string line;
+  std::getline(f, line);
+  return line;
+}
+
 // Removes a temporary folder unless the export was moved into place.
 struct TempDir {
   std::string path;
@@ -76,8 +87,8 @@ struct TempDir {
 // Writes the export into a sibling of `dir` and renames it into place, so a failed export
 // leaves `dir` as it was: a new or empty `dir` is replaced whole; a non-empty one (only with
 // --overwrite) gets each file replaced by a rename, and weight files of an earlier export that
-// this one did not write (a single file now sharded, or the other way) removed, keeping
-// anything else in it.
+// this one did not write (a single file now sharded, or the other way) and a README.md of an
+// earlier V2 export (when this one writes none) removed, keeping anything else in it.
 void export_hf_safely(Model& model, const std::string& tokenizer_spec, const HfExportOptions& opt,
                       const std::string& dir_flag) {
   std::error_code ec;
@@ -102,8 +113,10 @@ void export_hf_safely(Model& model, const std::string& tokenizer_spec, const HfE
   std::vector<std::string> stale;
   for (fs::directory_iterator it(dir, ec), end; !ec && it != end; it.increment(ec)) {
     const std::string name = it->path().filename().string();
-    if (is_safetensors_model_file(name) && std::find(files.begin(), files.end(), name) == files.end())
-      stale.push_back(name);
+    if (std::find(files.begin(), files.end(), name) != files.end()) continue;
+    if (is_safetensors_model_file(name)) stale.push_back(name);
+    // A V2 export's README.md describes the model it came with; a user's own README stays.
+    if (name == "README.md" && read_first_line(it->path()) == kHfDiffV2ReadmeTitle) stale.push_back(name);
   }
   // config.json last: it names the model
   std::stable_partition(files.begin(), files.end(), [](const std::string& f) { return f != "config.json"; });
@@ -215,6 +228,10 @@ int convert_main(int argc, char** argv) {
       LOG(WARNING) << dir << " records no tokenizer (synthetic data): the export has no tokenizer files";
     export_hf_safely(model, spec, opt, FLAGS_to_hf);
     LOG(INFO) << "wrote " << FLAGS_to_hf << " (" << hf_model_type(cfg) << ", " << FLAGS_dtype << ") from " << dir;
+    if (cfg.attention == AttentionKind::DifferentialV2)
+      LOG(INFO) << "attention=diff_v2 has no transformers class: the folder is difftron's own format, for difftron "
+                   "--from_hf or your own code; its README.md gives the tensors, the math and the RoPE permutation "
+                   "for the authors' reference module";
     return 0;
   }
   if (!FLAGS_from_hf.empty()) {
@@ -240,4 +257,4 @@ int convert_main(int argc, char** argv) {
 }  // namespace
 }  // namespace difftron
 
-DIFFTRON_COMMAND("convert", "checkpoint <-> Hugging Face folder (DiffLlama / Llama, safetensors, tokenizer)", difftron::convert_main);
+DIFFTRON_COMMAND("convert", "checkpoint <-> Hugging Face folder (DiffLlama / Llama / difftron_diff_v2, safetensors, tokenizer)", difftron::convert_main);
