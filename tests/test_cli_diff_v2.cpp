@@ -67,12 +67,13 @@ TEST(CliDiffV2, TrainsResumesGeneratesAndEvaluates) {
   ASSERT_EQ(j["sequences"].size(), 1u) << r.output;
   EXPECT_EQ(j["sequences"][0]["tokens"].size(), 6u) << r.output;
 
-  // no transformers class exists for V2: export is refused, and nothing is left behind
+  // no transformers class exists for V2: export writes difftron's own labelled folder with a
+  // README (its contents: tests/test_hf_diff_v2.cpp)
   const std::string hf = (dir / "hf").string();
   r = run("convert --checkpoint=" + ck + " --to_hf=" + hf);
-  EXPECT_NE(r.status, 0) << r.output;
-  EXPECT_TRUE(has(r, "attention=diff_v2 has no Hugging Face transformers class")) << r.output;
-  EXPECT_FALSE(fs::exists(hf)) << r.output;
+  ASSERT_EQ(r.status, 0) << r.output;
+  EXPECT_NE(difftron::testing::read_text_file(hf + "/config.json").find("\"difftron_diff_v2\""), std::string::npos);
+  EXPECT_TRUE(fs::exists(hf + "/README.md")) << r.output;
 
   r = run("eval --device=cpu --checkpoint=" + ck + " --data=" + data + "/train --seq=16 --batch=4 --json");
   ASSERT_EQ(r.status, 0) << r.output;
