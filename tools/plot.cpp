@@ -142,8 +142,9 @@ std::string gnuplot_script(const std::vector<Run>& runs, const std::string& dir,
       if ((runs[i].*p.series).empty()) continue;
       const std::string data = dir + "/run" + std::to_string(i) + "_" + std::to_string(k) + ".dat";
       write_series(data, runs[i].*p.series, by_step);
-      curves.push_back(quoted(data) + " using 1:2 with " + p.style + " lc " + std::to_string(i + 1) + " title " +
-                       quoted(runs[i].label));
+      // gnuplot has 8 default colours: runs 9-16 repeat them dashed, and so on
+      curves.push_back(quoted(data) + " using 1:2 with " + p.style + " lc " + std::to_string(i % 8 + 1) + " dt " +
+                       std::to_string(i / 8 + 1) + " title " + quoted(runs[i].label));
     }
     if (curves.empty()) {  // an empty panel says why
       s << "set label 1 " << quoted(std::string("no ") + p.title + " records") << " at graph 0.5,0.5 center\n"
