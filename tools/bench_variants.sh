@@ -56,8 +56,8 @@ for s in "${SIZE_LIST[@]}"; do
       continue
     fi
     python3 tools/reference/report.py difftron-log "$log" "$WARMUP" "$BATCH" "$SEQ" "$OUTDIR/$s.$a.json" || true
-    read -r tps mem < <(python3 -c 'import json,sys; r=json.load(open(sys.argv[1])); print(r.get("tokens_per_s", 0), r.get("peak_gib", 0))' "$OUTDIR/$s.$a.json")
-    [ "$a" = standard ] && base=$tps
+    read -r tps mem < <(python3 -c 'import json,sys; r=json.load(open(sys.argv[1])); print(r.get("tokens_per_s") or 0, r.get("peak_gib") or 0)' "$OUTDIR/$s.$a.json")
+    if [ "$a" = standard ]; then base=$tps; fi
     ratio=$(python3 -c "import sys; b=float(sys.argv[2] or 0); print(f'{float(sys.argv[1]) / b:.3f}x' if b > 0 else '-')" "$tps" "$base")
     printf "| %s | %s | %.0f | %s | %.2f |\n" "$s" "$a" "$tps" "$ratio" "$mem" >> "$OUTDIR/variants.md"
   done
