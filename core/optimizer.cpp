@@ -61,8 +61,11 @@ bool AdamW::decays(const Param& p) const {
 
 double AdamW::grad_norm() {
   if (zero_) return zero_->grad_norm();
+  // one synchronisation for all parameters (sum_squares_each), summed in parameter order
+  std::vector<Tensor> grads;
+  for (auto& p : model_.params()) grads.push_back(p.grad);
   double ss = 0;
-  for (auto& p : model_.params()) ss += model_.ops().sum_squares(p.grad);
+  for (double s : model_.ops().sum_squares_each(grads)) ss += s;
   return std::sqrt(ss);
 }
 

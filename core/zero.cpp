@@ -115,8 +115,10 @@ void ZeroOptimizer::finish_grads() {
 }
 
 double ZeroOptimizer::grad_norm() {
+  std::vector<Tensor> runs;  // one synchronisation for all runs, summed in run order
+  for (const Run& r : norm_runs_) runs.push_back(grads_.flat_slice(r.flat, r.numel));
   double ss = 0;
-  for (const Run& r : norm_runs_) ss += ops_.sum_squares(grads_.flat_slice(r.flat, r.numel));
+  for (double s : ops_.sum_squares_each(runs)) ss += s;
   all_reduce_host(ctx_.world_host(), &ss, 1);
   return std::sqrt(ss);
 }

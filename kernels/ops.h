@@ -21,6 +21,7 @@
 #include <cstring>
 #include <memory>
 #include <string>
+#include <vector>
 
 #include "base/tensor.h"
 
@@ -117,6 +118,14 @@ class Ops {
   virtual void scale(Tensor& x, float alpha) = 0;
   // sum of squares, returned to the host (synchronises)
   virtual double sum_squares(const Tensor& x) = 0;
+  // sum_squares of each tensor, the same numbers bit for bit, with one synchronisation for all
+  // (the gradient norm over every parameter; the default calls sum_squares for each).
+  virtual std::vector<double> sum_squares_each(const std::vector<Tensor>& xs) {
+    std::vector<double> out;
+    out.reserve(xs.size());
+    for (const Tensor& x : xs) out.push_back(sum_squares(x));
+    return out;
+  }
 
   // ---- embedding -------------------------------------------------------------------
   // out[n, :] = table[tokens[n], :]; tokens i32 [N], table [V, d], out [N, d]

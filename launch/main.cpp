@@ -71,7 +71,7 @@ const std::vector<std::pair<std::string, std::vector<std::string>>>& flag_groups
        {"eval_every", "eval_batches", "sample_tokens", "sample_prompt", "temperature", "top_k"}},
       {"parallel (mpirun / srun)", {"tp", "dp", "grid", "collective_timeout", "step_timeout"}},
       {"device, memory and numerics", {"device", "recompute", "keep_attention_state", "deterministic", "seed"}},
-      {"logging", {"log_every", "peak_tflops"}},
+      {"logging", {"log_every", "peak_tflops", "profile_ops"}},
   };
   return groups;
 }

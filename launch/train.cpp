@@ -33,6 +33,7 @@
 #include "io/run_lock.h"
 #include "io/synthetic_data.h"
 #include "io/tokenizer.h"
+#include "kernels/profiling_ops.h"
 #include "launch/command.h"
 #include "launch/host_memory.h"
 #include "launch/model_config.h"
@@ -111,6 +112,10 @@ DEFINE_int32(dp, 1, "data-parallel (ZeRO-1) ranks; world size = tp x dp");
 DEFINE_double(collective_timeout, 600, "seconds a collective may take before the watchdog ends the job (0: never)");
 DEFINE_bool(grid, false, "use the MPI process grid (NCCL on the GPU) even when tp x dp = 1");
 DEFINE_double(step_timeout, 0, "seconds a training step may take before the watchdog ends the job (0: never)");
+DEFINE_int64(profile_ops, 0,
+             "time every op (synchronising around each) over this many steps after 2 warm-up steps and print "
+             "where a step's time goes, also into metrics.jsonl (single process; slows those steps; "
+             "docs/PERFORMANCE.md); 0: off");
 DEFINE_double(peak_tflops, 0,
               "one device's peak TFLOP/s for the model FLOPs utilisation (MFU) in the log and metrics.jsonl; "
               "0: 989 (H100/H200 dense bf16) on CUDA, none (n/a) on the CPU");
@@ -786,6 +791,16 @@ int train(int argc, char** argv, RunRecords& records) {
   // ---- backend, grid, run directory
   ModelPrecision precision;
   std::unique_ptr<Ops> ops = make_backend(local_rank, &precision);
+  ProfilingOps* profiler = nullptr;  // --profile_ops: every op of the model goes through it
+  if (FLAGS_profile_ops < 0) throw_error("--profile_ops (", FLAGS_profile_ops, ") must be 0 (off) or a number of steps");
+  if (FLAGS_profile_ops > 0) {
+    if (multi)
+      throw_error("--profile_ops runs in a single process only (it synchronises around every op); run it without "
+                  "--tp/--dp/--grid");
+    auto p = std::make_unique<ProfilingOps>(std::move(ops));
+    profiler = p.get();
+    ops = std::move(p);
+  }
   LOG(INFO) << "backend: " << ops->name();
   const bool cuda = ops->device() == Device::CUDA;
   std::unique_ptr<ParallelContext> par = multi ? make_grid(*ops, local_rank) : nullptr;
@@ -893,6 +908,28 @@ int train(int argc, char** argv, RunRecords& records) {
   RunCheckpoints checkpoints(model, opt, par.get(), *data.train, data.tokenizer.get(), rank0, records,
                              init_from_record, command_line);
   const auto t_first_step = clock::now();
+  // --profile_ops: steps start_step + 2 .. start_step + 1 + K (the window excludes the saves and
+  // evaluations of its first and last on_step; one the run ends inside is reported at its end)
+  clock::time_point t_profile;
+  auto report_profile = [&](int64_t steps) {
+    profiler->set_active(false);
+    model.ops().synchronize();
+    const double wall = seconds_since(t_profile);
+    const std::vector<OpProfileRow> rows = profiler->rows();
+    LOG(INFO) << "op profile of " << steps << " step(s) (--profile_ops; each op timed alone between "
+              << "synchronisations, so the steps ran slower than unprofiled ones):\n"
+              << format_op_profile(rows, steps, wall);
+    RunRecords::Record r;
+    r["event"] = "profile";
+    r["steps"] = steps;
+    r["wall_s_per_step"] = wall / double(std::max<int64_t>(steps, 1));
+    nlohmann::ordered_json list = nlohmann::ordered_json::array();
+    for (const auto& row : rows)
+      list.push_back({{"op", row.op}, {"calls", row.calls}, {"seconds", row.seconds}, {"bytes", row.bytes},
+                      {"flops", row.flops}});
+    r["ops"] = std::move(list);
+    records.write(std::move(r));
+  };
   trainer.on_step = [&](int64_t step, double) {
     if (step == start_step) {
       model.ops().synchronize();
@@ -901,7 +938,14 @@ int train(int argc, char** argv, RunRecords& records) {
       LOG(INFO) << startup.describe();
       write_start();
     }
+    if (profiler && profiler->active() && step - (start_step + 1) == FLAGS_profile_ops)
+      report_profile(FLAGS_profile_ops);
     checkpoints.after_step(step);
+    if (profiler && step == start_step + 1) {
+      model.ops().synchronize();
+      t_profile = clock::now();
+      profiler->set_active(true);
+    }
   };
   double last_logged_loss = -1;
   trainer.on_log = [&](const StepLog& sl) {
@@ -951,6 +995,9 @@ int train(int argc, char** argv, RunRecords& records) {
   TrainResult res = trainer.run(start_step);
   if (!start_written) write_start();  // no step ran (--steps already reached)
   const int64_t steps_done = start_step + int64_t(res.losses.size());
+  if (profiler && profiler->active()) report_profile(steps_done - (start_step + 2));
+  if (profiler && res.losses.size() < 3)
+    LOG(WARNING) << "--profile_ops: the run did " << res.losses.size() << " step(s); profiling starts after 2";
   checkpoints.save(steps_done, g_stop_signal ? "signal" : "final");
 
   RunRecords::Record end;

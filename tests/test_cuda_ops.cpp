@@ -229,6 +229,15 @@ std::vector<Case> make_cases() {
       e.scalar("ss", e.ops().sum_squares(x));
       e.scalar("ss_misaligned", e.ops().sum_squares(x.flat_slice(1, 70001)));
     });
+    add(std::string("sum_squares_each/") + prec(t), [t](Env& e) {
+      Tensor x = e.input("x", {100003}, t);
+      Tensor w = e.input("w", {7}, t);
+      const std::vector<double> s = e.ops().sum_squares_each({x, x.flat_slice(1, 70001), w});
+      ASSERT_EQ(s.size(), 3u);
+      e.scalar("each0", s[0]);
+      e.scalar("each1_misaligned", s[1]);
+      e.scalar("each2_small", s[2]);
+    });
     add(std::string("scale/") + prec(t), [t](Env& e) {
       Tensor x = e.accum("x", {50001}, t, 1.0);
       e.ops().scale(x, -0.375f);
@@ -502,6 +511,27 @@ TEST(CudaOps, EveryOpMatchesTheCpuReference) {
 }
 
 // Bad arguments raise difftron::Error naming the op and the offending tensor or value.
+// The gradient norm's one-synchronisation form gives each tensor's sum_squares bit for bit.
+TEST(CudaOps, SumSquaresEachIsSumSquaresOfEach) {
+  skip_without_gpu();
+  auto gpu = make_cuda_ops(0);
+  Rng rng(5);
+  std::vector<Tensor> xs;
+  for (int64_t n : {100003, 1, 4096, 0, 777}) {
+    std::vector<float> h(static_cast<size_t>(n));
+    for (auto& v : h) v = float(rng.normal());
+    Tensor t = gpu->empty({n}, DType::BF16);
+    if (n > 0) gpu->upload(t, h.data());
+    xs.push_back(t);
+  }
+  xs.push_back(xs[0].flat_slice(3, 50000));  // misaligned
+  const std::vector<double> each = gpu->sum_squares_each(xs);
+  ASSERT_EQ(each.size(), xs.size());
+  for (size_t i = 0; i < xs.size(); ++i) EXPECT_EQ(each[i], gpu->sum_squares(xs[i])) << "tensor " << i;
+  EXPECT_EQ(each[3], 0.0);
+  EXPECT_GT(each[0], 0.0);
+}
+
 TEST(CudaOps, BadArgumentsRaiseErrorsNamingTheOp) {
   skip_without_gpu();
   auto gpu = make_cuda_ops(0);

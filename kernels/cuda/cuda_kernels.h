@@ -20,6 +20,8 @@ void init_normal(CudaContext& ctx, Tensor& out, int64_t rows, int64_t cols, uint
 
 // reduce.cu
 double sum_squares(CudaContext& ctx, const Tensor& x);  // synchronises
+// sum_squares of each tensor (the same bits), one synchronisation for all
+std::vector<double> sum_squares_each(CudaContext& ctx, const std::vector<Tensor>& xs);
 void axpy(CudaContext& ctx, float alpha, const Tensor& x, Tensor& y);
 void scale(CudaContext& ctx, Tensor& x, float alpha);
 

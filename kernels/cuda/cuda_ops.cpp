@@ -252,6 +252,11 @@ class CudaOps final : public Ops {
     ctx_.activate();
     return cuda::sum_squares(ctx_, x);
   }
+  std::vector<double> sum_squares_each(const std::vector<Tensor>& xs) override {
+    for (const Tensor& x : xs) float_on_gpu(x, "sum_squares_each", "a tensor");
+    ctx_.activate();
+    return cuda::sum_squares_each(ctx_, xs);
+  }
 
   // ---- embedding ---------------------------------------------------------------------
   void embedding_forward(const Tensor& tokens, const Tensor& table, Tensor& out) override {

@@ -66,9 +66,10 @@ struct ScaleOp {
 
 }  // namespace
 
-double sum_squares(CudaContext& ctx, const Tensor& x) {
-  if (x.numel() == 0) return 0.0;
-  double* partials = static_cast<double*>(ctx.scratch(kSumBlocks * sizeof(double)));
+namespace {
+// kSumBlocks partials of x's sum of squares into `partials` (nothing for an empty x)
+void launch_sum_squares(CudaContext& ctx, const Tensor& x, double* partials) {
+  if (x.numel() == 0) return;
   dispatch_float(x.dtype(), [&](auto t) {
     using T = typename decltype(t)::type;
     if (aligned16(x.raw()))
@@ -79,13 +80,32 @@ double sum_squares(CudaContext& ctx, const Tensor& x) {
                                                                             partials);
     DT_CUDA_LAUNCHED();
   });
-  std::vector<double> host(kSumBlocks);
-  DT_CUDA(cudaMemcpyAsync(host.data(), partials, kSumBlocks * sizeof(double),
-                          cudaMemcpyDeviceToHost, ctx.stream()));
+}
+}  // namespace
+
+double sum_squares(CudaContext& ctx, const Tensor& x) {
+  return x.numel() == 0 ? 0.0 : sum_squares_each(ctx, {x})[0];
+}
+
+std::vector<double> sum_squares_each(CudaContext& ctx, const std::vector<Tensor>& xs) {
+  std::vector<double> out(xs.size(), 0.0);
+  if (xs.empty()) return out;
+  // one row of kSumBlocks partials per tensor, one copy and one synchronisation for all; each
+  // row summed on the host in the same order as a lone sum_squares, so the bits are its bits
+  const size_t row = kSumBlocks;
+  double* partials = static_cast<double*>(ctx.scratch(xs.size() * row * sizeof(double)));
+  for (size_t i = 0; i < xs.size(); ++i) launch_sum_squares(ctx, xs[i], partials + i * row);
+  std::vector<double> host(xs.size() * row);
+  DT_CUDA(cudaMemcpyAsync(host.data(), partials, host.size() * sizeof(double), cudaMemcpyDeviceToHost,
+                          ctx.stream()));
   DT_CUDA(cudaStreamSynchronize(ctx.stream()));
-  double s = 0;
-  for (double p : host) s += p;
-  return s;
+  for (size_t i = 0; i < xs.size(); ++i) {
+    if (xs[i].numel() == 0) continue;  // its row was never written
+    double s = 0;
+    for (size_t b = 0; b < row; ++b) s += host[i * row + b];
+    out[i] = s;
+  }
+  return out;
 }
 
 void axpy(CudaContext& ctx, float alpha, const Tensor& x, Tensor& y) {
