@@ -26,7 +26,7 @@ ProfilingOps::ProfilingOps(std::unique_ptr<Ops> inner) : inner_(std::move(inner)
 }
 
 template <class F>
-void ProfilingOps::timed(const std::string& key, double bytes, double flops, F&& f) {
+void ProfilingOps::timed(const char* key, double bytes, double flops, F&& f) {
   if (!active_) {
     f();
     return;
@@ -86,7 +86,7 @@ void ProfilingOps::matmul(const Tensor& a, bool trans_a, const Tensor& b, bool t
   const int64_t N = trans_b ? rows_of(b) : cols_of(b);
   const std::string key = "matmul " + std::to_string(M) + "x" + std::to_string(N) + "x" + std::to_string(K) +
                           (trans_a ? " tA" : "") + (trans_b ? " tB" : "") + (beta != 0.0f ? " +=" : "");
-  timed(key, bytes_of(a, b, y), 2.0 * double(M) * double(N) * double(K),
+  timed(key.c_str(), bytes_of(a, b, y), 2.0 * double(M) * double(N) * double(K),
         [&] { inner_->matmul(a, trans_a, b, trans_b, y, alpha, beta); });
 }
 void ProfilingOps::axpy(float alpha, const Tensor& x, Tensor& y) {

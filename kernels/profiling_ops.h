@@ -94,9 +94,10 @@ class ProfilingOps final : public Ops {
   void adamw_step(Tensor& param, const Tensor& grad, Tensor& m, Tensor& v, const AdamWParams& hp) override;
 
  private:
-  // Runs f; while active, times it as `key` with these bytes and FLOPs.
+  // Runs f; while active, times it as `key` with these bytes and FLOPs (a literal: nothing is
+  // built for an inactive call; matmul builds its shape key only when active).
   template <class F>
-  void timed(const std::string& key, double bytes, double flops, F&& f);
+  void timed(const char* key, double bytes, double flops, F&& f);
 
   std::unique_ptr<Ops> inner_;
   bool active_ = false;

@@ -8,8 +8,10 @@
 #pragma once
 #include <functional>
 #include <map>
+#include <optional>
 #include <sstream>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 namespace difftron {
@@ -32,6 +34,25 @@ struct CommandRegistrar {
 
 namespace difftron {
 // The items of a comma-separated flag value ("a,b,,c" -> a, b, c; empty items dropped).
+// One item of a flag's list read whole as a number (std::stoll for integers, std::stod for
+// floating point): nullopt when it is not one (empty, out of range, characters left over).
+// Callers name the flag and the accepted range in their own error.
+template <class T>
+std::optional<T> parse_whole(const std::string& item) {
+  size_t used = 0;
+  T v{};
+  try {
+    if constexpr (std::is_floating_point_v<T>)
+      v = T(std::stod(item, &used));
+    else
+      v = T(std::stoll(item, &used));
+  } catch (const std::exception&) {
+    return std::nullopt;
+  }
+  if (used != item.size()) return std::nullopt;
+  return v;
+}
+
 inline std::vector<std::string> split_flag_list(const std::string& s) {
   std::vector<std::string> out;
   std::stringstream ss(s);

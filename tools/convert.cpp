@@ -181,16 +181,10 @@ int dump_logits(Ops& ops) {
   if (!FLAGS_prompt_ids.empty()) {
     std::stringstream ss(FLAGS_prompt_ids);
     for (std::string item; std::getline(ss, item, ',');) {
-      size_t used = 0;
-      long long id = -1;
-      try {
-        id = std::stoll(item, &used);
-      } catch (const std::exception&) {
-        used = 0;
-      }
-      if (used != item.size() || id < 0 || id >= cfg.vocab_size)
+      const std::optional<long long> id = parse_whole<long long>(item);
+      if (!id || *id < 0 || *id >= cfg.vocab_size)
         throw_error("--prompt_ids: '", item, "' is not a token id in [0, ", cfg.vocab_size, ")");
-      ids.push_back(int32_t(id));
+      ids.push_back(int32_t(*id));
     }
   } else {
     if (spec.empty()) throw_error(source, " has no tokenizer difftron reads: give --prompt_ids=1,2,3");

@@ -77,16 +77,10 @@ std::vector<int> parse_bits(const std::string& list) {
   std::vector<int> bits;
   std::stringstream ss(list);
   for (std::string item; std::getline(ss, item, ',');) {
-    size_t used = 0;
-    int b = 0;
-    try {
-      b = std::stoi(item, &used);
-    } catch (const std::exception&) {
-      used = 0;
-    }
-    if (used == 0 || used != item.size() || b < 2 || b > 16)
+    const std::optional<long long> b = parse_whole<long long>(item);
+    if (!b || *b < 2 || *b > 16)
       throw_error("--bits: '", item, "' is not a bit width in [2, 16] (give e.g. --bits=8,6,4)");
-    bits.push_back(b);
+    bits.push_back(int(*b));
   }
   if (bits.empty()) throw_error("--bits is empty (give e.g. --bits=8,6,4)");
   return bits;

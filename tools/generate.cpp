@@ -158,17 +158,11 @@ std::vector<int32_t> parse_ids(const std::string& list, int64_t vocab) {
   std::vector<int32_t> ids;
   std::stringstream ss(list);
   for (std::string item; std::getline(ss, item, ',');) {
-    size_t used = 0;
-    long long id = -1;
-    try {
-      id = std::stoll(item, &used);
-    } catch (const std::exception&) {
-      used = 0;
-    }
+    const std::optional<long long> id = parse_whole<long long>(item);
     // An id outside the vocabulary would index past the embedding table.
-    if (used != item.size() || id < 0 || id >= vocab)
+    if (!id || *id < 0 || *id >= vocab)
       throw_error("--prompt_ids: '", item, "' is not a token id in [0, ", vocab, ") (the model's vocabulary)");
-    ids.push_back(int32_t(id));
+    ids.push_back(int32_t(*id));
   }
   return ids;
 }

@@ -35,15 +35,9 @@ std::vector<double> parse_numbers(const std::string& flag, const std::string& li
   std::vector<double> out;
   std::stringstream ss(list);
   for (std::string item; std::getline(ss, item, ',');) {
-    size_t used = 0;
-    double v = 0;
-    try {
-      v = std::stod(item, &used);
-    } catch (const std::exception&) {
-      used = 0;
-    }
-    if (used == 0 || used != item.size()) throw_error("--", flag, ": '", item, "' is not a number");
-    out.push_back(v);
+    const std::optional<double> v = parse_whole<double>(item);
+    if (!v) throw_error("--", flag, ": '", item, "' is not a number");
+    out.push_back(*v);
   }
   if (out.empty()) throw_error("--", flag, " is empty");
   return out;
