@@ -175,22 +175,24 @@ class Bench {
     gemm("matmul lm head 4096 rows", 4096, V, d, false, true, bf, 0.0f);
 
     if (selected("rmsnorm")) {
-      Tensor x = random({N, d}, bf), w = random({d}, bf, 0.1), y = ops_.empty({N, d}, bf);
-      Tensor rstd = ops_.empty({N}, f32), dy = random({N, d}, bf), dx = random({N, d}, bf);
-      Tensor dw = ops_.empty({d}, f32);
-      ops_.fill_zero(dw);
-      double ms = time_ms([&] { ops_.rmsnorm_forward(x, w, 1e-5, 1.0f, y, rstd); }, reps);
-      row("rmsnorm_forward", "16384x2048 bf16", ms, 2.0 * N * d * 2 + 4.0 * N, 0);
-      ms = time_ms([&] { ops_.rmsnorm_backward(x, w, rstd, 1.0f, dy, dx, dw); }, reps);
-      row("rmsnorm_backward (dx+=)", "16384x2048 bf16, dw f32", ms, 2.0 * N * d * 4 + 4.0 * N, 0);
-      const int64_t R = N * h, C = 2 * dh;
-      Tensor xs = x.view({R, C}), ys = y.view({R, C}), dys = dy.view({R, C}), dxs = dx.view({R, C});
-      Tensor ws = random({C}, bf, 0.1), rs = ops_.empty({R}, f32), dws = ops_.empty({C}, f32);
-      ops_.fill_zero(dws);
-      ms = time_ms([&] { ops_.rmsnorm_forward(xs, ws, 1e-5, 0.5f, ys, rs); }, reps);
-      row("rmsnorm_forward (sub-norm)", "131072x256 bf16", ms, 2.0 * R * C * 2 + 4.0 * R, 0);
-      ms = time_ms([&] { ops_.rmsnorm_backward(xs, ws, rs, 0.5f, dys, dxs, dws); }, reps);
-      row("rmsnorm_backward (sub-norm)", "131072x256 bf16", ms, 2.0 * R * C * 4 + 4.0 * R, 0);
+      // the 1.3B and 350M models' shapes: the block norms (d 2048 / 1024) and the sub-norms
+      // (rows of 2dh: 256 / 128, h rows per token)
+      auto norm = [&](int64_t rows, int64_t cols, float scale, const char* what) {
+        Tensor x = random({rows, cols}, bf), w = random({cols}, bf, 0.1), y = ops_.empty({rows, cols}, bf);
+        Tensor rstd = ops_.empty({rows}, f32), dy = random({rows, cols}, bf), dx = random({rows, cols}, bf);
+        Tensor dw = ops_.empty({cols}, f32);
+        ops_.fill_zero(dw);
+        const std::string shape = std::to_string(rows) + "x" + std::to_string(cols) + " bf16";
+        double ms = time_ms([&] { ops_.rmsnorm_forward(x, w, 1e-5, scale, y, rstd); }, reps);
+        row(std::string("rmsnorm_forward") + what, shape, ms, 2.0 * rows * cols * 2 + 4.0 * rows, 0);
+        ms = time_ms([&] { ops_.rmsnorm_backward(x, w, rstd, scale, dy, dx, dw); }, reps);
+        row(std::string("rmsnorm_backward") + what, shape + ", dw f32", ms,
+            2.0 * rows * cols * 4 + 4.0 * rows, 0);
+      };
+      norm(N, d, 1.0f, "");
+      norm(N, d / 2, 1.0f, "");
+      norm(N * h, 2 * dh, 0.5f, " (sub-norm)");
+      norm(N * h, dh, 0.5f, " (sub-norm)");
     }
     if (selected("rope")) {
       Tensor q = random({B, S, 2 * h, dh}, bf);
