@@ -151,7 +151,6 @@ __global__ void __launch_bounds__(kRowWarps * 32)
                                  T* __restrict__ dx, float* __restrict__ partial, int64_t rows,
                                  int cols, int64_t rows_per_block, float scale) {
   extern __shared__ float dw_block[];  // [cols]
-  constexpr bool kPrefetchDx = K <= 2;
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   float dwa[K][8];
 #pragma unroll
@@ -176,9 +175,7 @@ __global__ void __launch_bounds__(kRowWarps * 32)
             float g[8];
             load_floats<8>(x + ri * cols + c, xv[i][k]);
             load_floats<8>(dy + ri * cols + c, dv[i][k]);
-            // dx with x and dy (one memory round trip a row) where registers allow: at K 4
-            // it would cost the second resident block per SM (128 -> 169 registers)
-            if constexpr (kPrefetchDx) load_floats<8>(dx + ri * cols + c, ov[i][k]);
+            load_floats<8>(dx + ri * cols + c, ov[i][k]);  // with x, dy: one round trip a row
             load_floats<8>(w + c, g);
 #pragma unroll
             for (int j = 0; j < 8; ++j) dot[i] += dv[i][k][j] * g[j] * xv[i][k][j];
@@ -201,7 +198,6 @@ __global__ void __launch_bounds__(kRowWarps * 32)
           float g[8];
           load_floats<8>(w + c, g);
           float (&o)[8] = ov[i][k];
-          if constexpr (!kPrefetchDx) load_floats<8>(dxr + c, o);
 #pragma unroll
           for (int j = 0; j < 8; ++j) {
             o[j] += scale * q * (dv[i][k][j] * g[j] - xv[i][k][j] * q * q * m);
@@ -303,7 +299,11 @@ void rmsnorm_backward(CudaContext& ctx, const Tensor& x, const Tensor& w, const 
   if (rows == 0) return;
   const bool vec = cols % 8 == 0 && aligned16(x.raw()) && aligned16(w.raw()) &&
                    aligned16(dy.raw()) && aligned16(dx.raw());
-  const bool warp_path = vec && (cols + 255) / 256 <= 4;
+  // Rows of up to 512 columns: a warp per row. Wider rows (the model's d): a block per row; at
+  // 1024 columns the warp kernel needs 128 registers a thread (x, dy and dw in registers), two
+  // blocks per SM, and reached only 38% of copy bandwidth on the H200 (16384 x 1024 bf16).
+  constexpr int kWarpMaxK = 2;
+  const bool warp_path = vec && (cols + 255) / 256 <= kWarpMaxK;
   const int threads = warp_path ? kRowWarps * 32 : row_threads(cols, vec ? 8 : 1);
   // Enough blocks to fill any GPU, a count that depends on the shape only (determinism).
   // (The warp path: at most 512 partial rows of dw for the reduction to read, and blocks long
@@ -322,12 +322,12 @@ void rmsnorm_backward(CudaContext& ctx, const Tensor& x, const Tensor& w, const 
     using T = typename decltype(xt)::type;
     dispatch_float(w.dtype(), [&](auto wt) {
       using W = typename decltype(wt)::type;
-      const bool launched = warp_path && with_row_vectors(cols, vec, 4, [&](auto kk) {
+      const bool launched = warp_path && with_row_vectors(cols, vec, kWarpMaxK, [&](auto kk) {
         constexpr int K = decltype(kk)::value;
         // One row in flight per warp: two (R = 2 for K <= 2) measured slower on the H200
         // (131072 x 256 bf16: 50.8% of copy bandwidth against 60.8% with R = 1).
         constexpr int R = 1;
-        if constexpr (K <= 4)
+        if constexpr (K <= kWarpMaxK)
           rmsnorm_backward_warp_kernel<K, R, T, W><<<unsigned(nblocks), threads, smem, ctx.stream()>>>(
               x.data<T>(), w.data<W>(), rstd.data<float>(), dy.data<T>(), dx.data<T>(), partial,
               rows, int(cols), rows_per_block, scale);
