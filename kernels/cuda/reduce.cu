@@ -1,5 +1,6 @@
 // Reductions and BLAS-1 updates: sum_squares (deterministic: a fixed grid of per-block fp64
 // partials summed on the host in a fixed order), axpy (y += alpha x) and scale (x *= alpha).
+#include <algorithm>
 #include <vector>
 
 #include "kernels/cuda/cuda_common.cuh"
@@ -9,9 +10,16 @@ namespace difftron::cuda {
 namespace {
 
 // The grid does not depend on the device, so the summation order (and the result bits)
-// depend only on n.
+// depend only on n: kSumBlocks blocks, fewer for small tensors (each thread at least
+// kSumPerThread elements), so that a norm weight or a lambda vector costs one block, not 512
+// (the gradient norm launches one grid per parameter tensor, 219-339 of them at 24 layers).
 constexpr int kSumBlocks = 512;
 constexpr int kSumThreads = 256;
+constexpr int64_t kSumPerThread = 64;
+int sum_blocks(int64_t n) {
+  const int64_t per_block = kSumThreads * kSumPerThread;
+  return int(std::min<int64_t>(kSumBlocks, std::max<int64_t>(1, (n + per_block - 1) / per_block)));
+}
 
 template <int V, typename T>
 __global__ void sum_squares_kernel(const T* x, int64_t n, double* partials) {
@@ -67,17 +75,16 @@ struct ScaleOp {
 }  // namespace
 
 namespace {
-// kSumBlocks partials of x's sum of squares into `partials` (nothing for an empty x)
+// sum_blocks(n) partials of x's sum of squares into `partials` (nothing for an empty x)
 void launch_sum_squares(CudaContext& ctx, const Tensor& x, double* partials) {
   if (x.numel() == 0) return;
+  const unsigned blocks = unsigned(sum_blocks(x.numel()));
   dispatch_float(x.dtype(), [&](auto t) {
     using T = typename decltype(t)::type;
     if (aligned16(x.raw()))
-      sum_squares_kernel<8, T><<<kSumBlocks, kSumThreads, 0, ctx.stream()>>>(x.data<T>(), x.numel(),
-                                                                            partials);
+      sum_squares_kernel<8, T><<<blocks, kSumThreads, 0, ctx.stream()>>>(x.data<T>(), x.numel(), partials);
     else
-      sum_squares_kernel<1, T><<<kSumBlocks, kSumThreads, 0, ctx.stream()>>>(x.data<T>(), x.numel(),
-                                                                            partials);
+      sum_squares_kernel<1, T><<<blocks, kSumThreads, 0, ctx.stream()>>>(x.data<T>(), x.numel(), partials);
     DT_CUDA_LAUNCHED();
   });
 }
@@ -90,8 +97,9 @@ double sum_squares(CudaContext& ctx, const Tensor& x) {
 std::vector<double> sum_squares_each(CudaContext& ctx, const std::vector<Tensor>& xs) {
   std::vector<double> out(xs.size(), 0.0);
   if (xs.empty()) return out;
-  // one row of kSumBlocks partials per tensor, one copy and one synchronisation for all; each
-  // row summed on the host in the same order as a lone sum_squares, so the bits are its bits
+  // one row of kSumBlocks slots per tensor (its first sum_blocks(n) used), one copy and one
+  // synchronisation for all; each row summed on the host in the same order as a lone
+  // sum_squares, so the bits are its bits
   const size_t row = kSumBlocks;
   double* partials = static_cast<double*>(ctx.scratch(xs.size() * row * sizeof(double)));
   for (size_t i = 0; i < xs.size(); ++i) launch_sum_squares(ctx, xs[i], partials + i * row);
@@ -102,7 +110,7 @@ std::vector<double> sum_squares_each(CudaContext& ctx, const std::vector<Tensor>
   for (size_t i = 0; i < xs.size(); ++i) {
     if (xs[i].numel() == 0) continue;  // its row was never written
     double s = 0;
-    for (size_t b = 0; b < row; ++b) s += host[i * row + b];
+    for (int b = 0; b < sum_blocks(xs[i].numel()); ++b) s += host[i * row + b];
     out[i] = s;
   }
   return out;
