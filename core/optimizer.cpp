@@ -1,5 +1,6 @@
-// AdamW step: norm, clip factor, one fused update per parameter, then the bf16 cast; or,
-// with a ParallelContext, the same per element on ZeRO-1 shards (core/zero.cpp).
+// AdamW step: norm, clip factor, then every parameter's update and bf16 cast in one call
+// (Ops::adamw_step_each); or, with a ParallelContext, the same per element on ZeRO-1 shards
+// (core/zero.cpp).
 #include "core/optimizer.h"
 
 #include <cmath>
@@ -95,13 +96,16 @@ AdamWParams adamw_params(const OptimizerConfig& config, const StepStats& stats, 
 StepStats AdamW::step(int64_t step) {
   if (zero_) return zero_->step(step);
   const StepStats st = plan_step(cfg_, step, grad_norm());
-  Ops& ops = model_.ops();
   auto& params = model_.params();
+  std::vector<AdamWTensors> items;
+  items.reserve(params.size());
   for (size_t i = 0; i < params.size(); ++i) {
-    const AdamWParams hp = adamw_params(cfg_, st, step, decays(params[i]));
-    ops.adamw_step(state_[i].master, params[i].grad, state_[i].m, state_[i].v, hp);
-    if (state_[i].master.raw() != params[i].value.raw()) ops.copy(state_[i].master, params[i].value);
+    const State& s = state_[i];
+    const bool separate = s.master.raw() != params[i].value.raw();
+    items.push_back({s.master, params[i].grad, s.m, s.v, adamw_params(cfg_, st, step, decays(params[i])),
+                     separate ? params[i].value : Tensor()});
   }
+  model_.ops().adamw_step_each(items);
   return st;
 }
 

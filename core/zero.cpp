@@ -42,12 +42,13 @@ ZeroOptimizer::ZeroOptimizer(const OptimizerConfig& config, Ops& ops, ParallelCo
   }
 
   // This rank's chunk of every bucket, cut by the segments.
+  separate_master_ = values_.dtype() != DType::F32 && values_.dtype() != DType::F64;
   const bool counts_replicated = ctx_.tp_rank() == 0;
   int64_t shard = 0;
   for (const Bucket& b : buckets_) {
     const int64_t c = b.numel / dp_, lo = b.begin + dp_rank_ * c, hi = lo + c;
     bucket_shard_.push_back(shard);
-    const size_t first_piece = pieces_.size();
+    const size_t first_piece = pieces_.size(), first_run = update_runs_.size();
     for (size_t si = 0; si < segments_.size(); ++si) {
       const FlatSegment& s = segments_[si];
       const int64_t a = std::max(lo, s.offset), e = std::min(hi, s.offset + s.numel);
@@ -71,12 +72,22 @@ ZeroOptimizer::ZeroOptimizer(const OptimizerConfig& config, Ops& ops, ParallelCo
       else
         norm_runs_.push_back({p.flat, p.numel, p.shard, false});
     }
+    // The step writes the working weights of the update runs with their update; the chunk's
+    // other elements (padding outside every segment) it copies from the masters, as the whole
+    // chunk was copied before the all-gather (so its bytes are those of Ops::copy).
+    if (separate_master_) {
+      int64_t at = lo;
+      for (size_t r = first_run; r <= update_runs_.size(); ++r) {
+        const int64_t end = r < update_runs_.size() ? update_runs_[r].flat : hi;
+        if (end > at) pad_runs_.push_back({at, end - at, shard + (at - lo), false});
+        if (r < update_runs_.size()) at = update_runs_[r].flat + update_runs_[r].numel;
+      }
+    }
     shard += c;
   }
   shard_numel_ = shard;
 
   const int64_t alloc = std::max<int64_t>(1, shard_numel_);
-  separate_master_ = values_.dtype() != DType::F32 && values_.dtype() != DType::F64;
   if (separate_master_) {
     master_ = ops_.empty({alloc}, DType::F32);
     ops_.fill_zero(master_);
@@ -126,18 +137,27 @@ double ZeroOptimizer::grad_norm() {
 StepStats ZeroOptimizer::step(int64_t step) {
   finish_grads();
   const StepStats st = plan_step(cfg_, step, grad_norm());
+  // One call for the whole shard; with separate masters it also sets each run's working
+  // weights, and the padding the runs leave is copied: every chunk is ready for the all-gather.
+  std::vector<AdamWTensors> items;
+  items.reserve(update_runs_.size());
   for (const Run& r : update_runs_) {
-    const AdamWParams hp = adamw_params(cfg_, st, step, r.decay);
-    Tensor p = separate_master_ ? master_.flat_slice(r.shard, r.numel) : values_.flat_slice(r.flat, r.numel);
-    Tensor m = m_.flat_slice(r.shard, r.numel), v = v_.flat_slice(r.shard, r.numel);
-    ops_.adamw_step(p, grads_.flat_slice(r.flat, r.numel), m, v, hp);
+    Tensor working = values_.flat_slice(r.flat, r.numel);
+    items.push_back({separate_master_ ? master_.flat_slice(r.shard, r.numel) : working,
+                     grads_.flat_slice(r.flat, r.numel), m_.flat_slice(r.shard, r.numel),
+                     v_.flat_slice(r.shard, r.numel), adamw_params(cfg_, st, step, r.decay),
+                     separate_master_ ? working : Tensor()});
+  }
+  ops_.adamw_step_each(items);
+  for (const Run& r : pad_runs_) {
+    Tensor working = values_.flat_slice(r.flat, r.numel);
+    ops_.copy(master_.flat_slice(r.shard, r.numel), working);
   }
   std::vector<std::unique_ptr<CommWork>> gathers;
   for (size_t i = 0; i < buckets_.size(); ++i) {
     const Bucket& b = buckets_[i];
     const int64_t c = b.numel / dp_;
     Tensor chunk = values_.flat_slice(b.begin + dp_rank_ * c, c);
-    if (separate_master_) ops_.copy(master_.flat_slice(bucket_shard_[i], c), chunk);
     Tensor whole = values_.flat_slice(b.begin, b.numel);
     gathers.push_back(ctx_.dp().all_gather_async(chunk, whole));
   }

@@ -92,6 +92,7 @@ class ZeroOptimizer {
   std::vector<Bucket> buckets_;
   std::vector<Piece> pieces_;
   std::vector<Run> update_runs_;  // pieces merged by decay (padding between is harmless)
+  std::vector<Run> pad_runs_;     // separate masters: the rest of each chunk (padding)
   std::vector<Run> norm_runs_;    // pieces counted in the norm, merged
   std::vector<int64_t> bucket_shard_;  // shard offset of each bucket's chunk
   int64_t shard_numel_ = 0;

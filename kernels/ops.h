@@ -44,6 +44,16 @@ struct AdamWParams {
   float grad_scale = 1.0f;    // grads are multiplied by this first (clipping)
 };
 
+// One tensor's AdamW update for Ops::adamw_step_each.
+struct AdamWTensors {
+  Tensor param;    // the master weights, as adamw_step's param
+  Tensor grad;     // as adamw_step's grad
+  Tensor m, v;     // as adamw_step's moments
+  AdamWParams hp;
+  Tensor working;  // the working weights (a float dtype, param's numel) set to the updated
+                   // param; undefined when param is itself the weight
+};
+
 class Ops {
  public:
   virtual ~Ops() = default;
@@ -229,6 +239,18 @@ class Ops {
   // AdamW on an f32 master `param` with f32 moments m, v; grad in any float dtype.
   virtual void adamw_step(Tensor& param, const Tensor& grad, Tensor& m, Tensor& v,
                           const AdamWParams& hp) = 0;
+  // A whole step's updates: for each item, adamw_step(param, grad, m, v, hp) then, where
+  // `working` is defined, copy(param, working); the same bits as those calls in turn. No
+  // tensor of one item may overlap another item's. A backend may run them all at once (CUDA:
+  // one launch that writes the working copy in the update's pass, sparing the copy's re-read
+  // of the f32 masters); the default is that loop (the CPU reference).
+  virtual void adamw_step_each(const std::vector<AdamWTensors>& items) {
+    for (const AdamWTensors& t : items) {
+      Tensor p = t.param, m = t.m, v = t.v, w = t.working;
+      adamw_step(p, t.grad, m, v, t.hp);
+      if (w.defined()) copy(p, w);
+    }
+  }
 };
 
 // The CPU reference backend (always available).

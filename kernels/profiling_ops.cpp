@@ -193,6 +193,12 @@ void ProfilingOps::adamw_step(Tensor& param, const Tensor& grad, Tensor& m, Tens
   // param, m, v read and written; grad read
   timed("adamw_step", 2 * bytes_of(param, m, v) + nb(grad), 0, [&] { inner_->adamw_step(param, grad, m, v, hp); });
 }
+void ProfilingOps::adamw_step_each(const std::vector<AdamWTensors>& items) {
+  // per item as adamw_step, and the working copy written
+  double bytes = 0;
+  for (const AdamWTensors& t : items) bytes += 2 * bytes_of(t.param, t.m, t.v) + bytes_of(t.grad, t.working);
+  timed("adamw_step_each", bytes, 0, [&] { inner_->adamw_step_each(items); });
+}
 
 std::string format_op_profile(const std::vector<OpProfileRow>& rows, int64_t steps, double wall_seconds) {
   std::ostringstream os;

@@ -92,6 +92,7 @@ class ProfilingOps final : public Ops {
   void cross_entropy_backward(const Tensor& logits, const Tensor& targets, const Tensor& lse, float dloss,
                               Tensor& dlogits) override;
   void adamw_step(Tensor& param, const Tensor& grad, Tensor& m, Tensor& v, const AdamWParams& hp) override;
+  void adamw_step_each(const std::vector<AdamWTensors>& items) override;
 
  private:
   // Runs f; while active, times it as `key` with these bytes and FLOPs (a literal: nothing is

@@ -450,6 +450,28 @@ std::vector<Case> make_cases() {
       hp.grad_scale = 0.5f;
       e.ops().adamw_step(p, grad, m, v, hp);
     });
+  // several tensors in one call, bf16 working copies (and one without), per-item hyper-parameters
+  for (DType g : {F32, BF16})
+    add(std::string("adamw_step_each/f32+grad_") + prec(g), [g](Env& e) {
+      std::vector<AdamWTensors> items;
+      const int64_t sizes[] = {10007, 1, 9, 8192 * 2 + 5, 300};
+      for (int i = 0; i < 5; ++i) {
+        const std::string k = std::to_string(i);
+        const int64_t n = sizes[i];
+        AdamWTensors t;
+        t.param = e.accum("param" + k, {n}, F32, 0.05);
+        t.grad = e.input("grad" + k, {n}, g, 0.01);
+        t.m = e.accum("m" + k, {n}, F32, 0.003, true);
+        t.v = e.accum("v" + k, {n}, F32, 1e-5, true, /*positive=*/true);
+        t.hp.lr = 1e-3f * float(i + 1);
+        t.hp.weight_decay = i % 2 ? 0.0f : 0.1f;
+        t.hp.step = 1 + i;
+        t.hp.grad_scale = i == 3 ? 0.5f : 1.0f;
+        if (i != 2) t.working = e.output("working" + k, {n}, BF16);
+        items.push_back(t);
+      }
+      e.ops().adamw_step_each(items);
+    });
   return cs;
 }
 
@@ -532,6 +554,91 @@ TEST(CudaOps, SumSquaresEachIsSumSquaresOfEach) {
   EXPECT_GT(each[0], 0.0);
 }
 
+// adamw_step_each gives, bit for bit, adamw_step then copy of each item: fresh random state,
+// f32 and bf16 gradients, sizes that are not multiples of 8 (and one of several blocks),
+// items misaligned in one tensor each, many small items, an empty one, working copies
+// bf16, f32 and none.
+TEST(CudaOps, AdamWStepEachIsAdamWStepThenCopy) {
+  skip_without_gpu();
+  auto gpu = make_cuda_ops(0);
+  Ops& o = *gpu;
+  Rng rng(17);
+  struct Spec {
+    int64_t n;
+    DType grad, working;  // working I32: none
+    int misaligned;       // -1 none, else which tensor starts 1-3 elements into its buffer:
+                          // 0 param, 1 grad, 2 m, 3 v, 4 working
+  };
+  std::vector<Spec> specs = {{100003, F32, BF16, -1}, {1, BF16, BF16, -1},      {9, F32, DType::I32, -1},
+                             {16389, BF16, BF16, 4},  {777, F32, BF16, 0},      {4099, BF16, DType::I32, 1},
+                             {0, F32, BF16, -1},      {64, F32, F32, -1},       {1000, F32, BF16, 2},
+                             {8200, BF16, BF16, 3},   {8192, F32, BF16, -1}};
+  for (int i = 0; i < 40; ++i) specs.push_back({3 + i, i % 2 ? BF16 : F32, i % 3 ? BF16 : DType::I32, -1});
+  // a random tensor of n elements, `shift` elements into a fresh buffer
+  auto random = [&](int64_t n, DType dt, double scale, bool positive, int shift) {
+    std::vector<float> h(size_t(n + shift));
+    for (auto& x : h) x = float(positive ? scale * (0.1 + std::fabs(rng.normal())) : scale * rng.normal());
+    Tensor t = o.empty({n + shift}, dt);
+    if (!h.empty()) o.upload(t, h.data());
+    return t.flat_slice(shift, n);
+  };
+  auto clone = [&](const Tensor& t) {
+    Tensor c = o.empty({t.numel()}, t.dtype());
+    o.copy(t, c);
+    return c;
+  };
+  std::vector<AdamWTensors> fused, each;
+  for (size_t i = 0; i < specs.size(); ++i) {
+    const Spec& sp = specs[i];
+    auto shift = [&](int which) { return sp.misaligned == which ? 1 + int(i % 3) : 0; };
+    AdamWTensors t;
+    t.param = random(sp.n, F32, 0.05, false, shift(0));
+    t.grad = random(sp.n, sp.grad, 0.01, false, shift(1));
+    t.m = random(sp.n, F32, 0.003, false, shift(2));
+    t.v = random(sp.n, F32, 1e-5, true, shift(3));
+    t.hp.lr = 1e-3f * float(1 + i % 3);
+    t.hp.weight_decay = i % 2 ? 0.1f : 0.0f;
+    t.hp.step = int64_t(1 + i % 5);
+    t.hp.grad_scale = i % 4 == 1 ? 0.7f : 1.0f;
+    AdamWTensors u = t;  // the same values in separate buffers, for the per-tensor path
+    u.param = clone(t.param);
+    u.m = clone(t.m);
+    u.v = clone(t.v);
+    if (sp.working != DType::I32) {
+      // poisoned (NaN) in the fused path: an element it does not write cannot match
+      const std::vector<float> nan(size_t(sp.n + shift(4)), std::numeric_limits<float>::quiet_NaN());
+      Tensor w = o.empty({sp.n + shift(4)}, sp.working);
+      if (!nan.empty()) o.upload(w, nan.data());
+      t.working = w.flat_slice(shift(4), sp.n);
+      u.working = o.empty({sp.n}, sp.working);
+    }
+    fused.push_back(t);
+    each.push_back(u);
+  }
+  o.adamw_step_each(fused);
+  for (AdamWTensors& u : each) {
+    o.adamw_step(u.param, u.grad, u.m, u.v, u.hp);
+    if (u.working.defined()) o.copy(u.param, u.working);
+  }
+  auto bytes = [&](const Tensor& t) {
+    std::vector<unsigned char> b(t.nbytes());
+    if (!b.empty()) o.download_bytes(t, b.data());
+    return b;
+  };
+  for (size_t i = 0; i < specs.size(); ++i) {
+    EXPECT_EQ(bytes(fused[i].param), bytes(each[i].param)) << "item " << i << " param";
+    EXPECT_EQ(bytes(fused[i].m), bytes(each[i].m)) << "item " << i << " m";
+    EXPECT_EQ(bytes(fused[i].v), bytes(each[i].v)) << "item " << i << " v";
+    if (fused[i].working.defined())
+      EXPECT_EQ(bytes(fused[i].working), bytes(each[i].working)) << "item " << i << " working";
+  }
+  // the working copy holds the updated weights (rounded), not its poison
+  std::vector<float> p(100003), w(100003);
+  o.download(fused[0].param, p.data());
+  o.download(fused[0].working, w.data());
+  for (size_t k = 0; k < p.size(); ++k) ASSERT_NEAR(w[k], p[k], std::fabs(p[k]) * 4e-3) << "element " << k;
+}
+
 TEST(CudaOps, BadArgumentsRaiseErrorsNamingTheOp) {
   skip_without_gpu();
   auto gpu = make_cuda_ops(0);
@@ -579,6 +686,11 @@ TEST(CudaOps, BadArgumentsRaiseErrorsNamingTheOp) {
   expect_error([&] { o.diff_attention_forward(q2, k2, v2, lam, att2, lse2, none); }, {"diff_attention_forward", "head_dim 256"});
   Tensor p16 = o.empty({8}, DType::BF16), g = o.empty({8}, DType::F32), m = o.empty({8}, DType::F32);
   expect_error([&] { o.adamw_step(p16, g, m, m, AdamWParams{}); }, {"adamw_step", "param", "bf16[8]"});
+  Tensor p32 = o.empty({8}, DType::F32), v32 = o.empty({8}, DType::F32), w7 = o.empty({7}, DType::BF16);
+  expect_error([&] { o.adamw_step_each({{p32, g, m, v32, AdamWParams{}, Tensor()}, {p16, g, m, v32, AdamWParams{}, Tensor()}}); },
+               {"adamw_step_each item 1", "param", "bf16[8]"});
+  expect_error([&] { o.adamw_step_each({{p32, g, m, v32, AdamWParams{}, w7}}); },
+               {"adamw_step_each item 0", "working", "bf16[7]"});
 }
 
 }  // namespace

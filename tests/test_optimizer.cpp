@@ -1,10 +1,13 @@
 // AdamW: one update against a scalar re-derivation, the weight-decay groups, and global-norm
 // clipping (the applied scale and its effect on the update).
 #include <cmath>
+#include <cstring>
+#include <iterator>
 #include <vector>
 
 #include <gtest/gtest.h>
 
+#include "base/rng.h"
 #include "core/model.h"
 #include "core/optimizer.h"
 #include "tests/grad_check.h"
@@ -103,6 +106,82 @@ TEST(AdamW, ClipsTheGlobalNorm) {
   ops->download(p.grad, g.data());
   ops->download(opt.state()[0].m, m.data());
   EXPECT_NEAR(m[3], (1 - 0.9) * st.clip_scale * g[3], 1e-7);
+}
+
+// Ops::adamw_step_each is adamw_step then copy per item, bit for bit: several tensors of odd
+// sizes (one a misaligned slice), f32 and f64, decay on and off, per-item hyper-parameters,
+// working copies of another dtype, of the same dtype, and none.
+TEST(AdamW, StepEachIsAdamWStepThenCopyPerItem) {
+  auto ops = make_cpu_ops();
+  struct Spec {
+    int64_t n;
+    DType param, working;  // working F32/F64, or I32 for none
+    float wd;
+  };
+  const Spec specs[] = {{1003, DType::F32, DType::F64, 0.1f}, {1, DType::F32, DType::I32, 0.0f},
+                        {77, DType::F64, DType::I32, 0.1f},   {4099, DType::F32, DType::F32, 0.0f},
+                        {500, DType::F32, DType::F64, 0.05f}, {0, DType::F32, DType::F64, 0.1f}};
+  Rng rng(11);
+  auto random = [&](DType dt, int64_t n, double scale, bool positive = false) {
+    std::vector<double> h(static_cast<size_t>(n));
+    for (auto& x : h) x = positive ? scale * std::fabs(rng.normal()) : scale * rng.normal();
+    Tensor t = ops->empty({n}, dt);
+    ops->upload(t, h.data());
+    return t;
+  };
+  auto clone = [&](const Tensor& t) {
+    Tensor c = ops->empty(t.shape(), t.dtype());
+    ops->copy(t, c);
+    return c;
+  };
+  std::vector<AdamWTensors> fused, each;
+  std::vector<Tensor> keep;  // the big tensor behind the misaligned slice
+  for (size_t i = 0; i < std::size(specs); ++i) {
+    const Spec& sp = specs[i];
+    AdamWTensors t;
+    if (i == 4) {  // a slice at an odd offset of a larger tensor
+      keep.push_back(random(sp.param, sp.n + 3, 0.05));
+      t.param = keep.back().flat_slice(3, sp.n);
+    } else {
+      t.param = random(sp.param, sp.n, 0.05);
+    }
+    t.grad = random(sp.param, sp.n, 0.01);
+    t.m = random(DType::F32, sp.n, 0.003);
+    t.v = random(DType::F32, sp.n, 1e-5, /*positive=*/true);
+    t.hp.lr = float(1e-3 * (i + 1));
+    t.hp.weight_decay = sp.wd;
+    t.hp.step = int64_t(i) + 2;
+    t.hp.grad_scale = i % 2 ? 0.5f : 1.0f;
+    if (sp.working != DType::I32) t.working = random(sp.working, sp.n, 1.0);  // overwritten
+    AdamWTensors u = t;
+    u.param = clone(t.param);
+    u.m = clone(t.m);
+    u.v = clone(t.v);
+    if (t.working.defined()) u.working = clone(t.working);
+    fused.push_back(t);
+    each.push_back(u);
+  }
+  std::vector<float> before(size_t(specs[0].n)), after(before.size());
+  ops->download(fused[0].param, before.data());
+  ops->adamw_step_each(fused);
+  for (AdamWTensors& u : each) {
+    ops->adamw_step(u.param, u.grad, u.m, u.v, u.hp);
+    if (u.working.defined()) ops->copy(u.param, u.working);
+  }
+  auto same_bits = [](const Tensor& a, const Tensor& b) {
+    return a.nbytes() == b.nbytes() && std::memcmp(a.raw(), b.raw(), a.nbytes()) == 0;
+  };
+  for (size_t i = 0; i < fused.size(); ++i) {
+    EXPECT_TRUE(same_bits(fused[i].param, each[i].param)) << "item " << i;
+    EXPECT_TRUE(same_bits(fused[i].m, each[i].m)) << "item " << i;
+    EXPECT_TRUE(same_bits(fused[i].v, each[i].v)) << "item " << i;
+    if (fused[i].working.defined()) EXPECT_TRUE(same_bits(fused[i].working, each[i].working)) << "item " << i;
+  }
+  // and it is an update: every element of the first item moved
+  ops->download(fused[0].param, after.data());
+  int64_t unchanged = 0;
+  for (size_t k = 0; k < after.size(); ++k) unchanged += after[k] == before[k];
+  EXPECT_EQ(unchanged, 0);
 }
 
 TEST(AdamW, DivergedGradientsFailLoudly) {

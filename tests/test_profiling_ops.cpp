@@ -1,7 +1,8 @@
 // ProfilingOps (kernels/profiling_ops.h, `train --profile_ops`): it changes no result, its
 // matmul accounting is 2 M N K per call of the shape its key names, and the CLI writes the
 // profile; sum_squares_each (the gradient norm's one-synchronisation form) is sum_squares of
-// each tensor bit for bit.
+// each tensor bit for bit; the optimizer's step is one adamw_step_each call.
+#include <cmath>
 #include <cstdio>
 #include <regex>
 #include <string>
@@ -128,6 +129,43 @@ TEST(ProfilingOps, SumSquaresEachIsSumSquaresOfEachAndTheGradNormUsesIt) {
   EXPECT_EQ(opt.grad_norm(), std::sqrt(want));
 }
 
+// adamw_step_each through ProfilingOps: the same weights, one call counted with the bytes of
+// every tensor (param, m, v read and written, grad read: 28 bytes an f32 element).
+TEST(ProfilingOps, AdamWStepEachIsTimedAsOneCall) {
+  const ModelConfig cfg = small_config(AttentionKind::Differential);
+  auto plain = make_cpu_ops();
+  ProfilingOps prof(make_cpu_ops());
+  std::vector<std::vector<float>> weights;
+  for (Ops* ops : {static_cast<Ops*>(plain.get()), static_cast<Ops*>(&prof)}) {
+    Model model(cfg, *ops, ModelPrecision::uniform(DType::F32), 2, 8);
+    model.init_weights(5);
+    OptimizerConfig oc;
+    AdamW opt(oc, model);
+    std::vector<float> g(size_t(model.flat_grads().numel()));
+    for (size_t i = 0; i < g.size(); ++i) g[i] = 0.01f * float(std::sin(0.1 * double(i)));
+    Tensor grads = model.flat_grads();
+    ops->upload(grads, g.data());
+    prof.set_active(ops == &prof);
+    opt.step(0);
+    prof.set_active(false);
+    weights.emplace_back(size_t(model.flat_values().numel()));
+    ops->download(model.flat_values(), weights.back().data());
+    if (ops != &prof) continue;
+    double bytes = 0;
+    for (const auto& p : model.params()) bytes += 28.0 * double(p.value.numel());
+    bool found = false;
+    for (const OpProfileRow& r : prof.rows()) {
+      EXPECT_NE(r.op, "adamw_step");
+      if (r.op != "adamw_step_each") continue;
+      found = true;
+      EXPECT_EQ(r.calls, 1);
+      EXPECT_EQ(r.bytes, bytes);
+    }
+    EXPECT_TRUE(found);
+  }
+  EXPECT_EQ(weights[0], weights[1]);
+}
+
 TEST(ProfilingOps, TrainProfileOpsWritesTheTableAndARecord) {
   using testing::run_difftron;
   const std::filesystem::path dir = testing::fresh_dir("difftron_profile_ops", "");
@@ -149,11 +187,11 @@ TEST(ProfilingOps, TrainProfileOpsWritesTheTableAndARecord) {
   int64_t norms = -1, adamw = -1;
   for (const auto& o : prof["ops"]) {
     if (o["op"] == "sum_squares_each") norms = o["calls"];
-    if (o["op"] == "adamw_step") adamw = o["calls"];
+    if (o["op"] == "adamw_step_each") adamw = o["calls"];
+    EXPECT_NE(o["op"], "adamw_step") << "the optimizer updates every parameter in one call";
   }
   EXPECT_EQ(norms, 2) << "one gradient-norm call (one synchronisation) a step";
-  EXPECT_GT(adamw, 0);
-  EXPECT_EQ(adamw % 2, 0) << "the same parameters each step";
+  EXPECT_EQ(adamw, 2) << "one optimizer call a step";
 
   r = run_difftron("train --device=cpu --data=synthetic:copy --steps=1 --profile_ops=-1");
   EXPECT_NE(r.status, 0);

@@ -3,6 +3,7 @@
 // on the context's stream. Semantics: kernels/ops.h and kernels/cpu/<op>.cpp.
 #pragma once
 #include <cstdint>
+#include <vector>
 
 #include "base/tensor.h"
 #include "kernels/cuda/cuda_context.h"
@@ -104,5 +105,7 @@ void cross_entropy_backward(CudaContext& ctx, const Tensor& logits, const Tensor
 // adamw.cu: f32 param and moments, grad f32 or bf16.
 void adamw_step(CudaContext& ctx, Tensor& param, const Tensor& grad, Tensor& m, Tensor& v,
                 const AdamWParams& hp);
+// Every item in one launch (Ops::adamw_step_each), working copies f32 or bf16.
+void adamw_step_each(CudaContext& ctx, const std::vector<AdamWTensors>& items);
 
 }  // namespace difftron::cuda

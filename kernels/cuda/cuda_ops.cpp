@@ -6,6 +6,7 @@
 // (ModelPrecision::cuda_mixed) is listed per op in cuda_kernels.h.
 #include <cuda_runtime.h>
 
+#include <cstdio>
 #include <cstring>
 #include <vector>
 
@@ -59,6 +60,19 @@ void same_dtype(const Tensor& a, const Tensor& b, const char* op, const char* an
   if (a.dtype() != b.dtype())
     fail(op, std::string(an) + " is " + a.str() + " but " + bn + " is " + b.str() +
                  " (expected the same dtype)");
+}
+
+// The arguments of one AdamW update (adamw_step, each item of adamw_step_each).
+void check_adamw(const char* op, const Tensor& param, const Tensor& grad, const Tensor& m, const Tensor& v,
+                 const AdamWParams& hp) {
+  dtype_is(param, DType::F32, op, "param (the f32 master weights)");
+  float_on_gpu(grad, op, "grad");
+  dtype_is(m, DType::F32, op, "m");
+  dtype_is(v, DType::F32, op, "v");
+  numel_is(grad, param.numel(), op, "grad");
+  numel_is(m, param.numel(), op, "m");
+  numel_is(v, param.numel(), op, "v");
+  if (hp.step < 1) fail(op, "step (" + std::to_string(hp.step) + ") must be >= 1");
 }
 
 class CudaOps final : public Ops {
@@ -665,17 +679,23 @@ class CudaOps final : public Ops {
   // ---- optimizer -----------------------------------------------------------------------
   void adamw_step(Tensor& param, const Tensor& grad, Tensor& m, Tensor& v,
                   const AdamWParams& hp) override {
-    const char* op = "adamw_step";
-    dtype_is(param, DType::F32, op, "param (the f32 master weights)");
-    float_on_gpu(grad, op, "grad");
-    dtype_is(m, DType::F32, op, "m");
-    dtype_is(v, DType::F32, op, "v");
-    numel_is(grad, param.numel(), op, "grad");
-    numel_is(m, param.numel(), op, "m");
-    numel_is(v, param.numel(), op, "v");
-    if (hp.step < 1) fail(op, "step (" + std::to_string(hp.step) + ") must be >= 1");
+    check_adamw("adamw_step", param, grad, m, v, hp);
     ctx_.activate();
     cuda::adamw_step(ctx_, param, grad, m, v, hp);
+  }
+  void adamw_step_each(const std::vector<AdamWTensors>& items) override {
+    for (size_t i = 0; i < items.size(); ++i) {
+      const AdamWTensors& t = items[i];
+      char op[48];
+      std::snprintf(op, sizeof op, "adamw_step_each item %zu", i);
+      check_adamw(op, t.param, t.grad, t.m, t.v, t.hp);
+      if (t.working.defined()) {
+        float_on_gpu(t.working, op, "working");
+        numel_is(t.working, t.param.numel(), op, "working");
+      }
+    }
+    ctx_.activate();
+    cuda::adamw_step_each(ctx_, items);
   }
 
  private:
