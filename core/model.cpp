@@ -464,8 +464,10 @@ void Model::layer_forward(int64_t l, int64_t B, int64_t S, bool recompute) {
   // x_mid = x_in + O Wo^T; under TP rank 0 adds x_in to its partial product, then the
   // partial products are summed.
   if (probe) probe->linear_input(l, LinearInput::AttnOutput, sub_in);
-  if (tp_rank_ == 0) ops_.copy(x_in, x_mid);
-  ops_.matmul(sub_in, false, P(L.wo), true, x_mid, 1.0f, tp_rank_ == 0 ? 1.0f : 0.0f);
+  if (tp_rank_ == 0)
+    ops_.matmul_add(sub_in, false, P(L.wo), true, x_in, x_mid);
+  else
+    ops_.matmul(sub_in, false, P(L.wo), true, x_mid);
   tp_all_reduce(x_mid);
 
   Tensor ln2 = L.ln2.view({N, d}), rstd2 = L.rstd2.view({N});
@@ -478,8 +480,10 @@ void Model::layer_forward(int64_t l, int64_t B, int64_t S, bool recompute) {
   if (probe) probe->linear_input(l, LinearInput::MlpAct, a);
   if (recompute) return;  // the output is the next layer's input, kept
   Tensor x_out = (l + 1 < cfg_.n_layers ? layers_[l + 1].x_in : x_final_).view({N, d});
-  if (tp_rank_ == 0) ops_.copy(x_mid, x_out);
-  ops_.matmul(a, false, P(L.w_down), true, x_out, 1.0f, tp_rank_ == 0 ? 1.0f : 0.0f);  // x_mid + act Wd^T
+  if (tp_rank_ == 0)  // x_out = x_mid + act Wd^T
+    ops_.matmul_add(a, false, P(L.w_down), true, x_mid, x_out);
+  else
+    ops_.matmul(a, false, P(L.w_down), true, x_out);
   tp_all_reduce(x_out);
 }
 

@@ -123,6 +123,14 @@ class Ops {
   // seen as 2-D [rows, cols].
   virtual void matmul(const Tensor& a, bool trans_a, const Tensor& b, bool trans_b, Tensor& y,
                       float alpha = 1.0f, float beta = 0.0f) = 0;
+  // y = op(a) @ op(b) + c (c: y's shape and dtype, not overlapping y): the residual stream's
+  // x_out = x_in + f(x) Wo^T in one pass. The default is copy(c, y) then matmul with beta 1
+  // (the CPU reference); CUDA reads c as cuBLASLt's C input, sparing the copy's round trip.
+  virtual void matmul_add(const Tensor& a, bool trans_a, const Tensor& b, bool trans_b,
+                          const Tensor& c, Tensor& y) {
+    copy(c, y);
+    matmul(a, trans_a, b, trans_b, y, 1.0f, 1.0f);
+  }
   // y += alpha * x
   virtual void axpy(float alpha, const Tensor& x, Tensor& y) = 0;
   virtual void scale(Tensor& x, float alpha) = 0;

@@ -89,6 +89,16 @@ void ProfilingOps::matmul(const Tensor& a, bool trans_a, const Tensor& b, bool t
   timed(key.c_str(), bytes_of(a, b, y), 2.0 * double(M) * double(N) * double(K),
         [&] { inner_->matmul(a, trans_a, b, trans_b, y, alpha, beta); });
 }
+void ProfilingOps::matmul_add(const Tensor& a, bool trans_a, const Tensor& b, bool trans_b, const Tensor& c,
+                              Tensor& y) {
+  if (!active_) return inner_->matmul_add(a, trans_a, b, trans_b, c, y);
+  const int64_t M = trans_a ? cols_of(a) : rows_of(a), K = trans_a ? rows_of(a) : cols_of(a);
+  const int64_t N = trans_b ? rows_of(b) : cols_of(b);
+  const std::string key = "matmul " + std::to_string(M) + "x" + std::to_string(N) + "x" + std::to_string(K) +
+                          (trans_a ? " tA" : "") + (trans_b ? " tB" : "") + " + c";
+  timed(key.c_str(), bytes_of(a, b, c, y), 2.0 * double(M) * double(N) * double(K),
+        [&] { inner_->matmul_add(a, trans_a, b, trans_b, c, y); });
+}
 void ProfilingOps::axpy(float alpha, const Tensor& x, Tensor& y) {
   timed("axpy", bytes_of(x, y), 0, [&] { inner_->axpy(alpha, x, y); });
 }

@@ -58,6 +58,8 @@ class ProfilingOps final : public Ops {
                    int64_t col0) override;
   void matmul(const Tensor& a, bool trans_a, const Tensor& b, bool trans_b, Tensor& y, float alpha = 1.0f,
               float beta = 0.0f) override;
+  void matmul_add(const Tensor& a, bool trans_a, const Tensor& b, bool trans_b, const Tensor& c,
+                  Tensor& y) override;
   void axpy(float alpha, const Tensor& x, Tensor& y) override;
   void scale(Tensor& x, float alpha) override;
   double sum_squares(const Tensor& x) override;

@@ -216,6 +216,16 @@ std::vector<Case> make_cases() {
             e.ops().matmul(a, ta, b, tb, y, 0.75f, beta);
           });
         }
+  // y = op(a) op(b) + c with c a separate tensor (cuBLASLt's C input): the residual adds
+  for (DType t : {F32, BF16})
+    for (int tb = 0; tb < 2; ++tb)
+      add(std::string("matmul_add/") + prec(t) + (tb ? "/NT" : "/NN"), [t, tb](Env& e) {
+        Tensor a = e.input("a", {67, 48}, t);
+        Tensor b = e.input("b", tb ? Shape{40, 48} : Shape{48, 40}, t);
+        Tensor c = e.input("c", {67, 40}, t, 3.0);
+        Tensor y = e.output("y", {67, 40}, t);
+        e.ops().matmul_add(a, false, b, tb, c, y);
+      });
   add("matmul/bf16->bf16/misaligned", [](Env& e) {
     Tensor a = e.input("a", {40, 37}, BF16);
     Tensor b = e.input("b", {29, 37}, BF16);

@@ -72,7 +72,7 @@ TEST(ProfilingOps, ChangesNoResultAndCountsMatmulFlopsOfItsShape) {
 
     const std::vector<OpProfileRow> rows = prof.rows();
     ASSERT_FALSE(rows.empty());
-    const std::regex mm(R"(matmul (\d+)x(\d+)x(\d+)( tA)?( tB)?( \+=)?)");
+    const std::regex mm(R"(matmul (\d+)x(\d+)x(\d+)( tA)?( tB)?( \+=| \+ c)?)");  // += y, or + c (matmul_add)
     int64_t matmul_calls = 0, fwd_attention = 0;
     for (size_t i = 0; i < rows.size(); ++i) {
       const OpProfileRow& r = rows[i];

@@ -26,9 +26,11 @@ std::vector<double> sum_squares_each(CudaContext& ctx, const std::vector<Tensor>
 void axpy(CudaContext& ctx, float alpha, const Tensor& x, Tensor& y);
 void scale(CudaContext& ctx, Tensor& x, float alpha);
 
-// matmul.cu (cuBLASLt): y[M,N] = alpha op(a) op(b) + beta y
+// matmul.cu (cuBLASLt): y[M,N] = alpha op(a) op(b) + beta c, c = y unless given (c: y's
+// shape and dtype)
 void matmul(CudaContext& ctx, const Tensor& a, bool trans_a, const Tensor& b, bool trans_b,
-            Tensor& y, int64_t M, int64_t N, int64_t K, float alpha, float beta);
+            Tensor& y, int64_t M, int64_t N, int64_t K, float alpha, float beta,
+            const Tensor* c = nullptr);
 
 // embedding.cu (both throw difftron::Error on token ids outside [0, V))
 void embedding_forward(CudaContext& ctx, const Tensor& tokens, const Tensor& table, Tensor& out);

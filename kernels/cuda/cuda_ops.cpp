@@ -228,7 +228,25 @@ class CudaOps final : public Ops {
   // ---- dense -------------------------------------------------------------------------
   void matmul(const Tensor& a, bool ta, const Tensor& b, bool tb, Tensor& y, float alpha,
               float beta) override {
-    const char* op = "matmul";
+    matmul_checked("matmul", a, ta, b, tb, y, alpha, beta, nullptr);
+  }
+
+  void matmul_add(const Tensor& a, bool ta, const Tensor& b, bool tb, const Tensor& c,
+                  Tensor& y) override {
+    const char* op = "matmul_add";
+    float_on_gpu(c, op, "c");
+    if (c.dtype() != y.dtype() || c.rows() != y.rows() || c.cols() != y.cols())
+      fail(op, "c " + c.str() + " should have y's shape and dtype, " + y.str());
+    if (c.raw() == y.raw()) return matmul_checked(op, a, ta, b, tb, y, 1.0f, 1.0f, nullptr);
+    const auto* cb = static_cast<const char*>(c.raw());
+    const auto* yb = static_cast<const char*>(y.raw());
+    if (cb < yb + y.nbytes() && yb < cb + c.nbytes()) fail(op, "c and y overlap");
+    matmul_checked(op, a, ta, b, tb, y, 1.0f, 1.0f, &c);
+  }
+
+  // y = alpha op(a) op(b) + beta (c or y), the arguments checked (errors name `op`)
+  void matmul_checked(const char* op, const Tensor& a, bool ta, const Tensor& b, bool tb,
+                      Tensor& y, float alpha, float beta, const Tensor* c) {
     float_on_gpu(a, op, "a");
     float_on_gpu(b, op, "b");
     float_on_gpu(y, op, "y");
@@ -244,7 +262,7 @@ class CudaOps final : public Ops {
     if (y.rows() != M || y.cols() != N)
       fail(op, "y " + y.str() + " should be [" + std::to_string(M) + ", " + std::to_string(N) + "]");
     ctx_.activate();
-    cuda::matmul(ctx_, a, ta, b, tb, y, M, N, K, alpha, beta);
+    cuda::matmul(ctx_, a, ta, b, tb, y, M, N, K, alpha, beta, c);
   }
 
   void axpy(float alpha, const Tensor& x, Tensor& y) override {

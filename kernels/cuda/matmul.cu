@@ -1,8 +1,10 @@
-// GEMM on the GPU through cuBLASLt: y[M,N] = alpha op(a) op(b) + beta y, row-major, with
+// GEMM on the GPU through cuBLASLt: y[M,N] = alpha op(a) op(b) + beta c (c = y, or another
+// tensor of y's layout: cuBLASLt's C input, for the residual adds), row-major, with
 // fp32 accumulation. bf16 a/b give bf16 or f32 y (beta = 1 accumulates weight gradients
 // into f32); f32 a/b run plain fp32 (no TF32), for tests. Row-major y = op(a) op(b) is
 // computed as the column-major y^T = op(b)^T op(a)^T; descriptors and the heuristic's
 // algorithm are cached per (shape, transposes, dtypes, alignments) in the context.
+#include <algorithm>
 #include <memory>
 
 #include "kernels/cuda/cuda_common.cuh"
@@ -71,21 +73,25 @@ std::unique_ptr<MatmulPlan> make_plan(CudaContext& ctx, const MatmulKey& k) {
 }  // namespace
 
 void matmul(CudaContext& ctx, const Tensor& a, bool trans_a, const Tensor& b, bool trans_b,
-            Tensor& y, int64_t M, int64_t N, int64_t K, float alpha, float beta) {
+            Tensor& y, int64_t M, int64_t N, int64_t K, float alpha, float beta, const Tensor* c) {
   if (M == 0 || N == 0) return;
-  if (K == 0) {  // y = beta y
-    if (beta == 0.0f)
+  const void* c_raw = c ? c->raw() : y.raw();
+  if (K == 0) {  // y = beta c
+    if (beta == 0.0f) {
       DT_CUDA(cudaMemsetAsync(y.raw(), 0, y.nbytes(), ctx.stream()));
-    else
+    } else {
+      if (c) copy(ctx, *c, y);
       scale(ctx, y, beta);
+    }
     return;
   }
+  // C and D share one layout descriptor; the plan's alignment is the lesser of the two
   MatmulKey key{M, N, K, trans_a, trans_b, int(cuda_type(a.dtype())), int(cuda_type(y.dtype())),
-                alignment(a.raw()), alignment(b.raw()), alignment(y.raw())};
+                alignment(a.raw()), alignment(b.raw()), std::min(alignment(y.raw()), alignment(c_raw))};
   MatmulPlan* plan = ctx.find_plan(key);
   if (!plan) plan = ctx.add_plan(key, make_plan(ctx, key));
   DT_CUBLAS(cublasLtMatmul(ctx.lt(), plan->op, &alpha, b.raw(), plan->a, a.raw(), plan->b, &beta,
-                           y.raw(), plan->y, y.raw(), plan->y, &plan->algo, ctx.workspace(),
+                           c_raw, plan->y, y.raw(), plan->y, &plan->algo, ctx.workspace(),
                            ctx.workspace_bytes(), ctx.stream()));
 }
 
