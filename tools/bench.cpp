@@ -246,6 +246,21 @@ class Bench {
         ops_.copy(g, gb);
         ms = time_ms([&] { ops_.adamw_step(p, gb, m, v, hp); }, reps);
         row("adamw_step", "268M f32 (grad bf16)", ms, 26.0 * P, 0);
+        // the training step's form: the update and the bf16 working copy in one pass, over the
+        // 1.3B baseline's tensor sizes per layer (9 tensors) repeated to 268M
+        Tensor pb = ops_.empty({P}, DType::BF16);
+        const int64_t d = 2048, F = 5632;
+        const std::vector<int64_t> sizes = {d, d * d, d * d, d * d, d * d, d, F * d, F * d, d * F};
+        std::vector<AdamWTensors> items;
+        for (int64_t off = 0, i = 0; off < P; ++i) {
+          const int64_t n = std::min(sizes[size_t(i) % sizes.size()], P - off);
+          items.push_back({p.flat_slice(off, n), g.flat_slice(off, n), m.flat_slice(off, n),
+                           v.flat_slice(off, n), hp, pb.flat_slice(off, n)});
+          off += n;
+        }
+        ms = time_ms([&] { ops_.adamw_step_each(items); }, reps);
+        row("adamw_step_each + bf16 copy", "268M f32 in " + std::to_string(items.size()) + " tensors", ms,
+            30.0 * P, 0);
       }
       if (selected("copy")) {
         Tensor pb = ops_.empty({P}, DType::BF16);
