@@ -261,13 +261,16 @@ TEST(CudaModelAttentionState, KeptAndRecomputedMatchTheCpu) {
     const double e_pair = rel_err(g[0], g[1]);
     std::printf("  %-50s rel err kept %.2e recomputed %.2e kept-recomputed %.2e\n", name.c_str(),
                 e_kept, e_rec, e_pair);
+    // kept vs recomputed: the same bf16 inputs; they differ only in D2' (from the bf16 O2n or
+    // recomputed), every gradient within kBf16GradTol but the lambda vectors': layer 0's dlambda
+    // is a cancelling sum over dO, which layer 1's two D2' paths make differ at bf16 rounding
+    // (on the H200: 16% apart once the residual adds ran as one GEMM with a C input, 0.487 /
+    // 0.559 against the CPU; their f32 form is checked to 1e-3 by the f32 model test above)
     if (!ill_conditioned_in_bf16(name)) {  // against the f32 CPU: see kBf16GradTol
       EXPECT_LE(e_kept, kBf16GradTol) << name << " (kept)";
       EXPECT_LE(e_rec, kBf16GradTol) << name << " (recomputed)";
+      EXPECT_LE(e_pair, kBf16GradTol) << name << " (kept vs recomputed)";
     }
-    // kept vs recomputed: the same bf16 inputs, dlambda summed from the same recomputed f32
-    // values; they differ only in D2' (from the bf16 O2n or recomputed), every gradient within
-    EXPECT_LE(e_pair, kBf16GradTol) << name << " (kept vs recomputed)";
   }
   const double t_kept = rel_err(all[0], all[2]), t_rec = rel_err(all[1], all[2]);
   const double t_pair = rel_err(all[0], all[1]);
