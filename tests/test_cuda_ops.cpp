@@ -281,7 +281,10 @@ std::vector<Case> make_cases() {
   // ---- RMSNorm -----------------------------------------------------------------------
   struct RN { int64_t rows, cols; };
   for (DType t : {F32, BF16})
-    for (RN s : {RN{300, 100}, RN{2500, 2048}, RN{4100, 256}, RN{700, 1000}, RN{20000, 264}, RN{40000, 64}}) {
+    // (the warp kernels take 16 / 8 lanes per row at <= 128 / 64 columns: 2 / 4 rows a warp,
+    // row counts that leave a warp's last group empty)
+    for (RN s : {RN{300, 100}, RN{2500, 2048}, RN{4100, 256}, RN{700, 1000}, RN{20000, 264}, RN{40000, 64},
+                 RN{5001, 128}, RN{3003, 40}, RN{777, 96}}) {
       const std::string sh = "/" + std::to_string(s.rows) + "x" + std::to_string(s.cols);
       add(std::string("rmsnorm_forward/") + prec(t) + sh, [=](Env& e) {
         Tensor x = e.input("x", {s.rows, s.cols}, t, 2.0, 0.3);

@@ -99,38 +99,52 @@ __global__ void rmsnorm_backward_kernel(const T* __restrict__ x, const W* __rest
     for (int j = 0; j < V; ++j) out[c + j] = dw_acc[c + j];
 }
 
-// ---- one warp per row, the row's K 8-wide vectors per lane in registers ----------------
-// Needs cols % 8 == 0, cols <= 256 K and 16-byte aligned rows.
+// ---- L lanes per row (32: a warp; 16 or 8 for rows of <= 128 / 64 columns, so that narrow
+// rows, e.g. the sub-norm's 2dh = 128, keep every lane busy: 32 / L rows per warp), the row's
+// K 8-wide vectors per lane in registers. Needs cols % 8 == 0, cols <= 8 L K and 16-byte
+// aligned rows.
 
-constexpr int kRowWarps = 8;  // rows (warps) per block
+constexpr int kRowWarps = 8;  // warps per block
 
-template <int K, typename T, typename W>
+// Sum over the L-lane group of this lane (groups aligned to L; xor offsets below L stay in
+// the group). L = 32 is warp_sum's order.
+template <int L>
+__device__ __forceinline__ float group_sum(float x) {
+#pragma unroll
+  for (int o = L / 2; o > 0; o >>= 1) x += __shfl_xor_sync(0xffffffffu, x, o);
+  return x;
+}
+
+template <int K, int L, typename T, typename W>
 __global__ void __launch_bounds__(kRowWarps * 32)
     rmsnorm_forward_warp_kernel(const T* __restrict__ x, const W* __restrict__ w,
                                 T* __restrict__ y, float* __restrict__ rstd, int64_t rows,
                                 int cols, float eps, float scale) {
-  const int lane = threadIdx.x & 31;
-  const int64_t r = int64_t(blockIdx.x) * kRowWarps + (threadIdx.x >> 5);
-  if (r >= rows) return;
-  const T* xr = x + r * cols;
+  constexpr int RPW = 32 / L;  // rows per warp
+  const int lane = threadIdx.x & 31, sub = lane % L;
+  const int64_t r = (int64_t(blockIdx.x) * kRowWarps + (threadIdx.x >> 5)) * RPW + lane / L;
+  if (r - lane / L >= rows) return;  // the warp's first row: warp-uniform
+  const bool valid = r < rows;
+  const T* xr = x + (valid ? r : 0) * cols;
   float v[K][8];
   float ss = 0;
 #pragma unroll
   for (int k = 0; k < K; ++k) {
-    const int c = (k * 32 + lane) * 8;
-    if (c < cols) {
+    const int c = (k * L + sub) * 8;
+    if (valid && c < cols) {
       load_floats<8>(xr + c, v[k]);
 #pragma unroll
       for (int j = 0; j < 8; ++j) ss += v[k][j] * v[k][j];
     }
   }
-  ss = warp_sum(ss);
+  ss = group_sum<L>(ss);
+  if (!valid) return;
   const float rs = 1.0f / sqrtf(ss / float(cols) + eps);
-  if (lane == 0) rstd[r] = rs;
+  if (sub == 0) rstd[r] = rs;
   T* yr = y + r * cols;
 #pragma unroll
   for (int k = 0; k < K; ++k) {
-    const int c = (k * 32 + lane) * 8;
+    const int c = (k * L + sub) * 8;
     if (c < cols) {
       float g[8];
       load_floats<8>(w + c, g);
@@ -141,17 +155,18 @@ __global__ void __launch_bounds__(kRowWarps * 32)
   }
 }
 
-// Block b owns rows [b P, (b + 1) P); warp w of it rows b P + w, b P + w + 8, ..., R of them
-// in flight at a time; each lane keeps dw for its columns in registers; the warps' sums are
-// added in warp order.
-template <int K, int R, typename T, typename W>
+// Block b owns rows [b P, (b + 1) P); warp w of it the rows b P + (w + 8 i) RPW + lane / L,
+// one row per lane group at a time; each lane keeps dw for its columns in registers; the lane
+// groups' sums are added (xor shuffles, fixed order), then the warps' in warp order.
+template <int K, int L, typename T, typename W>
 __global__ void __launch_bounds__(kRowWarps * 32)
     rmsnorm_backward_warp_kernel(const T* __restrict__ x, const W* __restrict__ w,
                                  const float* __restrict__ rstd, const T* __restrict__ dy,
                                  T* __restrict__ dx, float* __restrict__ partial, int64_t rows,
                                  int cols, int64_t rows_per_block, float scale) {
   extern __shared__ float dw_block[];  // [cols]
-  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  constexpr int RPW = 32 / L;
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, sub = lane % L;
   float dwa[K][8];
 #pragma unroll
   for (int k = 0; k < K; ++k)
@@ -159,60 +174,56 @@ __global__ void __launch_bounds__(kRowWarps * 32)
     for (int j = 0; j < 8; ++j) dwa[k][j] = 0.0f;
   const int64_t r0 = int64_t(blockIdx.x) * rows_per_block;
   const int64_t r1 = r0 + rows_per_block < rows ? r0 + rows_per_block : rows;
-  for (int64_t r = r0 + warp; r < r1; r += kRowWarps * R) {
-    float xv[R][K][8], dv[R][K][8], ov[R][K][8], dot[R], rs[R];
+  for (int64_t base = r0 + warp * RPW; base < r1; base += kRowWarps * RPW) {  // warp-uniform
+    const int64_t r = base + lane / L;
+    const bool valid = r < r1;
+    float xv[K][8], dv[K][8], ov[K][8];
+    float dot = 0.0f;
+    const float q = valid ? rstd[r] : 0.0f;
 #pragma unroll
-    for (int i = 0; i < R; ++i) {
-      const int64_t ri = r + int64_t(i) * kRowWarps;  // warp-uniform
-      dot[i] = 0.0f;
-      rs[i] = 0.0f;
-      if (ri < r1) {
-        rs[i] = rstd[ri];
+    for (int k = 0; k < K; ++k) {
+      const int c = (k * L + sub) * 8;
+      if (valid && c < cols) {
+        float g[8];
+        load_floats<8>(x + r * cols + c, xv[k]);
+        load_floats<8>(dy + r * cols + c, dv[k]);
+        load_floats<8>(dx + r * cols + c, ov[k]);  // with x, dy: one round trip a row
+        load_floats<8>(w + c, g);
 #pragma unroll
-        for (int k = 0; k < K; ++k) {
-          const int c = (k * 32 + lane) * 8;
-          if (c < cols) {
-            float g[8];
-            load_floats<8>(x + ri * cols + c, xv[i][k]);
-            load_floats<8>(dy + ri * cols + c, dv[i][k]);
-            load_floats<8>(dx + ri * cols + c, ov[i][k]);  // with x, dy: one round trip a row
-            load_floats<8>(w + c, g);
-#pragma unroll
-            for (int j = 0; j < 8; ++j) dot[i] += dv[i][k][j] * g[j] * xv[i][k][j];
-          }
-        }
+        for (int j = 0; j < 8; ++j) dot += dv[k][j] * g[j] * xv[k][j];
       }
     }
+    dot = group_sum<L>(dot);
+    if (!valid) continue;
+    const float m = dot / float(cols);
+    T* dxr = dx + r * cols;
 #pragma unroll
-    for (int i = 0; i < R; ++i) dot[i] = warp_sum(dot[i]);
+    for (int k = 0; k < K; ++k) {
+      const int c = (k * L + sub) * 8;
+      if (c < cols) {
+        float g[8];
+        load_floats<8>(w + c, g);
 #pragma unroll
-    for (int i = 0; i < R; ++i) {
-      const int64_t ri = r + int64_t(i) * kRowWarps;
-      if (ri >= r1) continue;
-      const float m = dot[i] / float(cols), q = rs[i];
-      T* dxr = dx + ri * cols;
-#pragma unroll
-      for (int k = 0; k < K; ++k) {
-        const int c = (k * 32 + lane) * 8;
-        if (c < cols) {
-          float g[8];
-          load_floats<8>(w + c, g);
-          float (&o)[8] = ov[i][k];
-#pragma unroll
-          for (int j = 0; j < 8; ++j) {
-            o[j] += scale * q * (dv[i][k][j] * g[j] - xv[i][k][j] * q * q * m);
-            dwa[k][j] += dv[i][k][j] * xv[i][k][j] * q * scale;
-          }
-          store_floats<8>(dxr + c, o);
+        for (int j = 0; j < 8; ++j) {
+          ov[k][j] += scale * q * (dv[k][j] * g[j] - xv[k][j] * q * q * m);
+          dwa[k][j] += dv[k][j] * xv[k][j] * q * scale;
         }
+        store_floats<8>(dxr + c, ov[k]);
       }
     }
   }
+  // the lane groups of a warp hold the same columns: add them, then the warps in order
+#pragma unroll
+  for (int o = L; o < 32; o <<= 1)
+#pragma unroll
+    for (int k = 0; k < K; ++k)
+#pragma unroll
+      for (int j = 0; j < 8; ++j) dwa[k][j] += __shfl_xor_sync(0xffffffffu, dwa[k][j], o);
   for (int ww = 0; ww < kRowWarps; ++ww) {
-    if (warp == ww) {
+    if (warp == ww && lane < L) {
 #pragma unroll
       for (int k = 0; k < K; ++k) {
-        const int c = (k * 32 + lane) * 8;
+        const int c = (k * L + sub) * 8;
         if (c < cols)
 #pragma unroll
           for (int j = 0; j < 8; ++j) dw_block[c + j] = (ww == 0 ? 0.0f : dw_block[c + j]) + dwa[k][j];
@@ -224,17 +235,21 @@ __global__ void __launch_bounds__(kRowWarps * 32)
   for (int c = threadIdx.x; c < cols; c += blockDim.x) out[c] = dw_block[c];
 }
 
-// Calls f(std::integral_constant<int, K>) with K 8-wide vectors per lane covering cols,
-// K in {1, 2, 4, 8} up to max_k; returns false when the warp kernels do not apply.
+// Calls f(std::integral_constant<int, K>, std::integral_constant<int, L>) with K 8-wide vectors
+// per lane and L lanes per row covering cols, K in {1, 2, 4, 8} up to max_k (L = 32 when K > 1);
+// returns false when the warp kernels do not apply.
 template <typename F>
 bool with_row_vectors(int64_t cols, bool vec, int max_k, F&& f) {
+  using std::integral_constant;
   if (!vec) return false;
   const int64_t need = (cols + 255) / 256;
   if (need > max_k) return false;
-  if (need <= 1) f(std::integral_constant<int, 1>{});
-  else if (need <= 2) f(std::integral_constant<int, 2>{});
-  else if (need <= 4) f(std::integral_constant<int, 4>{});
-  else f(std::integral_constant<int, 8>{});
+  if (cols <= 64) f(integral_constant<int, 1>{}, integral_constant<int, 8>{});
+  else if (cols <= 128) f(integral_constant<int, 1>{}, integral_constant<int, 16>{});
+  else if (need <= 1) f(integral_constant<int, 1>{}, integral_constant<int, 32>{});
+  else if (need <= 2) f(integral_constant<int, 2>{}, integral_constant<int, 32>{});
+  else if (need <= 4) f(integral_constant<int, 4>{}, integral_constant<int, 32>{});
+  else f(integral_constant<int, 8>{}, integral_constant<int, 32>{});
   return true;
 }
 
@@ -274,10 +289,11 @@ void rmsnorm_forward(CudaContext& ctx, const Tensor& x, const Tensor& w, double 
     using T = typename decltype(xt)::type;
     dispatch_float(w.dtype(), [&](auto wt) {
       using W = typename decltype(wt)::type;
-      const bool warp_path = with_row_vectors(cols, vec, 8, [&](auto kk) {
-        constexpr int K = decltype(kk)::value;
-        rmsnorm_forward_warp_kernel<K, T, W>
-            <<<unsigned((rows + kRowWarps - 1) / kRowWarps), kRowWarps * 32, 0, ctx.stream()>>>(
+      const bool warp_path = with_row_vectors(cols, vec, 8, [&](auto kk, auto ll) {
+        constexpr int K = decltype(kk)::value, L = decltype(ll)::value;
+        const int64_t rows_per_block = kRowWarps * (32 / L);
+        rmsnorm_forward_warp_kernel<K, L, T, W>
+            <<<unsigned((rows + rows_per_block - 1) / rows_per_block), kRowWarps * 32, 0, ctx.stream()>>>(
                 x.data<T>(), w.data<W>(), y.data<T>(), rstd.data<float>(), rows, int(cols),
                 float(eps), scale);
       });
@@ -322,13 +338,12 @@ void rmsnorm_backward(CudaContext& ctx, const Tensor& x, const Tensor& w, const 
     using T = typename decltype(xt)::type;
     dispatch_float(w.dtype(), [&](auto wt) {
       using W = typename decltype(wt)::type;
-      const bool launched = warp_path && with_row_vectors(cols, vec, kWarpMaxK, [&](auto kk) {
-        constexpr int K = decltype(kk)::value;
-        // One row in flight per warp: two (R = 2 for K <= 2) measured slower on the H200
-        // (131072 x 256 bf16: 50.8% of copy bandwidth against 60.8% with R = 1).
-        constexpr int R = 1;
+      const bool launched = warp_path && with_row_vectors(cols, vec, kWarpMaxK, [&](auto kk, auto ll) {
+        constexpr int K = decltype(kk)::value, L = decltype(ll)::value;
+        // One row in flight per lane group: two (a former R = 2 for K <= 2) measured slower on
+        // the H200 (131072 x 256 bf16: 50.8% of copy bandwidth against 60.8% with one).
         if constexpr (K <= kWarpMaxK)
-          rmsnorm_backward_warp_kernel<K, R, T, W><<<unsigned(nblocks), threads, smem, ctx.stream()>>>(
+          rmsnorm_backward_warp_kernel<K, L, T, W><<<unsigned(nblocks), threads, smem, ctx.stream()>>>(
               x.data<T>(), w.data<W>(), rstd.data<float>(), dy.data<T>(), dx.data<T>(), partial,
               rows, int(cols), rows_per_block, scale);
       });
