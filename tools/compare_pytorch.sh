@@ -6,6 +6,7 @@
 #
 #   bash tools/compare_pytorch.sh [--quick] [--out DIR] [--models LIST] [--bin PATH]
 #                                 [--python PY] [--part_timeout S] [--pytorch_args "ARGS"]
+#                                 [--recompute MODE]
 #
 #   --quick           fewer steps (2 warm-up + 5 timed instead of 3 + 20): a smoke run
 #   --out DIR         where the logs and compare.md / compare.json go (default: $OUT when set,
@@ -15,6 +16,8 @@
 #   --python PY       the python with torch (default: python3)
 #   --part_timeout S  limit of each part (one model on one side), seconds (default 240; quick 150)
 #   --pytorch_args A  extra flags for tools/reference/bench.py (e.g. "--compile=full --sdpa=cudnn")
+#   --recompute MODE  difftron's activation recomputation: none (default), selective, full
+#                     (torch.compile's partitioner may itself recompute cheap element-wise ops)
 #
 # Both sides are timed the same way: W warm-up steps are dropped (difftron's first steps, the
 # PyTorch side's compile), then the tokens of K steps over the time of those K steps (PyTorch:
@@ -33,6 +36,7 @@ BIN=""
 PY=${PYTHON:-python3}
 PART_TIMEOUT=""
 PT_ARGS=""
+RECOMPUTE=none
 
 die() { echo "compare_pytorch: error: $*" >&2; exit 1; }
 skip() { echo "compare_pytorch: SKIP: $*"; exit 0; }
@@ -52,7 +56,9 @@ while [ $# -gt 0 ]; do
     --part_timeout=*) PART_TIMEOUT=${1#*=} ;;
     --pytorch_args) PT_ARGS=${2?--pytorch_args needs a string}; shift ;;
     --pytorch_args=*) PT_ARGS=${1#*=} ;;
-    -h|--help) sed -n '2,26p' "$0"; exit 0 ;;
+    --recompute) RECOMPUTE=${2:?--recompute needs a mode}; shift ;;
+    --recompute=*) RECOMPUTE=${1#*=} ;;
+    -h|--help) sed -n '2,27p' "$0"; exit 0 ;;
     *) die "unknown argument '$1' (see --help)" ;;
   esac
   shift
@@ -133,7 +139,7 @@ for m in "${MODEL_LIST[@]}"; do
   echo "== $m"
   # shellcheck disable=SC2046
   if run_part "difftron" "$OUTDIR/$m.difftron.log" "$BIN" train --device=cuda --data=synthetic:copy \
-      --vocab_size=$VOCAB --seq=$SEQ --batch=$BATCH $(model_flags "$m") --recompute=none \
+      --vocab_size=$VOCAB --seq=$SEQ --batch=$BATCH $(model_flags "$m") --recompute="$RECOMPUTE" \
       --steps=$((WARMUP + STEPS)) --warmup=0 --log_every=1 --eval_batches=1; then
     "$PY" "$REPORT" difftron-log "$OUTDIR/$m.difftron.log" "$WARMUP" "$BATCH" "$SEQ" "$OUTDIR/$m.difftron.json" || true
   else
