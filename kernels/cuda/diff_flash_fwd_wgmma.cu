@@ -10,6 +10,9 @@
 // share every K/V tile load, and meet once in the epilogue: warpgroup 2 hands O2/l2 over
 // through shared memory, warpgroup 1 writes O = O1/l1 - lambda O2/l2 (and warpgroup 2 the
 // optional O2n). K/V tiles are double-buffered with cp.async, diagonal tile first.
+// At dh 128 each warpgroup runs a software pipeline (FlashAttention-3's intra-warpgroup overlap,
+// PIPE below): the softmax of tile j+1 runs while the tensor cores compute P_j V. At dh 64 the
+// serial loop stays (see DIFF_FLASH_WG_FWD_PIPE).
 #include <atomic>
 #include <cmath>
 #include <cstdint>
@@ -24,6 +27,22 @@
 #ifndef DIFF_FLASH_WG_FWD_BN
 #define DIFF_FLASH_WG_FWD_BN 64  // keys per K/V tile
 #endif
+#ifndef DIFF_FLASH_WG_FWD_PIPE
+// Which variants run the software-pipelined loop (bits: 1 differential dh 64, 2 differential
+// dh 128, 4 standard dh 64, 8 standard dh 128); the others keep the serial loop. Measured on
+// the H200 (bench-attention, serial vs pipelined in the same call, two calls): the dh 128
+// forwards 3-17% faster (differential B4 S4096 h8: 1.08 -> 0.92 ms, B1 S16384 h8: 3.86 ->
+// 3.19-3.21; standard B8 S2048 H16: 0.52 -> 0.48-0.49); at dh 64 (two CTAs per SM, 128
+// registers) the standard one 1-4% slower, the differential one (it only fits with 32-key
+// tiles, DIFF_FLASH_WG_FWD_PIPE_BN64) 7-17% slower (B4 S4096 h16: 1.01 -> 1.14 ms).
+#define DIFF_FLASH_WG_FWD_PIPE 10
+#endif
+#ifndef DIFF_FLASH_WG_FWD_PIPE_BN64
+// keys per K/V tile of the pipelined differential dh-64 kernel (bit 1 above): with 64-key tiles
+// its scores, the probabilities in flight and the 2dh-wide O need ~168 registers, and at the
+// 128 of two CTAs per SM ptxas serializes the wgmmas; 32 fits (80 bytes of spills)
+#define DIFF_FLASH_WG_FWD_PIPE_BN64 32
+#endif
 #ifndef DIFF_FLASH_WG64_MIN_BLOCKS
 #define DIFF_FLASH_WG64_MIN_BLOCKS 2  // dh 64: CTAs per SM the registers are budgeted for
 #endif
@@ -31,10 +50,10 @@
 namespace difftron::cuda {
 namespace flash {
 
-template <int DH>
+template <int DH, int BN_ = DIFF_FLASH_WG_FWD_BN>
 struct WgFwdCfg {
   static constexpr int THREADS = 256;          // two warpgroups: map 1, map 2
-  static constexpr int BM = 64, BN = DIFF_FLASH_WG_FWD_BN;  // query rows per CTA, keys per tile
+  static constexpr int BM = 64, BN = BN_;      // query rows per CTA, keys per tile
   static constexpr int ROW = 2 * DH;           // bf16 per global row: q (both maps), k, v
   static constexpr int TILE_Q = BM * ROW * 2;  // bytes; map j's groups: j * DH / 64 ...
   static constexpr int TILE_K = BN * ROW * 2, TILE_V = BN * ROW * 2;
@@ -49,12 +68,13 @@ struct WgFwdCfg {
 // with their own V (columns [j dh, (j + 1) dh) of the 2dh-wide row) and outputs; no lambda.
 // KV1 (with STD, GQA with an even group): both heads read the same K/V head, whose rows are dh
 // wide (p.h_kv K/V heads, p.group head pairs per K/V head); K and V are loaded once, dh wide.
-template <int DH, bool STD, bool KV1 = false>
-__global__ void __launch_bounds__(WgFwdCfg<DH>::THREADS, WgFwdCfg<DH>::MIN_BLOCKS)
+// PIPE: the software-pipelined loop (below); BN: keys per K/V tile.
+template <int DH, bool STD, bool KV1 = false, bool PIPE = false, int BN = DIFF_FLASH_WG_FWD_BN>
+__global__ void __launch_bounds__(WgFwdCfg<DH, BN>::THREADS, WgFwdCfg<DH, BN>::MIN_BLOCKS)
     diff_flash_fwd_wgmma_kernel(const FwdParams p) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
   namespace w = wgmma;
-  using C = WgFwdCfg<DH>;
+  using C = WgFwdCfg<DH, BN>;
   constexpr int NT = C::BN / 8;   // score n-tiles
   constexpr int OT = (STD ? DH : C::ROW) / 8;  // output n-tiles (2dh columns; STD: dh)
   static_assert(STD || !KV1, "one K/V head per pair is standard attention only");
@@ -78,8 +98,9 @@ __global__ void __launch_bounds__(WgFwdCfg<DH>::THREADS, WgFwdCfg<DH>::MIN_BLOCK
 
   load_groups<C::BM, C::ROW, C::THREADS>(sb + C::OFF_Q, qg, q_rs, q0, S, tid);
   load_groups<C::BN, KVROW, C::THREADS>(sb + C::OFF_K, kg, kv_rs, (n_kt - 1) * C::BN, S, tid);
+  if constexpr (PIPE) cp_async_commit();  // Q and K_0 first, V_0 (and K_1) in the next group
   load_groups<C::BN, KVROW, C::THREADS>(sb + C::OFF_V, vg, kv_rs, (n_kt - 1) * C::BN, S, tid);
-  cp_async_commit();
+  if constexpr (!PIPE) cp_async_commit();
 
   float o[OT][4];
 #pragma unroll
@@ -90,55 +111,175 @@ __global__ void __launch_bounds__(WgFwdCfg<DH>::THREADS, WgFwdCfg<DH>::MIN_BLOCK
   const int row0 = q0 + wl * 16;  // this warp's first query row
   const uint32_t sQ = sb + C::OFF_Q + map * (DH / 64) * C::BM * 128;
 
-  for (int it = 0; it < n_kt; ++it) {
-    const int kt = n_kt - 1 - it, st = it & 1;
-    cp_async_wait<0>();
-    w::fence_proxy_async();
-    __syncthreads();  // tile kt landed; every warpgroup is done with the other buffer
-    if (it + 1 < n_kt) {
-      load_groups<C::BN, KVROW, C::THREADS>(sb + C::OFF_K + (st ^ 1) * C::TILE_K, kg, kv_rs,
-                                            (kt - 1) * C::BN, S, tid);
-      load_groups<C::BN, KVROW, C::THREADS>(sb + C::OFF_V + (st ^ 1) * C::TILE_V, vg, kv_rs,
-                                            (kt - 1) * C::BN, S, tid);
-    }
-    cp_async_commit();
-    // this map's K column groups (KV1: the one K head of both)
-    const uint32_t sK = sb + C::OFF_K + st * C::TILE_K + (KV1 ? 0 : map * (DH / 64) * C::BN * 128);
-    // V's column groups: all 2dh columns, or (STD) this head's dh (KV1: the shared V head)
-    const uint32_t sV = sb + C::OFF_V + st * C::TILE_V +
-                        (STD && !KV1 ? map * (DH / 64) * C::BN * 128 : 0);
-
-    float s[NT][4];
-    w::fence();
-#pragma unroll
-    for (int kk = 0; kk < DH / 16; ++kk)
-      w::wgmma_ss<0, 0>(s, w::kmajor_desc(sQ + (kk >> 2) * C::BM * 128, kk & 3),
-                        w::kmajor_desc(sK + (kk >> 2) * C::BN * 128, kk & 3), kk > 0);
-    w::commit();
-    w::wait<0>();
-    w::fence_regs(s);
-
-    const int k0 = kt * C::BN;
-    if (k0 + C::BN - 1 > row0) causal_mask(s, k0, row0, lane);
-    float alpha[2];
-    uint32_t pf[NT][2];
-    if (softmax_step<NT, true>(s, p.scale_log2, m, l, alpha, pf)) {  // lazy rescaling
-#pragma unroll
-      for (int n = 0; n < OT; ++n) {
-        o[n][0] *= alpha[0];
-        o[n][1] *= alpha[0];
-        o[n][2] *= alpha[1];
-        o[n][3] *= alpha[1];
+  if constexpr (!PIPE) {
+    for (int it = 0; it < n_kt; ++it) {
+      const int kt = n_kt - 1 - it, st = it & 1;
+      cp_async_wait<0>();
+      w::fence_proxy_async();
+      __syncthreads();  // tile kt landed; every warpgroup is done with the other buffer
+      if (it + 1 < n_kt) {
+        load_groups<C::BN, KVROW, C::THREADS>(sb + C::OFF_K + (st ^ 1) * C::TILE_K, kg, kv_rs,
+                                              (kt - 1) * C::BN, S, tid);
+        load_groups<C::BN, KVROW, C::THREADS>(sb + C::OFF_V + (st ^ 1) * C::TILE_V, vg, kv_rs,
+                                              (kt - 1) * C::BN, S, tid);
       }
-    }
-    w::fence_regs(o);
-    w::fence();
+      cp_async_commit();
+      // this map's K column groups (KV1: the one K head of both)
+      const uint32_t sK = sb + C::OFF_K + st * C::TILE_K + (KV1 ? 0 : map * (DH / 64) * C::BN * 128);
+      // V's column groups: all 2dh columns, or (STD) this head's dh (KV1: the shared V head)
+      const uint32_t sV = sb + C::OFF_V + st * C::TILE_V +
+                          (STD && !KV1 ? map * (DH / 64) * C::BN * 128 : 0);
+
+      float s[NT][4];
+      w::fence();
 #pragma unroll
-    for (int kk = 0; kk < C::BN / 16; ++kk) {
-      const uint32_t a[4] = {pf[2 * kk][0], pf[2 * kk][1], pf[2 * kk + 1][0], pf[2 * kk + 1][1]};
-      w::wgmma_rs<1>(o, a, w::mnmajor_desc(sV, C::BN * 128, kk), 1);
+      for (int kk = 0; kk < DH / 16; ++kk)
+        w::wgmma_ss<0, 0>(s, w::kmajor_desc(sQ + (kk >> 2) * C::BM * 128, kk & 3),
+                          w::kmajor_desc(sK + (kk >> 2) * C::BN * 128, kk & 3), kk > 0);
+      w::commit();
+      w::wait<0>();
+      w::fence_regs(s);
+
+      const int k0 = kt * C::BN;
+      if (k0 + C::BN - 1 > row0) causal_mask(s, k0, row0, lane);
+      float alpha[2];
+      uint32_t pf[NT][2];
+      if (softmax_step<NT, true>(s, p.scale_log2, m, l, alpha, pf)) {  // lazy rescaling
+#pragma unroll
+        for (int n = 0; n < OT; ++n) {
+          o[n][0] *= alpha[0];
+          o[n][1] *= alpha[0];
+          o[n][2] *= alpha[1];
+          o[n][3] *= alpha[1];
+        }
+      }
+      w::fence_regs(o);
+      w::fence();
+#pragma unroll
+      for (int kk = 0; kk < C::BN / 16; ++kk) {
+        const uint32_t a[4] = {pf[2 * kk][0], pf[2 * kk][1], pf[2 * kk + 1][0], pf[2 * kk + 1][1]};
+        w::wgmma_rs<1>(o, a, w::mnmajor_desc(sV, C::BN * 128, kk), 1);
+      }
+      w::commit();
+      w::wait<0>();
+      w::fence_regs(o);
     }
-    w::commit();
+  } else {
+    // Software pipeline (FlashAttention-3's intra-warpgroup overlap): iteration it issues
+    // S_{it+1} = Q K_{it+1}^T, then O += P_it V_it, waits for the scores only (wait<1>) and runs
+    // the softmax of tile it+1 while the tensor cores work on P_it V_it; O is rescaled after the
+    // second wait. K runs one tile ahead of V in the same two stages: K_i and V_i in slot i & 1;
+    // iteration it loads K_{it+2} (over K_it, whose scores are done) and V_{it+1} (over V_{it-1}).
+    // Same arithmetic in the same order as the loop above (O = alpha O + P V per tile).
+    auto load_k = [&](int i) {
+      load_groups<C::BN, KVROW, C::THREADS>(sb + C::OFF_K + (i & 1) * C::TILE_K, kg, kv_rs,
+                                            (n_kt - 1 - i) * C::BN, S, tid);
+    };
+    auto load_v = [&](int i) {
+      load_groups<C::BN, KVROW, C::THREADS>(sb + C::OFF_V + (i & 1) * C::TILE_V, vg, kv_rs,
+                                            (n_kt - 1 - i) * C::BN, S, tid);
+    };
+    const uint32_t sK0 = sb + C::OFF_K + (KV1 ? 0 : map * (DH / 64) * C::BN * 128);
+    const uint32_t sV0 = sb + C::OFF_V + (STD && !KV1 ? map * (DH / 64) * C::BN * 128 : 0);
+    // S = Q K_i^T (one commit group)
+    auto issue_s = [&](float (&s)[NT][4], int i) {
+      const uint32_t sK = sK0 + (i & 1) * C::TILE_K;
+#pragma unroll
+      for (int kk = 0; kk < DH / 16; ++kk)
+        w::wgmma_ss<0, 0>(s, w::kmajor_desc(sQ + (kk >> 2) * C::BM * 128, kk & 3),
+                          w::kmajor_desc(sK + (kk >> 2) * C::BN * 128, kk & 3), kk > 0);
+      w::commit();
+    };
+    // the causal mask on the diagonal tile
+    auto mask = [&](float (&s)[NT][4], int i) {
+      const int k0 = (n_kt - 1 - i) * C::BN;
+      if (k0 + C::BN - 1 > row0) causal_mask(s, k0, row0, lane);
+    };
+    // O += P_i V_i from the probabilities pf (one commit group)
+    auto issue_pv = [&](const uint32_t (&pf)[NT][2], int i) {
+      const uint32_t sV = sV0 + (i & 1) * C::TILE_V;
+#pragma unroll
+      for (int kk = 0; kk < C::BN / 16; ++kk) {
+        const uint32_t a[4] = {pf[2 * kk][0], pf[2 * kk][1], pf[2 * kk + 1][0], pf[2 * kk + 1][1]};
+        w::wgmma_rs<1>(o, a, w::mnmajor_desc(sV, C::BN * 128, kk), 1);
+      }
+      w::commit();
+    };
+    // K_{it+1} and V_it landed; every warpgroup is done with K_it and V_{it-1}: their slots
+    // take K_{it+2} and V_{it+1}
+    auto sync_and_load = [&](int it) {
+      cp_async_wait<0>();
+      w::fence_proxy_async();
+      __syncthreads();
+      if (it + 2 < n_kt) load_k(it + 2);
+      if (it + 1 < n_kt) load_v(it + 1);
+      cp_async_commit();
+    };
+
+    // O = alpha O when the softmax moved its max (lazy rescaling, as in the loop above)
+    auto rescale = [&](bool move, const float (&alpha)[2]) {
+      if (move) {
+#pragma unroll
+        for (int n = 0; n < OT; ++n) {
+          o[n][0] *= alpha[0];
+          o[n][1] *= alpha[0];
+          o[n][2] *= alpha[1];
+          o[n][3] *= alpha[1];
+        }
+      }
+    };
+
+    // Step it (0 <= it < n_kt - 1): issue tile it+1's scores, then P_it V_it; wait for the
+    // scores only and run tile it+1's softmax (f32, in the score registers) while P_it V_it
+    // runs. The wait for P_it V_it, the rescale of O and the packing of the new probabilities
+    // into pf (whose registers the product reads) open the next step: at the top of the loop
+    // body, ptxas cannot hoist that wait above the softmax (within one basic block it
+    // places it early). Every wgmma of a step is issued unconditionally (ptxas serializes
+    // pipeline stages it cannot follow). Tried and slower on the H200: issuing the step's loads
+    // after its MMAs and rescaling O while the scores run (FlashAttention-3's order): the dh 128
+    // differential forward took 1.07 ms instead of 0.92 (B4 S4096 h8), the standard 0.57
+    // instead of 0.49 (B8 S2048 H16).
+    float s[NT][4];      // scores, then the f32 probabilities of the newest tile
+    uint32_t pf[NT][2];  // bf16 probabilities of the tile whose P V comes next (A fragments)
+    float alpha[2];
+    bool move = false;
+    {
+      // prologue: Q and K_0 first; V_0 and K_1 land while tile 0's scores and softmax run
+      if (n_kt > 1) load_k(1);
+      cp_async_commit();  // V_0 + K_1
+      cp_async_wait<1>();
+      w::fence_proxy_async();
+      __syncthreads();  // Q and K_0 landed
+      w::fence();
+      issue_s(s, 0);
+      w::wait<0>();
+      w::fence_regs(s);
+      mask(s, 0);
+      softmax_step_f32<NT, true>(s, p.scale_log2, m, l, alpha);  // O is still 0: no rescale
+    }
+    for (int it = 0; it + 1 < n_kt; ++it) {
+      w::wait<0>();  // P_{it-1} V_{it-1} (none at it = 0)
+      w::fence_regs(o);
+      rescale(move, alpha);
+      pack_probs(s, pf);
+      sync_and_load(it);
+      w::fence();
+      issue_s(s, it + 1);
+      issue_pv(pf, it);
+      w::wait<1>();  // the scores; P_it V_it may still run
+      w::fence_regs(s);
+      mask(s, it + 1);
+      move = softmax_step_f32<NT, true>(s, p.scale_log2, m, l, alpha);
+      w::fence_regs(s);
+    }
+    w::wait<0>();
+    w::fence_regs(o);
+    rescale(move, alpha);
+    pack_probs(s, pf);
+    // the last tile: P V only
+    sync_and_load(n_kt - 1);
+    w::fence();
+    issue_pv(pf, n_kt - 1);
     w::wait<0>();
     w::fence_regs(o);
   }
@@ -237,8 +378,10 @@ bool diff_flash_wgmma_enabled(const FlashOptions& opts) {
 namespace {
 template <int DH, bool STD = false, bool KV1 = false>
 void launch_fwd_wgmma(const DiffFlashDims& d, const flash::FwdParams& p, cudaStream_t stream) {
-  using C = flash::WgFwdCfg<DH>;
-  auto kernel = flash::diff_flash_fwd_wgmma_kernel<DH, STD, KV1>;
+  constexpr bool kPipe = (DIFF_FLASH_WG_FWD_PIPE >> ((STD ? 2 : 0) + (DH == 128 ? 1 : 0))) & 1;
+  constexpr int kBN = kPipe && !STD && DH == 64 ? DIFF_FLASH_WG_FWD_PIPE_BN64 : DIFF_FLASH_WG_FWD_BN;
+  using C = flash::WgFwdCfg<DH, kBN>;
+  auto kernel = flash::diff_flash_fwd_wgmma_kernel<DH, STD, KV1, kPipe, kBN>;
   cudaError_t e = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, C::SMEM);
   if (e != cudaSuccess)
     throw_error("diff_flash: cannot give the wgmma forward kernel ", C::SMEM,
