@@ -4,6 +4,7 @@
 #include <chrono>
 #include <cstdio>
 #include <sstream>
+#include <utility>
 
 namespace difftron {
 namespace {
@@ -79,25 +80,29 @@ void ProfilingOps::init_normal(Tensor& out, uint64_t seed, uint64_t tensor_id, d
   timed("init_normal", nb(out), 0, [&] { inner_->init_normal(out, seed, tensor_id, std, full_cols, row0, col0); });
 }
 
+namespace {
+// "matmul MxNxK[ tA][ tB]<suffix>" and 2 M N K
+std::pair<std::string, double> matmul_key(const Tensor& a, bool trans_a, const Tensor& b, bool trans_b,
+                                          const char* suffix) {
+  const int64_t M = trans_a ? cols_of(a) : rows_of(a), K = trans_a ? rows_of(a) : cols_of(a);
+  const int64_t N = trans_b ? rows_of(b) : cols_of(b);
+  return {"matmul " + std::to_string(M) + "x" + std::to_string(N) + "x" + std::to_string(K) +
+              (trans_a ? " tA" : "") + (trans_b ? " tB" : "") + suffix,
+          2.0 * double(M) * double(N) * double(K)};
+}
+}  // namespace
+
 void ProfilingOps::matmul(const Tensor& a, bool trans_a, const Tensor& b, bool trans_b, Tensor& y, float alpha,
                           float beta) {
   if (!active_) return inner_->matmul(a, trans_a, b, trans_b, y, alpha, beta);
-  const int64_t M = trans_a ? cols_of(a) : rows_of(a), K = trans_a ? rows_of(a) : cols_of(a);
-  const int64_t N = trans_b ? rows_of(b) : cols_of(b);
-  const std::string key = "matmul " + std::to_string(M) + "x" + std::to_string(N) + "x" + std::to_string(K) +
-                          (trans_a ? " tA" : "") + (trans_b ? " tB" : "") + (beta != 0.0f ? " +=" : "");
-  timed(key.c_str(), bytes_of(a, b, y), 2.0 * double(M) * double(N) * double(K),
-        [&] { inner_->matmul(a, trans_a, b, trans_b, y, alpha, beta); });
+  const auto [key, flops] = matmul_key(a, trans_a, b, trans_b, beta != 0.0f ? " +=" : "");
+  timed(key.c_str(), bytes_of(a, b, y), flops, [&] { inner_->matmul(a, trans_a, b, trans_b, y, alpha, beta); });
 }
 void ProfilingOps::matmul_add(const Tensor& a, bool trans_a, const Tensor& b, bool trans_b, const Tensor& c,
                               Tensor& y) {
   if (!active_) return inner_->matmul_add(a, trans_a, b, trans_b, c, y);
-  const int64_t M = trans_a ? cols_of(a) : rows_of(a), K = trans_a ? rows_of(a) : cols_of(a);
-  const int64_t N = trans_b ? rows_of(b) : cols_of(b);
-  const std::string key = "matmul " + std::to_string(M) + "x" + std::to_string(N) + "x" + std::to_string(K) +
-                          (trans_a ? " tA" : "") + (trans_b ? " tB" : "") + " + c";
-  timed(key.c_str(), bytes_of(a, b, c, y), 2.0 * double(M) * double(N) * double(K),
-        [&] { inner_->matmul_add(a, trans_a, b, trans_b, c, y); });
+  const auto [key, flops] = matmul_key(a, trans_a, b, trans_b, " + c");
+  timed(key.c_str(), bytes_of(a, b, c, y), flops, [&] { inner_->matmul_add(a, trans_a, b, trans_b, c, y); });
 }
 void ProfilingOps::axpy(float alpha, const Tensor& x, Tensor& y) {
   timed("axpy", bytes_of(x, y), 0, [&] { inner_->axpy(alpha, x, y); });
