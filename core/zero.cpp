@@ -42,7 +42,7 @@ ZeroOptimizer::ZeroOptimizer(const OptimizerConfig& config, Ops& ops, ParallelCo
   }
 
   // This rank's chunk of every bucket, cut by the segments.
-  separate_master_ = values_.dtype() != DType::F32 && values_.dtype() != DType::F64;
+  separate_master_ = options.separate_master || (values_.dtype() != DType::F32 && values_.dtype() != DType::F64);
   const bool counts_replicated = ctx_.tp_rank() == 0;
   int64_t shard = 0;
   for (const Bucket& b : buckets_) {

@@ -32,6 +32,10 @@ struct FlatSegment {
 struct ZeroOptions {
   // Elements per gradient bucket, rounded down to a multiple of 64 x dp (at least that).
   int64_t bucket_numel = int64_t(1) << 24;
+  // Keep f32 master shards even when the working weights are f32 or f64 themselves (always
+  // done for bf16 weights): lets the CPU tests run the bf16 path's bookkeeping, where each
+  // update also writes the working weights and the padding is copied.
+  bool separate_master = false;
 };
 
 class ZeroOptimizer {

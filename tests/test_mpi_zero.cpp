@@ -63,7 +63,10 @@ OptimizerConfig opt_config(double clip) {
 
 // Runs `steps` ZeRO steps on ctx and compares with the unsharded reference. The TP rank
 // seeds the non-replicated segments (each TP rank holds a different shard of them).
-void run_and_compare(ParallelContext& ctx, double clip, int64_t bucket_numel, int steps) {
+// separate_master: f32 master shards beside the working weights (the bf16 path's bookkeeping:
+// Ops::adamw_step_each writes each update run's working weights, the padding is copied).
+void run_and_compare(ParallelContext& ctx, double clip, int64_t bucket_numel, int steps,
+                     bool separate_master = false) {
   auto ops = make_cpu_ops();
   int64_t n = 0;
   auto segs = make_segments(n, ctx.dp_size());
@@ -77,6 +80,7 @@ void run_and_compare(ParallelContext& ctx, double clip, int64_t bucket_numel, in
   OptimizerConfig oc = opt_config(clip);
   ZeroOptions zo;
   zo.bucket_numel = bucket_numel;
+  zo.separate_master = separate_master;
   ZeroOptimizer zero(oc, *ops, ctx, segs, values, grads, zo);
   ASSERT_GT(zero.buckets().size(), 1u);
 
@@ -138,6 +142,15 @@ TEST(Zero, FourWayDataParallelEqualsUnshardedAdamW) {
 TEST(Zero, TwoByTwoGridCountsReplicatedSegmentsOnce) {
   auto ctx = testing::test_grid(2, 2);
   run_and_compare(*ctx, 5.0, 128, 3);
+}
+
+// The weights reach the working buffer through the update runs' own writes (no per-bucket
+// copy): every parameter element of every chunk must still come out as the reference's.
+TEST(Zero, SeparateMastersWriteEveryWorkingWeight) {
+  auto dp4 = testing::test_grid(1, 4);
+  run_and_compare(*dp4, 5.0, 256, 3, true);
+  auto grid = testing::test_grid(2, 2);
+  run_and_compare(*grid, 0.0, 128, 3, true);
 }
 
 TEST(Zero, BucketsStartOnlyWhenReady) {
