@@ -139,38 +139,47 @@ ModelConfig diff_v2_config_from_hf(const nlohmann::json& hf, const std::string& 
   return c;
 }
 
-nlohmann::json diff_v2_hf_config(const ModelConfig& c, const HfSpecialTokens& tokens, StoreDType dtype) {
+// The config.json fields every folder difftron writes has in common (Llama's names): sizes,
+// norm, RoPE base, token ids, dtype. nlohmann::json objects keep keys sorted; the order of the
+// fields does not matter.
+nlohmann::json hf_common_config(const ModelConfig& c, const HfSpecialTokens& tokens, StoreDType dtype) {
   auto id = [](int64_t v) { return v < 0 ? nlohmann::json(nullptr) : nlohmann::json(v); };
   const char* dtype_name = dtype == StoreDType::BF16 ? "bfloat16" : "float32";
-  // nlohmann::json objects keep keys sorted; the order of the fields does not matter.
-  return {{"architectures", {kHfDiffV2Architecture}},
-          {"model_type", kHfDiffV2ModelType},
-          {"_comment", "Differential Transformer V2 written by difftron (convert --to_hf). transformers has no "
-                       "class for it: README.md in this folder gives the math, the tensors and how to load them."},
-          {"difftron_attention", "diff_v2"},
-          {"vocab_size", c.vocab_size},
+  return {{"vocab_size", c.vocab_size},
           {"hidden_size", c.d_model},
           {"intermediate_size", c.ffn_dim},
           {"num_hidden_layers", c.n_layers},
-          {"num_attention_heads", 2 * c.n_heads},  // output heads (the reference's num_heads)
-          {"num_query_heads", 4 * c.n_heads},      // q_proj's heads: two per output head
+          {"num_attention_heads", 2 * c.n_heads},
           {"num_key_value_heads", 2 * c.n_kv_heads},
           {"head_dim", c.head_dim},
           {"max_position_embeddings", c.max_seq_len},
           {"rms_norm_eps", c.norm_eps},
           {"rope_theta", c.rope_theta},
-          {"rope_convention", "rotate_half"},
           {"hidden_act", "silu"},
           {"attention_bias", false},
-          {"mlp_bias", false},
           {"initializer_range", c.init_std},
           {"tie_word_embeddings", c.tie_embeddings},
           {"bos_token_id", id(tokens.bos)},
           {"eos_token_id", id(tokens.eos)},
           {"pad_token_id", id(tokens.pad)},
           {"use_cache", true},
+          // "dtype" for transformers >= 4.56, "torch_dtype" for older readers
           {"dtype", dtype_name},
           {"torch_dtype", dtype_name}};
+}
+
+nlohmann::json diff_v2_hf_config(const ModelConfig& c, const HfSpecialTokens& tokens, StoreDType dtype) {
+  nlohmann::json j = hf_common_config(c, tokens, dtype);
+  j.update({{"architectures", {kHfDiffV2Architecture}},
+            {"model_type", kHfDiffV2ModelType},
+            {"_comment", "Differential Transformer V2 written by difftron (convert --to_hf). transformers has no "
+                         "class for it: README.md in this folder gives the math, the tensors and how to load them."},
+            {"difftron_attention", "diff_v2"},
+            // num_attention_heads: the output heads (the reference's num_heads)
+            {"num_query_heads", 4 * c.n_heads},  // q_proj's heads: two per output head
+            {"rope_convention", "rotate_half"},
+            {"mlp_bias", false}});
+  return j;
 }
 
 // How config.json sets a tensor's shape, for messages ("" when the name is not one of ours).
@@ -267,33 +276,11 @@ ModelConfig model_config_from_hf(const nlohmann::json& hf, const std::string& so
 nlohmann::json hf_config_from_model(const ModelConfig& c, const HfSpecialTokens& tokens, StoreDType dtype) {
   if (c.attention == AttentionKind::DifferentialV2) return diff_v2_hf_config(c, tokens, dtype);
   const bool diff = c.attention == AttentionKind::Differential;
-  auto id = [](int64_t v) { return v < 0 ? nlohmann::json(nullptr) : nlohmann::json(v); };
-  const char* dtype_name = dtype == StoreDType::BF16 ? "bfloat16" : "float32";
-  nlohmann::json j = {{"architectures", {diff ? "DiffLlamaForCausalLM" : "LlamaForCausalLM"}},
-                      {"model_type", hf_model_type(c)},
-                      {"vocab_size", c.vocab_size},
-                      {"hidden_size", c.d_model},
-                      {"num_hidden_layers", c.n_layers},
-                      {"num_attention_heads", 2 * c.n_heads},
-                      {"num_key_value_heads", 2 * c.n_kv_heads},
-                      {"head_dim", c.head_dim},
-                      {"intermediate_size", c.ffn_dim},
-                      {"max_position_embeddings", c.max_seq_len},
-                      {"rms_norm_eps", c.norm_eps},
-                      {"rope_theta", c.rope_theta},
-                      {"rope_parameters", {{"rope_theta", c.rope_theta}, {"rope_type", "default"}}},
-                      {"hidden_act", "silu"},
-                      {"attention_bias", false},
-                      {"attention_dropout", 0.0},
-                      {"initializer_range", c.init_std},
-                      {"tie_word_embeddings", c.tie_embeddings},
-                      {"bos_token_id", id(tokens.bos)},
-                      {"eos_token_id", id(tokens.eos)},
-                      {"pad_token_id", id(tokens.pad)},
-                      {"use_cache", true},
-                      // "dtype" for transformers >= 4.56, "torch_dtype" for older readers
-                      {"dtype", dtype_name},
-                      {"torch_dtype", dtype_name}};
+  nlohmann::json j = hf_common_config(c, tokens, dtype);
+  j.update({{"architectures", {diff ? "DiffLlamaForCausalLM" : "LlamaForCausalLM"}},
+            {"model_type", hf_model_type(c)},
+            {"rope_parameters", {{"rope_theta", c.rope_theta}, {"rope_type", "default"}}},
+            {"attention_dropout", 0.0}});
   if (diff) {
     j["lambda_std_dev"] = c.lambda_std;
   } else {
