@@ -299,10 +299,12 @@ __device__ __forceinline__ void causal_mask(float (&s)[NT][4], int col0, int row
 // relative precision), decided per warp; alpha is then 1 for both rows. Returns whether the max
 // moved, i.e. whether the caller must rescale its outputs by alpha (always true without LAZY).
 constexpr float kLazyLog2 = 8.f;
-template <int NT, bool LAZY = false>
-__device__ __forceinline__ bool softmax_step(const float (&s)[NT][4], float sl2, float (&m)[2],
-                                             float (&l)[2], float (&alpha)[2],
-                                             uint32_t (&pf)[NT][2]) {
+// The step itself; out(n, p0, p1, p2, p3) receives tile n's probabilities (rows g: p0, p1;
+// row g + 8: p2, p3) after they are computed. softmax_step packs them into bf16 fragments,
+// softmax_step_f32 (diff_flash_wgmma.cuh) writes them back over the scores.
+template <int NT, bool LAZY, typename Out>
+__device__ __forceinline__ bool softmax_step_into(const float (&s)[NT][4], float sl2, float (&m)[2],
+                                                  float (&l)[2], float (&alpha)[2], Out&& out) {
   float mx[2] = {-INFINITY, -INFINITY};
 #pragma unroll
   for (int n = 0; n < NT; ++n) {
@@ -340,12 +342,21 @@ __device__ __forceinline__ bool softmax_step(const float (&s)[NT][4], float sl2,
     const float p3 = fast_exp2(fmaf(s[n][3], sl2, -mu[1]));
     rs[0] += p0 + p1;
     rs[1] += p2 + p3;
-    pf[n][0] = pack_bf16(p0, p1);
-    pf[n][1] = pack_bf16(p2, p3);
+    out(n, p0, p1, p2, p3);
   }
   l[0] = l[0] * alpha[0] + rs[0];
   l[1] = l[1] * alpha[1] + rs[1];
   return move;
+}
+
+template <int NT, bool LAZY = false>
+__device__ __forceinline__ bool softmax_step(const float (&s)[NT][4], float sl2, float (&m)[2],
+                                             float (&l)[2], float (&alpha)[2],
+                                             uint32_t (&pf)[NT][2]) {
+  return softmax_step_into<NT, LAZY>(s, sl2, m, l, alpha, [&](int n, float p0, float p1, float p2, float p3) {
+    pf[n][0] = pack_bf16(p0, p1);
+    pf[n][1] = pack_bf16(p2, p3);
+  });
 }
 
 // ---- kernel parameters -----------------------------------------------------------------

@@ -29,51 +29,12 @@ __device__ __forceinline__ void load_groups(uint32_t dst, const bf16* src, int64
 template <int NT, bool LAZY = false>
 __device__ __forceinline__ bool softmax_step_f32(float (&s)[NT][4], float sl2, float (&m)[2],
                                                  float (&l)[2], float (&alpha)[2]) {
-  float mx[2] = {-INFINITY, -INFINITY};
-#pragma unroll
-  for (int n = 0; n < NT; ++n) {
-    mx[0] = fmaxf(mx[0], fmaxf(s[n][0], s[n][1]));
-    mx[1] = fmaxf(mx[1], fmaxf(s[n][2], s[n][3]));
-  }
-  bool move = !LAZY;
-#pragma unroll
-  for (int hh = 0; hh < 2; ++hh) {
-    mx[hh] = fmaxf(mx[hh], __shfl_xor_sync(0xffffffffu, mx[hh], 1));
-    mx[hh] = fmaxf(mx[hh], __shfl_xor_sync(0xffffffffu, mx[hh], 2));
-    mx[hh] *= sl2;
-    if (LAZY) move |= mx[hh] > m[hh] + kLazyLog2;
-  }
-  if (LAZY) move = __any_sync(0xffffffffu, move);
-  float mu[2];
-#pragma unroll
-  for (int hh = 0; hh < 2; ++hh) {
-    if (move) {
-      const float mn = fmaxf(m[hh], mx[hh]);
-      mu[hh] = mn == -INFINITY ? 0.f : mn;
-      alpha[hh] = fast_exp2(m[hh] - mu[hh]);
-      m[hh] = mn;
-    } else {
-      mu[hh] = m[hh] == -INFINITY ? 0.f : m[hh];
-      alpha[hh] = 1.f;
-    }
-  }
-  float rs[2] = {0.f, 0.f};
-#pragma unroll
-  for (int n = 0; n < NT; ++n) {
-    const float p0 = fast_exp2(fmaf(s[n][0], sl2, -mu[0]));
-    const float p1 = fast_exp2(fmaf(s[n][1], sl2, -mu[0]));
-    const float p2 = fast_exp2(fmaf(s[n][2], sl2, -mu[1]));
-    const float p3 = fast_exp2(fmaf(s[n][3], sl2, -mu[1]));
-    rs[0] += p0 + p1;
-    rs[1] += p2 + p3;
+  return softmax_step_into<NT, LAZY>(s, sl2, m, l, alpha, [&](int n, float p0, float p1, float p2, float p3) {
     s[n][0] = p0;
     s[n][1] = p1;
     s[n][2] = p2;
     s[n][3] = p3;
-  }
-  l[0] = l[0] * alpha[0] + rs[0];
-  l[1] = l[1] * alpha[1] + rs[1];
-  return move;
+  });
 }
 // f32 probabilities (accumulator layout) -> bf16 A fragments, as softmax_step packs them.
 template <int NT>
